@@ -1,0 +1,332 @@
+"""LAMBDA_SCHEDULE nodes: make, load, save, draw, and mix conditioning with a schedule."""
+from __future__ import annotations
+
+import json
+import os
+
+import comfy.samplers
+import folder_paths
+import numpy as np
+import safetensors.torch
+import torch
+
+from ..core import lambda_schedule as ls
+from ..core.conditioning import check_embedding_pair, mix_embeddings, mix_pooled
+from .common import CATEGORY, LAMBDA_SCHEDULE, LAMBDA_SCHEDULE_FOLDER, InputError, check_conditioning, check_steps
+from .plot import draw_schedule
+
+SCHEDULE_CATEGORY = f"{CATEGORY}/lambda"
+VALUE = {"min": -10.0, "max": 10.0, "step": 0.01}
+SCHEDULE_TOOLTIP = "λ over diffusion time: the weight of the styled prompt, c_t = λ_t·styled + (1−λ_t)·neutral."
+
+
+def _wrap(make, *args):
+    """Build a schedule, turning core's ValueErrors into input errors."""
+    try:
+        return (make(*args),)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+
+
+class LambdaScheduleConstant:
+    DESCRIPTION = "λ_t = value at every step (value 1 = the styled prompt alone, 0 = the neutral prompt alone)."
+    CATEGORY = SCHEDULE_CATEGORY
+    RETURN_TYPES = (LAMBDA_SCHEDULE,)
+    OUTPUT_TOOLTIPS = (SCHEDULE_TOOLTIP,)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("FLOAT", {"default": 1.0, **VALUE})}}
+
+    def make(self, value):
+        return _wrap(ls.constant, value)
+
+
+class LambdaScheduleSwitch:
+    DESCRIPTION = (
+        "Neutral prompt for the first steps, styled prompt after (Wu et al. Sec. 3.2: early steps fix "
+        "the layout, later steps the attribute). The switch stays at the same diffusion time for "
+        "other step counts."
+    )
+    CATEGORY = SCHEDULE_CATEGORY
+    RETURN_TYPES = (LAMBDA_SCHEDULE,)
+    OUTPUT_TOOLTIPS = (SCHEDULE_TOOLTIP,)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Step count the switch step refers to."}),
+            "switch_step": ("INT", {"default": 20, "min": 0, "max": 1000, "tooltip": "Number of steps that use value_before."}),
+            "value_before": ("FLOAT", {"default": 0.0, **VALUE}),
+            "value_after": ("FLOAT", {"default": 1.0, **VALUE}),
+        }}
+
+    def make(self, steps, switch_step, value_before, value_after):
+        return _wrap(ls.switch_at_step, steps, switch_step, value_before, value_after)
+
+
+class LambdaScheduleRamp:
+    DESCRIPTION = "start_value up to start_step, a linear ramp to end_value at end_step, constant after."
+    CATEGORY = SCHEDULE_CATEGORY
+    RETURN_TYPES = (LAMBDA_SCHEDULE,)
+    OUTPUT_TOOLTIPS = (SCHEDULE_TOOLTIP,)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
+            "start_value": ("FLOAT", {"default": 0.0, **VALUE}),
+            "end_value": ("FLOAT", {"default": 1.0, **VALUE}),
+            "start_step": ("INT", {"default": 0, "min": 0, "max": 1000}),
+            "end_step": ("INT", {"default": -1, "min": -1, "max": 1000, "tooltip": "-1 = the last step."}),
+        }}
+
+    def make(self, steps, start_value, end_value, start_step, end_step):
+        return _wrap(ls.linear_ramp, steps, start_value, end_value, start_step, None if end_step < 0 else end_step)
+
+
+class LambdaScheduleFromList:
+    DESCRIPTION = "One λ per step, as a comma-separated list (e.g. the 50 weights of a learned schedule)."
+    CATEGORY = SCHEDULE_CATEGORY
+    RETURN_TYPES = (LAMBDA_SCHEDULE,)
+    OUTPUT_TOOLTIPS = (SCHEDULE_TOOLTIP,)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"values": ("STRING", {"default": "0, 0, 0, 1, 1, 1", "multiline": True})}}
+
+    def make(self, values):
+        return _wrap(ls.parse_value_list, values)
+
+
+def _schedule_files():
+    return folder_paths.get_filename_list(LAMBDA_SCHEDULE_FOLDER)
+
+
+def load_schedule_file(path: str) -> ls.LambdaSchedule:
+    if path.lower().endswith(".safetensors"):
+        with safetensors.safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata()
+        return ls.LambdaSchedule.from_tensors(tensors, metadata)
+    with open(path, encoding="utf-8") as f:
+        return ls.LambdaSchedule.from_json(f.read())
+
+
+def save_schedule_file(schedule: ls.LambdaSchedule, path: str) -> None:
+    if path.lower().endswith(".safetensors"):
+        tensors, metadata = schedule.to_tensors()
+        safetensors.torch.save_file(tensors, path, metadata=metadata)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(schedule.to_json())
+
+
+class LambdaScheduleLoad:
+    DESCRIPTION = f"Loads a λ schedule (.json or .safetensors) from models/{LAMBDA_SCHEDULE_FOLDER}."
+    CATEGORY = SCHEDULE_CATEGORY
+    RETURN_TYPES = (LAMBDA_SCHEDULE,)
+    OUTPUT_TOOLTIPS = (SCHEDULE_TOOLTIP,)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"schedule_name": (_schedule_files(), {"tooltip": f"Files in models/{LAMBDA_SCHEDULE_FOLDER}."})}}
+
+    def load(self, schedule_name):
+        path = folder_paths.get_full_path_or_raise(LAMBDA_SCHEDULE_FOLDER, schedule_name)
+        try:
+            return (load_schedule_file(path),)
+        except (ValueError, KeyError, OSError) as e:
+            raise InputError(f"schedule_name: {schedule_name} is not a readable λ schedule: {e}") from e
+
+
+class LambdaScheduleSave:
+    DESCRIPTION = f"Saves a λ schedule to models/{LAMBDA_SCHEDULE_FOLDER} (JSON or safetensors), never overwriting a file."
+    CATEGORY = SCHEDULE_CATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "schedule": (LAMBDA_SCHEDULE, {}),
+            "filename_prefix": ("STRING", {"default": "lambda_schedule"}),
+            "format": (["json", "safetensors"], {"default": "json"}),
+        }}
+
+    def save(self, schedule, filename_prefix, format):
+        folder = folder_paths.get_folder_paths(LAMBDA_SCHEDULE_FOLDER)[0]
+        full_folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder)
+        os.makedirs(full_folder, exist_ok=True)
+        while True:
+            filename = f"{name}_{counter:05}.{format}"
+            path = os.path.join(full_folder, filename)
+            if not os.path.exists(path):
+                break
+            counter += 1
+        save_schedule_file(schedule, path)
+        saved = os.path.join(subfolder, filename) if subfolder else filename
+        return {"ui": {"text": [f"saved {saved}"]}, "result": ()}
+
+
+class LambdaSchedulePlot:
+    DESCRIPTION = (
+        "Draws a λ schedule: λ over diffusion progress (left = pure noise, right = clean), with a dot "
+        "at each step the given scheduler takes. Connect a model to place the dots with its own σ schedule."
+    )
+    CATEGORY = SCHEDULE_CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "plot"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "schedule": (LAMBDA_SCHEDULE, {}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform"}),
+                "width": ("INT", {"default": 512, "min": 128, "max": 4096}),
+                "height": ("INT", {"default": 256, "min": 96, "max": 4096}),
+            },
+            "optional": {"model": ("MODEL", {"tooltip": "Places the step dots with this model's σ schedule."})},
+        }
+
+    def plot(self, schedule, steps, scheduler, width, height, model=None):
+        check_steps(steps)
+        if model is not None:
+            step_values, step_progress = resample_for_model(schedule, model, scheduler, steps)
+        else:
+            step_progress = ls.step_progress(steps)
+            step_values = [schedule.value_at(p) for p in step_progress]
+        image = draw_schedule(schedule, step_progress, step_values, width, height)
+        return (torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None],)
+
+
+def resample_for_model(schedule: ls.LambdaSchedule, model, scheduler: str, steps: int):
+    """(λ at each step, progress of each step) for this model's σ schedule and scheduler."""
+    sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, scheduler, steps)[:-1]
+    values = schedule.values_for_sigmas(sigmas.tolist(), sampling.percent_to_sigma)
+    if hasattr(sampling, "sigmas"):  # discrete timesteps: p = 1 − t/(T−1)
+        last = len(sampling.sigmas) - 1
+        progress = [1.0 - float(sampling.timestep(s)) / last for s in sigmas]
+    else:
+        progress = [k / max(len(values) - 1, 1) for k in range(len(values))]
+    return values, progress
+
+
+def _with_range(meta: dict, start: float, end: float) -> dict | None:
+    """Intersect an entry's own timestep range with [start, end]; None if empty."""
+    lo = max(start, float(meta.get("start_percent", 0.0)))
+    hi = min(end, float(meta.get("end_percent", 1.0)))
+    if lo > hi:
+        return None
+    out = dict(meta)
+    out["start_percent"], out["end_percent"] = lo, hi
+    return out
+
+
+def mix_conditioning(neutral, styled, schedule: ls.LambdaSchedule) -> list:
+    """One CONDITIONING entry per run of equal λ, each active over its progress range.
+
+    ComfyUI activates an entry for σ_end ≤ σ ≤ σ_start; ranges tile [0, 1] and meet only at their
+    edges, so every step of any scheduler sees exactly one entry, the one that
+    ``LambdaSchedule.values_for_sigmas`` names (a step falling exactly on an edge would see the
+    average of two: edges sit midway between knots, away from the steps of DDIM spacing).
+    """
+    c0 = neutral[0][0]
+    p0 = neutral[0][1].get("pooled_output")
+    out = []
+    for tensor, meta in styled:
+        check_embedding_pair(c0, tensor)
+        for seg in schedule.segments():
+            entry_meta = _with_range(meta, seg.start, seg.end)
+            if entry_meta is None:
+                continue
+            pooled = mix_pooled(p0, meta.get("pooled_output"), seg.value)
+            if pooled is not None:
+                entry_meta["pooled_output"] = pooled
+            out.append([mix_embeddings(c0, tensor, seg.value), entry_meta])
+    return out
+
+
+class MixConditioningBySchedule:
+    DESCRIPTION = (
+        "c_t = λ_t·styled + (1−λ_t)·neutral at every step (Wu et al. 2023). Outputs one CONDITIONING "
+        "for stock KSampler / KSamplerAdvanced / SamplerCustom: one entry per run of equal λ over its "
+        "timestep range. Token lengths and pooled outputs are matched as ConditioningAverage does."
+    )
+    CATEGORY = SCHEDULE_CATEGORY
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "mix"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "neutral": ("CONDITIONING", {"tooltip": "c0, e.g. 'a photo of a person'. Only its first entry is used."}),
+            "styled": ("CONDITIONING", {"tooltip": "c1, e.g. 'a photo of a smiling person'."}),
+            "schedule": (LAMBDA_SCHEDULE, {"tooltip": SCHEDULE_TOOLTIP}),
+        }}
+
+    def mix(self, neutral, styled, schedule):
+        check_conditioning(neutral, "neutral")
+        check_conditioning(styled, "styled")
+        if not isinstance(schedule, ls.LambdaSchedule):
+            raise InputError("schedule: not a LAMBDA_SCHEDULE")
+        try:
+            return (mix_conditioning(neutral, styled, schedule),)
+        except ValueError as e:
+            raise InputError(f"neutral/styled: {e}") from e
+
+
+class LambdaScheduleToText:
+    DESCRIPTION = "The λ each step of a scheduler gets, as text (a comma list you can edit and feed back)."
+    CATEGORY = SCHEDULE_CATEGORY
+    RETURN_TYPES = ("STRING",)
+    OUTPUT_NODE = True
+    FUNCTION = "resample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "schedule": (LAMBDA_SCHEDULE, {}),
+            "model": ("MODEL", {}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform"}),
+        }}
+
+    def resample(self, schedule, model, steps, scheduler):
+        check_steps(steps)
+        values, _ = resample_for_model(schedule, model, scheduler, steps)
+        text = ", ".join(f"{v:g}" for v in values)
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "DisentangleLambdaConstant": LambdaScheduleConstant,
+    "DisentangleLambdaSwitch": LambdaScheduleSwitch,
+    "DisentangleLambdaRamp": LambdaScheduleRamp,
+    "DisentangleLambdaFromList": LambdaScheduleFromList,
+    "DisentangleLambdaLoad": LambdaScheduleLoad,
+    "DisentangleLambdaSave": LambdaScheduleSave,
+    "DisentangleLambdaPlot": LambdaSchedulePlot,
+    "DisentangleLambdaToText": LambdaScheduleToText,
+    "DisentangleMixConditioning": MixConditioningBySchedule,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DisentangleLambdaConstant": "λ Schedule (Constant)",
+    "DisentangleLambdaSwitch": "λ Schedule (Switch at Step)",
+    "DisentangleLambdaRamp": "λ Schedule (Linear Ramp)",
+    "DisentangleLambdaFromList": "λ Schedule (From List)",
+    "DisentangleLambdaLoad": "Load λ Schedule",
+    "DisentangleLambdaSave": "Save λ Schedule",
+    "DisentangleLambdaPlot": "Plot λ Schedule",
+    "DisentangleLambdaToText": "λ Schedule per Step (Text)",
+    "DisentangleMixConditioning": "Mix Conditioning by λ Schedule",
+}
