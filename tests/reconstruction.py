@@ -1,0 +1,68 @@
+"""Invert → reconstruct experiments through stock ComfyUI nodes (shared by tests and bench).
+
+Needs a started host (tests/comfy_host.start_host or bench/common.start_comfy + ComfyUI's
+``nodes`` with the comfy_extras nodes loaded).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _node(name):
+    import nodes
+    return nodes.NODE_CLASS_MAPPINGS[name]()
+
+
+def _call(name, **inputs):
+    n = _node(name)
+    with torch.inference_mode():
+        out = getattr(n, n.FUNCTION)(**inputs)
+    return out["result"] if isinstance(out, dict) else out
+
+
+def latent_psnr(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB with the reference latent's value range as peak: 10·log10(range² / MSE)."""
+    reference = reference.double()
+    mse = float(((x.double() - reference) ** 2).mean())
+    peak = float(reference.max() - reference.min())
+    return math.inf if mse == 0 else 10.0 * math.log10(peak**2 / mse)
+
+
+def reconstruct(model, positive, negative, noised_latent, steps, cfg, start_at_step=0):
+    """Stock KSamplerAdvanced: add_noise disabled, sampler ddim, scheduler ddim_uniform."""
+    return _call("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=steps, cfg=cfg,
+                 sampler_name="ddim", scheduler="ddim_uniform", positive=positive, negative=negative,
+                 latent_image=noised_latent, start_at_step=start_at_step, end_at_step=10000,
+                 return_with_leftover_noise="disable")[0]
+
+
+def stock_flip_sigmas_inversion(model, positive, negative, latent, steps, cfg, scheduler="ddim_uniform"):
+    """ComfyUI's own inversion route: BasicScheduler → FlipSigmas → SamplerCustom(euler, no noise)."""
+    sigmas = _call("BasicScheduler", model=model, scheduler=scheduler, steps=steps, denoise=1.0)[0]
+    flipped = _call("FlipSigmas", sigmas=sigmas)[0]
+    sampler = _call("KSamplerSelect", sampler_name="euler")[0]
+    return _call("SamplerCustom", model=model, add_noise=False, noise_seed=0, cfg=cfg, positive=positive,
+                 negative=negative, sampler=sampler, sigmas=flipped, latent_image=latent)[0]
+
+
+def ours_inversion(model, positive, negative, latent, steps, cfg, refine_iterations=0):
+    return _call("DisentangleDDIMInversion", model=model, positive=positive, latent=latent, steps=steps, cfg=cfg,
+                 scheduler="ddim_uniform", refine_iterations=refine_iterations,
+                 negative=None if cfg == 1.0 else negative)[0]
+
+
+def psnr_table(model, positive, negative, latent, steps_list=(10, 25, 50), cfg=1.0, refine=(0, 2)):
+    """Rows [steps, method, UNet calls/step, latent PSNR] for ours (each refine count) and FlipSigmas."""
+    rows = []
+    for steps in steps_list:
+        ref = latent["samples"]
+        stock = reconstruct(model, positive, negative,
+                            stock_flip_sigmas_inversion(model, positive, negative, latent, steps, cfg), steps, cfg)
+        rows.append([steps, "FlipSigmas + euler (stock)", 1, latent_psnr(stock["samples"], ref)])
+        for r in refine:
+            rec = reconstruct(model, positive, negative,
+                              ours_inversion(model, positive, negative, latent, steps, cfg, r), steps, cfg)
+            rows.append([steps, f"DDIM Inversion, refine {r}", 1 + r, latent_psnr(rec["samples"], ref)])
+    return rows

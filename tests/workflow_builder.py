@@ -1,0 +1,193 @@
+"""Writes the shipped workflows in ComfyUI's UI format (what the frontend saves and drag-and-drop loads).
+
+Widget values are ordered from each node class's own INPUT_TYPES, so the files match what the
+frontend would write. Regenerate after changing a node's inputs:
+
+    COMFYUI_PATH=/path/to/ComfyUI python -m tests.workflow_builder     (from the pack's root)
+
+and ``tests/test_workflows.py`` checks that the shipped files equal what this script makes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SEED_NAMES = {"seed", "noise_seed"}
+
+
+def _input_specs(node_class):
+    spec = node_class.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, value in spec.get(section, {}).items():
+            kind = value[0]
+            options = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
+            yield name, kind, options, section
+
+
+def _is_widget(kind, options) -> bool:
+    return (isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES) and not options.get("forceInput", False)
+
+
+def _default(kind, options):
+    if "default" in options:
+        return options["default"]
+    if isinstance(kind, (list, tuple)):
+        return kind[0] if kind else ""
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind)
+
+
+class Workflow:
+    """Nodes are added with their inputs: a value sets a widget, ``(node, slot)`` makes a link."""
+
+    def __init__(self, node_classes: dict):
+        self.node_classes = node_classes
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def add(self, class_type: str, pos, title: str | None = None, size=(320, 130), **inputs) -> int:
+        cls = self.node_classes[class_type]
+        node_id = len(self.nodes) + 1
+        node_inputs, widgets = [], []
+        for name, kind, options, section in _input_specs(cls):
+            value = inputs.pop(name, None)
+            if _is_widget(kind, options):
+                widgets.append(_default(kind, options) if value is None else value)
+                if options.get("control_after_generate") or (kind == "INT" and name in SEED_NAMES):
+                    widgets.append("fixed")
+                continue
+            if value is None and section == "optional":
+                continue
+            link_id = None
+            if value is not None:
+                src, slot = value
+                link_id = len(self.links) + 1
+                self.links.append([link_id, src, slot, node_id, len(node_inputs), kind])
+                self.nodes[src - 1]["outputs"][slot]["links"].append(link_id)
+            node_inputs.append({"name": name, "type": kind, "link": link_id})
+        if inputs:
+            raise KeyError(f"{class_type} has no inputs {sorted(inputs)}")
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        node = {
+            "id": node_id,
+            "type": class_type,
+            "pos": list(pos),
+            "size": list(size),
+            "flags": {},
+            "order": node_id - 1,
+            "mode": 0,
+            "inputs": node_inputs,
+            "outputs": [{"name": n, "type": t, "links": []} for n, t in zip(names, cls.RETURN_TYPES)],
+            "properties": {"Node name for S&R": class_type},
+            "widgets_values": widgets,
+        }
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node_id
+
+    def note(self, text: str, pos, size=(420, 160)) -> None:
+        self.nodes.append({
+            "id": len(self.nodes) + 1, "type": "Note", "pos": list(pos), "size": list(size), "flags": {},
+            "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
+            "widgets_values": [text],
+        })
+
+    def to_dict(self, name: str) -> dict:
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-disentangle/{name}")),
+            "revision": 0,
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": self.nodes,
+            "links": self.links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+            "version": 0.4,
+        }
+
+
+def ddim_inversion_reconstruct(node_classes) -> dict:
+    w = Workflow(node_classes)
+    ckpt = w.add("CheckpointLoaderSimple", (20, 200), ckpt_name="v1-5-pruned-emaonly.safetensors")
+    pos = w.add("CLIPTextEncode", (380, 40), title="Neutral prompt", clip=(ckpt, 1), text="a photo")
+    neg = w.add("CLIPTextEncode", (380, 240), title="Negative prompt", clip=(ckpt, 1), text="")
+    image = w.add("LoadImage", (20, 420), size=(320, 320), image="example.png")
+    enc = w.add("VAEEncode", (380, 440), pixels=(image, 0), vae=(ckpt, 2))
+    inv = w.add("DisentangleDDIMInversion", (740, 40), size=(330, 240), model=(ckpt, 0), positive=(pos, 0),
+                latent=(enc, 0), steps=50, cfg=1.0, scheduler="ddim_uniform", refine_iterations=0)
+    sampler = w.add("KSamplerAdvanced", (1110, 40), size=(320, 340), model=(ckpt, 0), positive=(pos, 0),
+                    negative=(neg, 0), latent_image=(inv, 0), add_noise="disable", noise_seed=0, steps=50,
+                    cfg=1.0, sampler_name="ddim", scheduler="ddim_uniform", start_at_step=0,
+                    end_at_step=10000, return_with_leftover_noise="disable")
+    dec = w.add("VAEDecode", (1470, 40), samples=(sampler, 0), vae=(ckpt, 2))
+    both = w.add("ImageBatch", (1470, 160), image1=(image, 0), image2=(dec, 0))
+    w.add("SaveImage", (1720, 40), size=(400, 420), images=(both, 0), filename_prefix="disentangle/ddim_reconstruct")
+    mid = w.add("DisentangleTrajectoryLatent", (740, 340), trajectory=(inv, 1), step=25, expected_steps=50)
+    mid_dec = w.add("VAEDecode", (1110, 440), samples=(mid, 0), vae=(ckpt, 2))
+    w.add("PreviewImage", (1470, 420), size=(300, 300), images=(mid_dec, 0))
+    w.note(
+        "DDIM Inversion → KSamplerAdvanced reconstructs the image.\n"
+        "Keep steps, scheduler (ddim_uniform), sampler (ddim), cfg and the neutral prompt equal in both nodes, "
+        "and add_noise disabled. The saved image shows the original next to the reconstruction; "
+        "the preview shows the latent halfway along the inversion trajectory.",
+        (20, 760),
+    )
+    return w.to_dict("ddim_inversion_reconstruct")
+
+
+def lambda_schedule_mix(node_classes) -> dict:
+    w = Workflow(node_classes)
+    ckpt = w.add("CheckpointLoaderSimple", (20, 200), ckpt_name="v1-5-pruned-emaonly.safetensors")
+    neutral = w.add("CLIPTextEncode", (380, 20), title="Neutral prompt (c0)", clip=(ckpt, 1),
+                    text="a photo of a house in a field")
+    styled = w.add("CLIPTextEncode", (380, 220), title="Styled prompt (c1)", clip=(ckpt, 1),
+                   text="a photo of a house in a field, snowy winter")
+    neg = w.add("CLIPTextEncode", (380, 420), title="Negative prompt", clip=(ckpt, 1), text="")
+    sched = w.add("DisentangleLambdaSwitch", (20, 520), steps=50, switch_step=20, value_before=0.0, value_after=1.0)
+    mix = w.add("DisentangleMixConditioning", (740, 20), neutral=(neutral, 0), styled=(styled, 0), schedule=(sched, 0))
+    latent = w.add("EmptyLatentImage", (740, 200), width=512, height=512, batch_size=1)
+    edit = w.add("KSampler", (1100, 20), title="Edited (λ-mixed)", size=(320, 270), model=(ckpt, 0),
+                 positive=(mix, 0), negative=(neg, 0), latent_image=(latent, 0), seed=42, steps=50, cfg=7.5,
+                 sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
+    plain = w.add("KSampler", (1100, 330), title="Neutral (same seed)", size=(320, 270), model=(ckpt, 0),
+                  positive=(neutral, 0), negative=(neg, 0), latent_image=(latent, 0), seed=42, steps=50, cfg=7.5,
+                  sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
+    dec_edit = w.add("VAEDecode", (1460, 20), samples=(edit, 0), vae=(ckpt, 2))
+    dec_plain = w.add("VAEDecode", (1460, 330), samples=(plain, 0), vae=(ckpt, 2))
+    both = w.add("ImageBatch", (1460, 160), image1=(dec_plain, 0), image2=(dec_edit, 0))
+    w.add("SaveImage", (1700, 20), size=(400, 420), images=(both, 0), filename_prefix="disentangle/lambda_mix")
+    plot = w.add("DisentangleLambdaPlot", (380, 620), schedule=(sched, 0), steps=50, scheduler="ddim_uniform",
+                 width=512, height=256, model=(ckpt, 0))
+    w.add("PreviewImage", (740, 620), size=(400, 260), images=(plot, 0))
+    w.add("DisentangleLambdaSave", (20, 760), schedule=(sched, 0), filename_prefix="lambda_schedule", format="json")
+    w.note(
+        "Neutral prompt for the first 20 of 50 steps (layout), styled prompt after (attribute): "
+        "c_t = λ_t·c1 + (1−λ_t)·c0 (Wu et al. 2023). Left: neutral prompt only; right: the edit, same seed.",
+        (20, 900),
+    )
+    return w.to_dict("lambda_schedule_mix")
+
+
+WORKFLOWS = {
+    "ddim_inversion_reconstruct.json": ddim_inversion_reconstruct,
+    "lambda_schedule_mix.json": lambda_schedule_mix,
+}
+
+
+def render_all(node_classes) -> dict[str, str]:
+    return {name: json.dumps(make(node_classes), indent=1, ensure_ascii=False) + "\n" for name, make in WORKFLOWS.items()}
+
+
+if __name__ == "__main__":
+    from comfyui_disentangle.tests.comfy_host import start_host  # noqa: E402 (needs COMFYUI_PATH)
+    import nodes  # noqa: E402
+
+    start_host()
+    out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
+    for name, text in render_all(nodes.NODE_CLASS_MAPPINGS).items():
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            f.write(text)
+        print("wrote", name)
