@@ -27,7 +27,7 @@ def draw_schedule(schedule: LambdaSchedule, step_progress, step_values, width: i
     draw.line([(left, top), (left, bottom), (right, bottom)], fill=AXIS)
     draw.text((left, bottom + 8), "noise", fill=TEXT)
     draw.text((right - 30, bottom + 8), "clean", fill=TEXT)
-    draw.text((width // 2 - 40, bottom + 8), f"λ  ({len(step_values)} steps)", fill=TEXT)
+    draw.text((width // 2 - 40, bottom + 8), f"lambda ({len(step_values)} steps)", fill=TEXT)
 
     points = []
     for seg in schedule.segments():

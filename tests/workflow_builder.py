@@ -3,7 +3,7 @@
 Widget values are ordered from each node class's own INPUT_TYPES, so the files match what the
 frontend would write. Regenerate after changing a node's inputs:
 
-    COMFYUI_PATH=/path/to/ComfyUI python -m tests.workflow_builder     (from the pack's root)
+    COMFYUI_PATH=/path/to/ComfyUI python tests/workflow_builder.py
 
 and ``tests/test_workflows.py`` checks that the shipped files equal what this script makes.
 """
@@ -56,6 +56,8 @@ class Workflow:
                 widgets.append(_default(kind, options) if value is None else value)
                 if options.get("control_after_generate") or (kind == "INT" and name in SEED_NAMES):
                     widgets.append("fixed")
+                if options.get("image_upload"):
+                    widgets.append("image")  # the frontend's upload button stores a value too
                 continue
             if value is None and section == "optional":
                 continue
@@ -182,10 +184,13 @@ def render_all(node_classes) -> dict[str, str]:
 
 
 if __name__ == "__main__":
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import conftest  # noqa: F401,E402  (registers the comfyui_disentangle package alias)
     from comfyui_disentangle.tests.comfy_host import start_host  # noqa: E402 (needs COMFYUI_PATH)
-    import nodes  # noqa: E402
 
     start_host()
+    import nodes  # noqa: E402
     out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
     for name, text in render_all(nodes.NODE_CLASS_MAPPINGS).items():
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
