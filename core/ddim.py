@@ -213,6 +213,7 @@ class InversionResult:
     trajectory: list[Tensor]
     sigmas_sampling: Tensor
     fixed_point_residuals: list[float]
+    """Relative change ‖x⁽ᴿ⁾ − x⁽ᴿ⁻¹⁾‖/‖x⁽ᴿ⁾‖ of the last refinement iteration of each step (0 without refinement)."""
 
 
 def invert_ddim(
@@ -239,17 +240,17 @@ def invert_ddim(
     s = check_sigmas(sigmas, ascending=True).tolist()
     y = x0
     trajectory = [y] if keep_trajectory else []
-    residuals: list[float] = []
+    residuals = []  # kept on the device: a host sync per step would stall the GPU queue
     for i in range(len(s) - 1):
         lo, hi = s[i], s[i + 1]
         sig = _sigma_batch(y, hi)
         denoised = denoise(y, sig)
         x = ddim_inverse_step_sigma(y, eps_from_denoised(y, denoised, hi), lo, hi)
-        residual = 0.0
+        residual = torch.zeros((), device=x.device)
         for _ in range(refine_iterations):
             denoised = denoise(x, sig)
             x_new = ddim_inverse_step_sigma(y, eps_from_denoised(x, denoised, hi), lo, hi)
-            residual = float((x_new - x).norm() / x_new.norm().clamp_min(1e-12))
+            residual = (x_new - x).norm() / x_new.norm().clamp_min(1e-12)
             x = x_new
         residuals.append(residual)
         y = x
@@ -262,7 +263,7 @@ def invert_ddim(
         latent=y,
         trajectory=trajectory,
         sigmas_sampling=torch.tensor(s[::-1], dtype=torch.float64),
-        fixed_point_residuals=residuals,
+        fixed_point_residuals=[float(r) for r in residuals],
     )
 
 
