@@ -99,6 +99,31 @@ def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def timed_rounds(fns: dict, repeats: int = 7, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times of several functions measured in interleaved rounds (A B C, A B C, ...), so that
+    clock and host drift hit all of them alike. Returns {name: [seconds per round]}."""
+    import torch
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a_i / b_i."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def device_name() -> str:
     import torch
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"

@@ -282,3 +282,19 @@ def test_schedule_plot_and_text():
 def test_schedule_nodes_reject_bad_input(name, inputs, match):
     with pytest.raises(ValueError, match=match):
         call(name, **inputs)
+
+
+def test_inversion_honours_cancel():
+    """ComfyUI's Cancel sets the interrupt flag; the inversion stops at the next step."""
+    import comfy.model_management as mm
+    model, clip, vae = comfy_host.tiny_models("sd1")
+    inputs = dict(model=model, positive=encode(clip, "a"), latent=image_latent(vae), steps=5, cfg=1.0,
+                  scheduler="ddim_uniform", refine_iterations=0)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            call("DisentangleDDIMInversion", **inputs)
+    finally:
+        mm.interrupt_current_processing(False)
+    noised, _ = call("DisentangleDDIMInversion", **inputs)  # and runs again afterwards
+    assert torch.isfinite(noised["samples"]).all()
