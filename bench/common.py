@@ -82,23 +82,6 @@ def conditioning(tokens: int = 77, dim: int = 768, seed: int = 0, pooled: int = 
     return [[torch.randn(1, tokens, dim, generator=g), meta]]
 
 
-def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds, with the GPU synchronised around each call."""
-    import torch
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def timed_rounds(fns: dict, repeats: int = 7, warmup: int = 1) -> dict[str, list[float]]:
     """Wall times of several functions measured in interleaved rounds (A B C, A B C, ...), so that
     clock and host drift hit all of them alike. Returns {name: [seconds per round]}."""

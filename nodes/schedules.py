@@ -28,12 +28,17 @@ def _wrap(make, *args):
         raise InputError(str(e)) from e
 
 
-class LambdaScheduleConstant:
-    DESCRIPTION = "λ_t = value at every step (value 1 = the styled prompt alone, 0 = the neutral prompt alone)."
+class _ScheduleMaker:
+    """Shared outputs of the nodes that make a LAMBDA_SCHEDULE."""
+
     CATEGORY = SCHEDULE_CATEGORY
     RETURN_TYPES = (LAMBDA_SCHEDULE,)
     OUTPUT_TOOLTIPS = (SCHEDULE_TOOLTIP,)
     FUNCTION = "make"
+
+
+class LambdaScheduleConstant(_ScheduleMaker):
+    DESCRIPTION = "λ_t = value at every step (value 1 = the styled prompt alone, 0 = the neutral prompt alone)."
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -43,16 +48,12 @@ class LambdaScheduleConstant:
         return _wrap(ls.constant, value)
 
 
-class LambdaScheduleSwitch:
+class LambdaScheduleSwitch(_ScheduleMaker):
     DESCRIPTION = (
         "Neutral prompt for the first steps, styled prompt after (Wu et al. Sec. 3.2: early steps fix "
         "the layout, later steps the attribute). The switch stays at the same diffusion time for "
         "other step counts."
     )
-    CATEGORY = SCHEDULE_CATEGORY
-    RETURN_TYPES = (LAMBDA_SCHEDULE,)
-    OUTPUT_TOOLTIPS = (SCHEDULE_TOOLTIP,)
-    FUNCTION = "make"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -67,12 +68,8 @@ class LambdaScheduleSwitch:
         return _wrap(ls.switch_at_step, steps, switch_step, value_before, value_after)
 
 
-class LambdaScheduleRamp:
+class LambdaScheduleRamp(_ScheduleMaker):
     DESCRIPTION = "start_value up to start_step, a linear ramp to end_value at end_step, constant after."
-    CATEGORY = SCHEDULE_CATEGORY
-    RETURN_TYPES = (LAMBDA_SCHEDULE,)
-    OUTPUT_TOOLTIPS = (SCHEDULE_TOOLTIP,)
-    FUNCTION = "make"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -88,12 +85,8 @@ class LambdaScheduleRamp:
         return _wrap(ls.linear_ramp, steps, start_value, end_value, start_step, None if end_step < 0 else end_step)
 
 
-class LambdaScheduleFromList:
+class LambdaScheduleFromList(_ScheduleMaker):
     DESCRIPTION = "One λ per step, as a comma-separated list (e.g. the 50 weights of a learned schedule)."
-    CATEGORY = SCHEDULE_CATEGORY
-    RETURN_TYPES = (LAMBDA_SCHEDULE,)
-    OUTPUT_TOOLTIPS = (SCHEDULE_TOOLTIP,)
-    FUNCTION = "make"
 
     @classmethod
     def INPUT_TYPES(cls):

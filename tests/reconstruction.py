@@ -10,13 +10,10 @@ import math
 import torch
 
 
-def _node(name):
+def call(name, **inputs):
+    """Run a registered node (stock or ours) as the executor does: inside inference mode."""
     import nodes
-    return nodes.NODE_CLASS_MAPPINGS[name]()
-
-
-def _call(name, **inputs):
-    n = _node(name)
+    n = nodes.NODE_CLASS_MAPPINGS[name]()
     with torch.inference_mode():
         out = getattr(n, n.FUNCTION)(**inputs)
     return out["result"] if isinstance(out, dict) else out
@@ -32,7 +29,7 @@ def latent_psnr(x: torch.Tensor, reference: torch.Tensor) -> float:
 
 def reconstruct(model, positive, negative, noised_latent, steps, cfg, start_at_step=0):
     """Stock KSamplerAdvanced: add_noise disabled, sampler ddim, scheduler ddim_uniform."""
-    return _call("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=steps, cfg=cfg,
+    return call("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=steps, cfg=cfg,
                  sampler_name="ddim", scheduler="ddim_uniform", positive=positive, negative=negative,
                  latent_image=noised_latent, start_at_step=start_at_step, end_at_step=10000,
                  return_with_leftover_noise="disable")[0]
@@ -40,15 +37,15 @@ def reconstruct(model, positive, negative, noised_latent, steps, cfg, start_at_s
 
 def stock_flip_sigmas_inversion(model, positive, negative, latent, steps, cfg, scheduler="ddim_uniform"):
     """ComfyUI's own inversion route: BasicScheduler → FlipSigmas → SamplerCustom(euler, no noise)."""
-    sigmas = _call("BasicScheduler", model=model, scheduler=scheduler, steps=steps, denoise=1.0)[0]
-    flipped = _call("FlipSigmas", sigmas=sigmas)[0]
-    sampler = _call("KSamplerSelect", sampler_name="euler")[0]
-    return _call("SamplerCustom", model=model, add_noise=False, noise_seed=0, cfg=cfg, positive=positive,
+    sigmas = call("BasicScheduler", model=model, scheduler=scheduler, steps=steps, denoise=1.0)[0]
+    flipped = call("FlipSigmas", sigmas=sigmas)[0]
+    sampler = call("KSamplerSelect", sampler_name="euler")[0]
+    return call("SamplerCustom", model=model, add_noise=False, noise_seed=0, cfg=cfg, positive=positive,
                  negative=negative, sampler=sampler, sigmas=flipped, latent_image=latent)[0]
 
 
 def ours_inversion(model, positive, negative, latent, steps, cfg, refine_iterations=0):
-    return _call("DisentangleDDIMInversion", model=model, positive=positive, latent=latent, steps=steps, cfg=cfg,
+    return call("DisentangleDDIMInversion", model=model, positive=positive, latent=latent, steps=steps, cfg=cfg,
                  scheduler="ddim_uniform", refine_iterations=refine_iterations,
                  negative=None if cfg == 1.0 else negative)[0]
 

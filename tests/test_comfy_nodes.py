@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from comfyui_disentangle.tests import comfy_host
-from comfyui_disentangle.tests.reconstruction import latent_psnr, reconstruct, stock_flip_sigmas_inversion
+from comfyui_disentangle.tests.reconstruction import call, latent_psnr, reconstruct, stock_flip_sigmas_inversion
 
 pytestmark = pytest.mark.usefixtures("host")
 
@@ -18,18 +18,6 @@ pytestmark = pytest.mark.usefixtures("host")
 def lambda_schedule():
     """The pack's λ-schedule module as ComfyUI loaded it (same class identities as the nodes)."""
     return comfy_host.pack_module("core.lambda_schedule")
-
-
-def node(name):
-    import nodes
-    return nodes.NODE_CLASS_MAPPINGS[name]()
-
-
-def call(name, **inputs):
-    n = node(name)
-    with torch.inference_mode():
-        out = getattr(n, n.FUNCTION)(**inputs)
-    return out["result"] if isinstance(out, dict) else out
 
 
 def encode(clip, text):
