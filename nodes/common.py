@@ -20,16 +20,14 @@ class InputError(ValueError):
     """A node input is not usable; the message names the input."""
 
 
-def register_model_folder(name: str, extensions: set[str]) -> None:
-    """Register ``models/<name>`` with ``folder_paths`` (extra_model_paths.yaml may add more)."""
-    default = os.path.join(folder_paths.models_dir, name)
-    if name in folder_paths.folder_names_and_paths:
-        paths, exts = folder_paths.folder_names_and_paths[name]
-        if default not in paths:
-            paths.append(default)
-        exts.update(extensions)
-    else:
-        folder_paths.folder_names_and_paths[name] = ([default], set(extensions))
+def register_model_folder(name: str, extensions: set[str], extra_paths: tuple[str, ...] = ()) -> None:
+    """Register ``models/<name>`` (and ``extra_paths``) with ``folder_paths``; extra_model_paths.yaml may add more."""
+    wanted = [os.path.join(folder_paths.models_dir, name), *extra_paths]
+    if name not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[name] = ([], set())
+    paths, exts = folder_paths.folder_names_and_paths[name]
+    paths.extend(p for p in wanted if p not in paths)
+    exts.update(extensions)
 
 
 def check_steps(steps: int, name: str = "steps") -> None:

@@ -1,0 +1,111 @@
+"""Load Toy World Checkpoint: the pack's own small text-to-image model as MODEL, CLIP and VAE.
+
+The toy world (core/factor_world.py) lets every method run offline and be judged against ground
+truth. Its model is made of ComfyUI's own SD1 classes at small width, so every stock node works on
+it. ComfyUI's checkpoint detection only knows full-size architectures, so the configs travel in
+each file's safetensors metadata; loading then follows the tail of ComfyUI's own loaders
+(``comfy.sd.load_diffusion_model_state_dict``, ``comfy.sd.VAE``, ``comfy.sd.CLIP.load_sd``):
+same model classes, dtype choice, ModelPatcher and device management as a user's checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
+import comfy.supported_models
+import comfy.supported_models_base
+import comfy.utils
+import folder_paths
+
+from .common import CATEGORY, InputError
+
+TOY_WORLD_FOLDER = "toy_world"
+PACK_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
+FORMAT = "comfyui-disentangle/toy-world"
+PARTS = {"unet": "unet_config", "vae": "vae_config", "text_encoder": "text_config"}
+
+
+def read_part(path: str, config_key: str):
+    """(state dict, config, metadata) of one toy-world file, with clear errors for wrong files."""
+    try:
+        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    except Exception as e:  # a truncated or foreign file
+        raise InputError(f"{os.path.basename(path)} is not a readable safetensors file: {e}") from e
+    metadata = metadata or {}
+    if json.loads(metadata.get("format", "null")) != FORMAT or config_key not in metadata:
+        raise InputError(f"{os.path.basename(path)} is not a toy-world file with a {config_key!r} (format {FORMAT})")
+    return sd, json.loads(metadata[config_key]), metadata
+
+
+def load_unet(sd: dict, unet_config: dict):
+    model_config = comfy.supported_models.SD15(dict(unet_config))
+    model_config.unet_config.update(unet_config)  # SD15's extra config would reset the head layout
+    load_device = mm.get_torch_device()
+    params = comfy.utils.calculate_parameters(sd)
+    unet_dtype = mm.unet_dtype(model_params=params, supported_dtypes=model_config.supported_inference_dtypes)
+    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(unet_dtype, manual_cast)
+    model = model_config.get_model(sd, "")
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+
+
+def load_vae(sd: dict, vae_config: dict, metadata: dict):
+    return comfy.sd.VAE(sd=sd, config={"params": vae_config}, metadata=metadata)
+
+
+def load_text_encoder(sd: dict, text_config: dict):
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                         parameters=comfy.utils.calculate_parameters(sd),
+                         model_options={"clip_l_model_config": dict(text_config)})
+    missing, unexpected = clip.load_sd(sd)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise InputError(f"text encoder weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return clip
+
+
+def toy_world_files() -> list[str]:
+    return sorted({n[: -len("_unet.safetensors")] for n in folder_paths.get_filename_list(TOY_WORLD_FOLDER)
+                   if n.endswith("_unet.safetensors")})
+
+
+def load_toy_world(name: str):
+    """(MODEL, CLIP, VAE) of the toy world ``name`` (files ``<name>_unet/_vae/_text_encoder.safetensors``)."""
+    parts = {}
+    for part, key in PARTS.items():
+        path = folder_paths.get_full_path(TOY_WORLD_FOLDER, f"{name}_{part}.safetensors")
+        if path is None:
+            raise InputError(f"checkpoint: {name}_{part}.safetensors is missing from models/{TOY_WORLD_FOLDER} and the pack's weights/")
+        parts[part] = read_part(path, key)
+    model = load_unet(*parts["unet"][:2])
+    vae = load_vae(*parts["vae"])
+    clip = load_text_encoder(*parts["text_encoder"][:2])
+    return model, clip, vae
+
+
+class LoadToyWorldCheckpoint:
+    DESCRIPTION = (
+        "The pack's own small text-to-image model of the factor world (one object on a floor in front of "
+        "a wall; prompts like 'a large red cylinder on a green floor in front of a blue wall'). Runs "
+        "offline on a CPU in seconds; use 128×128 latents (EmptyLatentImage 128×128)."
+    )
+    CATEGORY = f"{CATEGORY}/toy world"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"checkpoint": (toy_world_files(), {"tooltip": f"Toy worlds in the pack's weights/ or models/{TOY_WORLD_FOLDER}."})}}
+
+    def load(self, checkpoint):
+        return load_toy_world(checkpoint)
+
+
+NODE_CLASS_MAPPINGS = {"DisentangleLoadToyWorld": LoadToyWorldCheckpoint}
+NODE_DISPLAY_NAME_MAPPINGS = {"DisentangleLoadToyWorld": "Load Toy World Checkpoint"}
