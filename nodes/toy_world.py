@@ -21,6 +21,10 @@ import comfy.supported_models_base
 import comfy.utils
 import folder_paths
 
+import torch
+import torch.nn.functional as F
+
+from ..core import factor_world as fw
 from .common import CATEGORY, InputError
 
 TOY_WORLD_FOLDER = "toy_world"
@@ -107,5 +111,99 @@ class LoadToyWorldCheckpoint:
         return load_toy_world(checkpoint)
 
 
-NODE_CLASS_MAPPINGS = {"DisentangleLoadToyWorld": LoadToyWorldCheckpoint}
-NODE_DISPLAY_NAME_MAPPINGS = {"DisentangleLoadToyWorld": "Load Toy World Checkpoint"}
+class FactorWorldScene:
+    DESCRIPTION = (
+        "Renders one factor-world scene with known factors, and its full caption: a real image with "
+        "ground truth, for inversion and editing experiments with the toy world."
+    )
+    CATEGORY = f"{CATEGORY}/toy world"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("image", "caption")
+    FUNCTION = "render"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "floor_hue": (list(fw.HUE_NAMES), {"default": "green"}),
+            "wall_hue": (list(fw.HUE_NAMES), {"default": "blue"}),
+            "object_hue": (list(fw.HUE_NAMES), {"default": "red"}),
+            "scale": (list(fw.SCALE_WORDS), {"default": "large"}),
+            "shape": (list(fw.SHAPE_NAMES), {"default": "cube"}),
+            "orientation": (list(fw.ORIENTATION_WORDS), {"default": "facing front"}),
+            "size": ("INT", {"default": 128, "min": 64, "max": 1024, "step": 64,
+                             "tooltip": "Output side in pixels (nearest upscaling of the 64×64 render); the toy world model works at 128."}),
+        }}
+
+    def render(self, floor_hue, wall_hue, object_hue, scale, shape, orientation, size):
+        names = (fw.HUE_NAMES, fw.HUE_NAMES, fw.HUE_NAMES, fw.SCALE_WORDS, fw.SHAPE_NAMES, fw.ORIENTATION_WORDS)
+        values = (floor_hue, wall_hue, object_hue, scale, shape, orientation)
+        try:
+            factors = torch.tensor([[list(n).index(v) for n, v in zip(names, values)]])
+        except ValueError as e:
+            raise InputError(f"unknown factor value: {e}") from e
+        if size % fw.IMAGE_SIZE:
+            raise InputError(f"size must be a multiple of {fw.IMAGE_SIZE}, got {size}")
+        image = F.interpolate(fw.render(factors), scale_factor=size // fw.IMAGE_SIZE, mode="nearest")
+        return (image.permute(0, 2, 3, 1).contiguous(), fw.full_caption(factors[0]))
+
+
+class ClipLossModel:
+    """An open_clip model with its tokenizer and input normalisation (type CLIP_LOSS_MODEL)."""
+
+    def __init__(self, model, tokenizer, image_size: int, mean, std):
+        self.model, self.tokenizer, self.image_size, self.mean, self.std = model, tokenizer, image_size, mean, std
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings of IMAGE-layout tensors [B, H, W, 3] in [0, 1]."""
+        x = images.movedim(-1, 1)
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return F.normalize(self.model.encode_image((x - mean) / std), dim=-1)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(self.tokenizer(texts)), dim=-1)
+
+
+def load_clip_loss_model(path: str) -> ClipLossModel:
+    """The toy open_clip model from a safetensors file whose metadata holds its open_clip config."""
+    try:
+        import open_clip  # optional: only the λ-optimisation losses need it
+    except ImportError as e:
+        raise InputError("the CLIP loss model needs the open_clip_torch package: pip install open_clip_torch ftfy") from e
+    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    metadata = metadata or {}
+    if "open_clip_config" not in metadata:
+        raise InputError(f"{os.path.basename(path)} is not a CLIP loss model file (no 'open_clip_config' metadata)")
+    config = json.loads(metadata["open_clip_config"])
+    model = open_clip.CLIP(**config)
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    return ClipLossModel(model.eval(), open_clip.get_tokenizer("ViT-B-32"), config["vision_cfg"]["image_size"],
+                         (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+
+class LoadToyClipLossModel:
+    DESCRIPTION = "The toy world's small open_clip model (image and text towers) for the directional CLIP loss."
+    CATEGORY = f"{CATEGORY}/toy world"
+    RETURN_TYPES = ("CLIP_LOSS_MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = [n for n in folder_paths.get_filename_list(TOY_WORLD_FOLDER) if n.endswith("_clip.safetensors")]
+        return {"required": {"clip_name": (names, {})}}
+
+    def load(self, clip_name):
+        return (load_clip_loss_model(folder_paths.get_full_path_or_raise(TOY_WORLD_FOLDER, clip_name)),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "DisentangleLoadToyWorld": LoadToyWorldCheckpoint,
+    "DisentangleFactorWorldScene": FactorWorldScene,
+    "DisentangleLoadToyClipLoss": LoadToyClipLossModel,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DisentangleLoadToyWorld": "Load Toy World Checkpoint",
+    "DisentangleFactorWorldScene": "Factor World Scene",
+    "DisentangleLoadToyClipLoss": "Load Toy CLIP Loss Model",
+}
