@@ -46,7 +46,7 @@ class Workflow:
         self.nodes: list[dict] = []
         self.links: list[list] = []
 
-    def add(self, class_type: str, pos, title: str | None = None, size=(320, 130), **inputs) -> int:
+    def add(self, class_type: str, pos, title: str | None = None, node_size=(320, 130), **inputs) -> int:
         cls = self.node_classes[class_type]
         node_id = len(self.nodes) + 1
         node_inputs, widgets = [], []
@@ -75,7 +75,7 @@ class Workflow:
             "id": node_id,
             "type": class_type,
             "pos": list(pos),
-            "size": list(size),
+            "size": list(node_size),
             "flags": {},
             "order": node_id - 1,
             "mode": 0,
@@ -89,9 +89,9 @@ class Workflow:
         self.nodes.append(node)
         return node_id
 
-    def note(self, text: str, pos, size=(420, 160)) -> None:
+    def note(self, text: str, pos, node_size=(420, 160)) -> None:
         self.nodes.append({
-            "id": len(self.nodes) + 1, "type": "Note", "pos": list(pos), "size": list(size), "flags": {},
+            "id": len(self.nodes) + 1, "type": "Note", "pos": list(pos), "size": list(node_size), "flags": {},
             "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
             "widgets_values": [text],
         })
@@ -116,20 +116,20 @@ def ddim_inversion_reconstruct(node_classes) -> dict:
     ckpt = w.add("CheckpointLoaderSimple", (20, 200), ckpt_name="v1-5-pruned-emaonly.safetensors")
     pos = w.add("CLIPTextEncode", (380, 40), title="Neutral prompt", clip=(ckpt, 1), text="a photo")
     neg = w.add("CLIPTextEncode", (380, 240), title="Negative prompt", clip=(ckpt, 1), text="")
-    image = w.add("LoadImage", (20, 420), size=(320, 320), image="example.png")
+    image = w.add("LoadImage", (20, 420), node_size=(320, 320), image="example.png")
     enc = w.add("VAEEncode", (380, 440), pixels=(image, 0), vae=(ckpt, 2))
-    inv = w.add("DisentangleDDIMInversion", (740, 40), size=(330, 240), model=(ckpt, 0), positive=(pos, 0),
+    inv = w.add("DisentangleDDIMInversion", (740, 40), node_size=(330, 240), model=(ckpt, 0), positive=(pos, 0),
                 latent=(enc, 0), steps=50, cfg=1.0, scheduler="ddim_uniform", refine_iterations=0)
-    sampler = w.add("KSamplerAdvanced", (1110, 40), size=(320, 340), model=(ckpt, 0), positive=(pos, 0),
+    sampler = w.add("KSamplerAdvanced", (1110, 40), node_size=(320, 340), model=(ckpt, 0), positive=(pos, 0),
                     negative=(neg, 0), latent_image=(inv, 0), add_noise="disable", noise_seed=0, steps=50,
                     cfg=1.0, sampler_name="ddim", scheduler="ddim_uniform", start_at_step=0,
                     end_at_step=10000, return_with_leftover_noise="disable")
     dec = w.add("VAEDecode", (1470, 40), samples=(sampler, 0), vae=(ckpt, 2))
     both = w.add("ImageBatch", (1470, 160), image1=(image, 0), image2=(dec, 0))
-    w.add("SaveImage", (1720, 40), size=(400, 420), images=(both, 0), filename_prefix="disentangle/ddim_reconstruct")
+    w.add("SaveImage", (1720, 40), node_size=(400, 420), images=(both, 0), filename_prefix="disentangle/ddim_reconstruct")
     mid = w.add("DisentangleTrajectoryLatent", (740, 340), trajectory=(inv, 1), step=25, expected_steps=50)
     mid_dec = w.add("VAEDecode", (1110, 440), samples=(mid, 0), vae=(ckpt, 2))
-    w.add("PreviewImage", (1470, 420), size=(300, 300), images=(mid_dec, 0))
+    w.add("PreviewImage", (1470, 420), node_size=(300, 300), images=(mid_dec, 0))
     w.note(
         "DDIM Inversion → KSamplerAdvanced reconstructs the image.\n"
         "Keep steps, scheduler (ddim_uniform), sampler (ddim), cfg and the neutral prompt equal in both nodes, "
@@ -151,19 +151,19 @@ def lambda_schedule_mix(node_classes) -> dict:
     sched = w.add("DisentangleLambdaSwitch", (20, 520), steps=50, switch_step=20, value_before=0.0, value_after=1.0)
     mix = w.add("DisentangleMixConditioning", (740, 20), neutral=(neutral, 0), styled=(styled, 0), schedule=(sched, 0))
     latent = w.add("EmptyLatentImage", (740, 200), width=512, height=512, batch_size=1)
-    edit = w.add("KSampler", (1100, 20), title="Edited (λ-mixed)", size=(320, 270), model=(ckpt, 0),
+    edit = w.add("KSampler", (1100, 20), title="Edited (λ-mixed)", node_size=(320, 270), model=(ckpt, 0),
                  positive=(mix, 0), negative=(neg, 0), latent_image=(latent, 0), seed=42, steps=50, cfg=7.5,
                  sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
-    plain = w.add("KSampler", (1100, 330), title="Neutral (same seed)", size=(320, 270), model=(ckpt, 0),
+    plain = w.add("KSampler", (1100, 330), title="Neutral (same seed)", node_size=(320, 270), model=(ckpt, 0),
                   positive=(neutral, 0), negative=(neg, 0), latent_image=(latent, 0), seed=42, steps=50, cfg=7.5,
                   sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
     dec_edit = w.add("VAEDecode", (1460, 20), samples=(edit, 0), vae=(ckpt, 2))
     dec_plain = w.add("VAEDecode", (1460, 330), samples=(plain, 0), vae=(ckpt, 2))
     both = w.add("ImageBatch", (1460, 160), image1=(dec_plain, 0), image2=(dec_edit, 0))
-    w.add("SaveImage", (1700, 20), size=(400, 420), images=(both, 0), filename_prefix="disentangle/lambda_mix")
+    w.add("SaveImage", (1700, 20), node_size=(400, 420), images=(both, 0), filename_prefix="disentangle/lambda_mix")
     plot = w.add("DisentangleLambdaPlot", (380, 620), schedule=(sched, 0), steps=50, scheduler="ddim_uniform",
                  width=512, height=256, model=(ckpt, 0))
-    w.add("PreviewImage", (740, 620), size=(400, 260), images=(plot, 0))
+    w.add("PreviewImage", (740, 620), node_size=(400, 260), images=(plot, 0))
     w.add("DisentangleLambdaSave", (20, 760), schedule=(sched, 0), filename_prefix="lambda_schedule", format="json")
     w.note(
         "Neutral prompt for the first 20 of 50 steps (layout), styled prompt after (attribute): "
@@ -173,9 +173,62 @@ def lambda_schedule_mix(node_classes) -> dict:
     return w.to_dict("lambda_schedule_mix")
 
 
+TOY_NEUTRAL = "a large red cube on a green floor in front of a blue wall"
+TOY_STYLED = "a large yellow cube on a green floor in front of a blue wall"
+
+
+def toy_world_inversion(node_classes) -> dict:
+    w = Workflow(node_classes)
+    toy = w.add("DisentangleLoadToyWorld", (20, 200), checkpoint="toy_world")
+    scene = w.add("DisentangleFactorWorldScene", (20, 420), floor_hue="green", wall_hue="blue",
+                  object_hue="red", scale="large", shape="cube", orientation="facing front", size=128)
+    pos = w.add("CLIPTextEncode", (380, 40), title="Prompt (the scene's caption)", clip=(toy, 1), text=TOY_NEUTRAL + ", facing front")
+    neg = w.add("CLIPTextEncode", (380, 240), title="Negative prompt", clip=(toy, 1), text="")
+    enc = w.add("VAEEncode", (380, 440), pixels=(scene, 0), vae=(toy, 2))
+    inv = w.add("DisentangleDDIMInversion", (740, 40), node_size=(330, 240), model=(toy, 0), positive=(pos, 0),
+                latent=(enc, 0), steps=50, cfg=1.0, scheduler="ddim_uniform", refine_iterations=2)
+    sampler = w.add("KSamplerAdvanced", (1110, 40), node_size=(320, 340), model=(toy, 0), positive=(pos, 0),
+                    negative=(neg, 0), latent_image=(inv, 0), add_noise="disable", noise_seed=0, steps=50,
+                    cfg=1.0, sampler_name="ddim", scheduler="ddim_uniform", start_at_step=0,
+                    end_at_step=10000, return_with_leftover_noise="disable")
+    dec = w.add("VAEDecode", (1470, 40), samples=(sampler, 0), vae=(toy, 2))
+    both = w.add("ImageBatch", (1470, 160), image1=(scene, 0), image2=(dec, 0))
+    w.add("SaveImage", (1720, 40), node_size=(400, 300), images=(both, 0), filename_prefix="disentangle/toy_inversion")
+    w.note("Runs offline with the pack's toy world: a rendered scene with known factors is inverted and "
+           "reconstructed by stock KSamplerAdvanced (left: the scene, right: the reconstruction).", (20, 720))
+    return w.to_dict("toy_world_inversion")
+
+
+def toy_world_lambda_mix(node_classes) -> dict:
+    w = Workflow(node_classes)
+    toy = w.add("DisentangleLoadToyWorld", (20, 200), checkpoint="toy_world")
+    neutral = w.add("CLIPTextEncode", (380, 20), title="Neutral prompt (c0)", clip=(toy, 1), text=TOY_NEUTRAL)
+    styled = w.add("CLIPTextEncode", (380, 220), title="Styled prompt (c1)", clip=(toy, 1), text=TOY_STYLED)
+    neg = w.add("CLIPTextEncode", (380, 420), title="Negative prompt", clip=(toy, 1), text="")
+    sched = w.add("DisentangleLambdaSwitch", (20, 520), steps=50, switch_step=20, value_before=0.0, value_after=1.0)
+    mix = w.add("DisentangleMixConditioning", (740, 20), neutral=(neutral, 0), styled=(styled, 0), schedule=(sched, 0))
+    latent = w.add("EmptyLatentImage", (740, 200), width=128, height=128, batch_size=4)
+    edit = w.add("KSampler", (1100, 20), title="Edited (λ-mixed)", node_size=(320, 270), model=(toy, 0),
+                 positive=(mix, 0), negative=(neg, 0), latent_image=(latent, 0), seed=7, steps=50, cfg=5.0,
+                 sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
+    plain = w.add("KSampler", (1100, 330), title="Neutral (same seed)", node_size=(320, 270), model=(toy, 0),
+                  positive=(neutral, 0), negative=(neg, 0), latent_image=(latent, 0), seed=7, steps=50, cfg=5.0,
+                  sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
+    dec_edit = w.add("VAEDecode", (1460, 20), samples=(edit, 0), vae=(toy, 2))
+    dec_plain = w.add("VAEDecode", (1460, 330), samples=(plain, 0), vae=(toy, 2))
+    both = w.add("ImageBatch", (1460, 160), image1=(dec_plain, 0), image2=(dec_edit, 0))
+    w.add("SaveImage", (1700, 20), node_size=(400, 300), images=(both, 0), filename_prefix="disentangle/toy_lambda_mix")
+    w.note("Offline λ mixing on the toy world: the same four seeds with the neutral prompt (first four) and "
+           "with neutral → styled after 20 of 50 steps (last four): the cube turns yellow, the scene stays.",
+           (20, 700))
+    return w.to_dict("toy_world_lambda_mix")
+
+
 WORKFLOWS = {
     "ddim_inversion_reconstruct.json": ddim_inversion_reconstruct,
     "lambda_schedule_mix.json": lambda_schedule_mix,
+    "toy_world_inversion.json": toy_world_inversion,
+    "toy_world_lambda_mix.json": toy_world_lambda_mix,
 }
 
 
