@@ -216,6 +216,9 @@ class InversionResult:
     """Relative change ‖x⁽ᴿ⁾ − x⁽ᴿ⁻¹⁾‖/‖x⁽ᴿ⁾‖ of the last refinement iteration of each step (0 without refinement)."""
 
 
+FIRST_GUESSES = ("current", "target")
+
+
 def invert_ddim(
     denoise: Denoiser,
     x0: Tensor,
@@ -223,6 +226,7 @@ def invert_ddim(
     refine_iterations: int = 0,
     callback: Optional[StepCallback] = None,
     keep_trajectory: bool = True,
+    first_guess: str = "current",
 ) -> InversionResult:
     """DDIM inversion along an *increasing* σ schedule (the sampling schedule flipped).
 
@@ -230,11 +234,15 @@ def invert_ddim(
 
         x = y + (σ_hi − σ_lo)·ε̂(x, σ_hi)          (y: latent at σ_lo, x: unknown latent at σ_hi)
 
-    The first guess evaluates the model at the *target* level on the known latent,
-    x⁽⁰⁾ = y + (σ_hi − σ_lo)·ε̂(y, σ_hi) (Mokady et al.'s ε(x_{t−1}, t)); each refinement
-    iteration is one fixed-point update x⁽ᵏ⁺¹⁾ = y + (σ_hi − σ_lo)·ε̂(x⁽ᵏ⁾, σ_hi). The model is
-    never evaluated at σ = 0. Cost: (1 + refine_iterations) model calls per step.
+    The first guess is x⁽⁰⁾ = y + (σ_hi − σ_lo)·ε̂(y, σ_g), with the model evaluated on the known
+    latent at σ_g = σ_lo (``"current"``: Song et al. / diffusers, and the stock FlipSigmas route)
+    or σ_g = σ_hi (``"target"``: Mokady et al.'s ε(x_{t−1}, t)); the first step, from σ = 0, always
+    uses σ_hi, so the model is never evaluated at σ = 0. Each refinement iteration is one
+    fixed-point update x⁽ᵏ⁺¹⁾ = y + (σ_hi − σ_lo)·ε̂(x⁽ᵏ⁾, σ_hi), which converges to the same
+    exact inverse from either guess. Cost: (1 + refine_iterations) model calls per step.
     """
+    if first_guess not in FIRST_GUESSES:
+        raise ValueError(f"first_guess must be one of {FIRST_GUESSES}, got {first_guess!r}")
     if refine_iterations < 0:
         raise ValueError(f"refine_iterations must be ≥ 0, got {refine_iterations}")
     s = check_sigmas(sigmas, ascending=True).tolist()
@@ -244,8 +252,9 @@ def invert_ddim(
     for i in range(len(s) - 1):
         lo, hi = s[i], s[i + 1]
         sig = _sigma_batch(y, hi)
-        denoised = denoise(y, sig)
-        x = ddim_inverse_step_sigma(y, eps_from_denoised(y, denoised, hi), lo, hi)
+        at = hi if (first_guess == "target" or lo == 0.0) else lo
+        denoised = denoise(y, _sigma_batch(y, at))
+        x = ddim_inverse_step_sigma(y, eps_from_denoised(y, denoised, at), lo, hi)
         residual = torch.zeros((), device=x.device)
         for _ in range(refine_iterations):
             denoised = denoise(x, sig)

@@ -67,17 +67,30 @@ def _schedule(steps):
     return ddim.ddim_uniform_sigmas(SIGMAS, steps)
 
 
-def test_invert_then_sample_is_exact_for_constant_eps():
-    """ε̂ independent of x: the first guess already solves the implicit step equation."""
+@pytest.mark.parametrize("first_guess, refine", [("target", 0), ("current", 1)])
+def test_invert_then_sample_is_exact_for_eps_constant_in_x(first_guess, refine):
+    """ε̂ independent of x (it may depend on σ): the guess at the target level solves the implicit
+    step equation at once; from the current level, one refinement iteration does."""
     c = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     denoise = denoiser_from_eps(lambda x, s: c.expand_as(x) * (1 + s))
     x0 = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     sig = _schedule(10)
-    inv = ddim.invert_ddim(denoise, x0, sig.flip(0))
+    inv = ddim.invert_ddim(denoise, x0, sig.flip(0), refine_iterations=refine, first_guess=first_guess)
     rec = ddim.sample_ddim(denoise, inv.latent, sig)
     assert torch.allclose(rec, x0, atol=1e-10, rtol=0)
     assert torch.allclose(inv.trajectory[-1], x0) and len(inv.trajectory) == 11
     assert torch.equal(inv.sigmas_sampling, sig)
+
+
+def test_current_level_guess_without_refinement_is_not_exact_for_sigma_dependent_eps():
+    c = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    denoise = denoiser_from_eps(lambda x, s: c.expand_as(x) * (1 + s))
+    x0 = torch.zeros(1, 4, 8, 8, dtype=torch.float64)
+    sig = _schedule(10)
+    rec = ddim.sample_ddim(denoise, ddim.invert_ddim(denoise, x0, sig.flip(0)).latent, sig)
+    assert float((rec - x0).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="first_guess"):
+        ddim.invert_ddim(denoise, x0, sig.flip(0), first_guess="middle")
 
 
 def test_invert_then_sample_is_exact_for_linear_eps_with_refinement():
