@@ -1,8 +1,9 @@
 """Train the toy world's models on a GPU (issue 3). Seeded and time-boxed; writes safetensors.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/train_toy_world.py --out weights [--minutes 8]
+    COMFYUI_PATH=/path/to/ComfyUI python bench/train_toy_world.py --out weights
 
-What it trains, all on the factor world (core/factor_world.py), images rendered at 64×64 and shown
+Each phase runs a fixed number of optimiser steps (PHASE_STEPS, the shipped run's), seeded; time
+is only a safety cap. What it trains, all on the factor world (core/factor_world.py), images rendered at 64×64 and shown
 to the diffusion model at 128×128 (nearest ×2) so that stock ComfyUI sizes hold (8× VAE, a
 128×128 EmptyLatentImage gives the 16×16 latents):
 
@@ -47,6 +48,11 @@ UNET_CONFIG = {
 }
 TEXT_CONFIG = {"hidden_size": 48, "intermediate_size": 192, "num_attention_heads": 4, "num_hidden_layers": 3,
                "projection_dim": 48}
+# Optimiser steps of each phase: those of the runs that made the shipped weights (weights/train_log.json;
+# the two classifier phases took 4094 steps together there, split evenly here).
+PHASE_STEPS = {"classifier": 2047, "vae": 1368, "classifier_on_reconstructions": 2047, "diffusion": 3474,
+               "clip_loss_model": 1365}
+
 CLIP_LOSS_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 64, "layers": 4, "width": 96, "head_width": 32, "patch_size": 8},
@@ -157,15 +163,15 @@ def init_weights(module, seed):
 # Training phases
 # --------------------------------------------------------------------------------------------
 
-def train_classifier(pool, fw, device, seconds, seed, log, extra_images=None):
+def train_classifier(pool, fw, device, steps, seconds, seed, log, extra_images=None):
     import torch
     import torch.nn.functional as F
     torch.manual_seed(seed)
     clf = factor_classifier(fw.FACTOR_SIZES).to(device)
     opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
-    t0, step = time.time(), 0
-    while time.time() - t0 < seconds:
+    t0, step, max_steps = time.time(), 0, steps
+    while step < max_steps and time.time() - t0 < seconds:
         idx, x = pool.batch(256, g)
         if extra_images is not None and step % 2 == 1:
             x = extra_images[idx]
@@ -177,7 +183,7 @@ def train_classifier(pool, fw, device, seconds, seed, log, extra_images=None):
         loss.backward()
         opt.step()
         step += 1
-    log.setdefault("classifier", {})["steps"] = log.get("classifier", {}).get("steps", 0) + step
+    log.setdefault("classifier", {}).setdefault("steps", []).append(step)
     log["classifier"]["loss"] = float(loss.detach())
     return clf.eval()
 
@@ -189,15 +195,15 @@ def classifier_accuracy(clf, images, factors):
     return [float((l.argmax(1) == factors[:, k]).float().mean()) for k, l in enumerate(logits)]
 
 
-def train_vae(pool, device, seconds, seed, log):
+def train_vae(pool, device, steps, seconds, seed, log):
     import torch
     torch.manual_seed(seed)
     vae = build_vae().to(device)
     init_weights(vae, seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    t0, step = time.time(), 0
-    while time.time() - t0 < seconds:
+    t0, step, max_steps = time.time(), 0, steps
+    while step < max_steps and time.time() - t0 < seconds:
         _, x = pool.batch(64, g)
         x = to_model_pixels(x)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -269,7 +275,7 @@ def encode_pool(pool, vae):
     pool.latents = torch.cat(parts)
 
 
-def train_diffusion(pool, vae, device, seconds, seed, log, batch=512, lr_max=4e-4):
+def train_diffusion(pool, vae, device, steps, seconds, seed, log, batch=512, lr_max=4e-4):
     import torch
     import torch.nn.functional as F
     torch.manual_seed(seed)
@@ -284,8 +290,8 @@ def train_diffusion(pool, vae, device, seconds, seed, log, batch=512, lr_max=4e-
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-2)
     alpha_bar = diffusion_schedule(device)
     g = torch.Generator().manual_seed(seed)
-    t0, step = time.time(), 0
-    while time.time() - t0 < seconds:
+    t0, step, max_steps = time.time(), 0, steps
+    while step < max_steps and time.time() - t0 < seconds:
         idx = torch.randint(0, pool.n, (batch,), generator=g).to(device)
         tokens = pool.tokens[idx].long()
         drop = torch.rand(len(idx), device=device) < 0.1
@@ -309,11 +315,11 @@ def train_diffusion(pool, vae, device, seconds, seed, log, batch=512, lr_max=4e-
         opt.step()
         step += 1
     log["diffusion"] = {"steps": step, "loss_last": float(loss.detach()), "batch": batch, "lr": lr_max,
-                        "seconds": seconds}
+                        "seconds": time.time() - t0, "capped": step < max_steps}
     return unet.eval(), te.eval()
 
 
-def train_clip_loss_model(pool, device, seconds, seed, log):
+def train_clip_loss_model(pool, device, steps, seconds, seed, log):
     """A small open_clip model (image + text towers), contrastive on the captions."""
     import torch
     import torch.nn.functional as F
@@ -330,8 +336,8 @@ def train_clip_loss_model(pool, device, seconds, seed, log):
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=device).view(1, 3, 1, 1)
     g = torch.Generator().manual_seed(seed)
-    t0, step = time.time(), 0
-    while time.time() - t0 < seconds:
+    t0, step, max_steps = time.time(), 0, steps
+    while step < max_steps and time.time() - t0 < seconds:
         idx, x = pool.batch(512, g)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             img, txt, scale = model((x - mean) / std, texts[idx])
@@ -400,7 +406,9 @@ def save(path, tensors, metadata):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--minutes", type=float, default=8.0, help="total training time budget")
+    parser.add_argument("--minutes", type=float, default=30.0,
+                        help="safety cap on the total training time (a capped phase is marked in the log)")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="scale every phase's step count (e.g. 0.001 for a smoke run)")
     parser.add_argument("--pool", type=int, default=120_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", help="folder with toy_world_vae / _factor_classifier safetensors to keep (skips those phases)")
@@ -429,12 +437,17 @@ def main():
     pool = Pool(fw, tokenize, args.pool, device, args.seed)
     log["pool"] = {"images": args.pool, "seconds": time.time() - t_start}
 
+    steps = {name: max(1, round(n * args.steps_scale)) for name, n in PHASE_STEPS.items()}
+    log["phase_steps_asked"] = steps
+
+    def cap():  # seconds left under the safety cap
+        return max(budget - (time.time() - t_start), 0.0)
+
     if args.reuse:
         vae, clf = load_reused(args.reuse, fw, device, log)
-        diffusion_share = 0.93
     else:
-        clf = train_classifier(pool, fw, device, 0.06 * budget, args.seed, log)
-        vae = train_vae(pool, device, 0.17 * budget, args.seed, log)
+        clf = train_classifier(pool, fw, device, steps["classifier"], cap(), args.seed, log)
+        vae = train_vae(pool, device, steps["vae"], cap(), args.seed, log)
         rescale_latents(vae, pool, device, log)
         with torch.no_grad():  # let the judges see decoded images too
             parts = []
@@ -442,15 +455,15 @@ def main():
                 x = to_model_pixels(pool.images[i:i + 2048].float() / 255)
                 parts.append(from_model_pixels(vae.decoder(vae.post_quant_conv(encode_mean(vae, x)))).float())
             recon = torch.cat(parts)
-        clf = train_classifier(pool, fw, device, 0.06 * budget, args.seed + 1, log, extra_images=recon)
+        clf = train_classifier(pool, fw, device, steps["classifier_on_reconstructions"], cap(), args.seed + 1, log,
+                               extra_images=recon)
         idx = torch.arange(min(4096, pool.n), device=device)
         log["classifier"]["accuracy_clean"] = dict(zip(fw.FACTOR_NAMES, classifier_accuracy(clf, pool.images[idx].float() / 255, pool.factors[idx])))
         log["classifier"]["accuracy_vae_recon"] = dict(zip(fw.FACTOR_NAMES, classifier_accuracy(clf, recon[idx], pool.factors[idx])))
         del recon
-        diffusion_share = 0.55
     encode_pool(pool, vae)
-    unet, te = train_diffusion(pool, vae, device, diffusion_share * budget, args.seed, log)
-    clip_model = None if args.skip_clip else train_clip_loss_model(pool, device, 0.10 * budget, args.seed, log)
+    unet, te = train_diffusion(pool, vae, device, steps["diffusion"], cap(), args.seed, log)
+    clip_model = None if args.skip_clip else train_clip_loss_model(pool, device, steps["clip_loss_model"], cap(), args.seed, log)
 
     acc, images, captions = text_control_accuracy(fw, unet, te, vae, clf, tokenize, device, n=args.eval_samples)
     log["text_control_accuracy"] = acc
