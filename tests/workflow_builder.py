@@ -111,6 +111,37 @@ class Workflow:
         }
 
 
+def invert_and_reconstruct(w, loader, pos, neg, image, encoded, refine_iterations, prefix, save_size):
+    """DDIM Inversion → stock KSamplerAdvanced → decode → the image next to its reconstruction."""
+    inv = w.add("DisentangleDDIMInversion", (740, 40), node_size=(330, 240), model=(loader, 0), positive=(pos, 0),
+                latent=(encoded, 0), steps=50, cfg=1.0, scheduler="ddim_uniform", refine_iterations=refine_iterations)
+    sampler = w.add("KSamplerAdvanced", (1110, 40), node_size=(320, 340), model=(loader, 0), positive=(pos, 0),
+                    negative=(neg, 0), latent_image=(inv, 0), add_noise="disable", noise_seed=0, steps=50,
+                    cfg=1.0, sampler_name="ddim", scheduler="ddim_uniform", start_at_step=0,
+                    end_at_step=10000, return_with_leftover_noise="disable")
+    dec = w.add("VAEDecode", (1470, 40), samples=(sampler, 0), vae=(loader, 2))
+    both = w.add("ImageBatch", (1470, 160), image1=(image, 0), image2=(dec, 0))
+    w.add("SaveImage", (1720, 40), node_size=save_size, images=(both, 0), filename_prefix=prefix)
+    return inv
+
+
+def mix_and_compare(w, loader, neutral, styled, neg, size, batch, seed, cfg, prefix, save_size):
+    """Switch-at-20-of-50 λ mixing and the neutral prompt alone, same seeds, saved side by side."""
+    sched = w.add("DisentangleLambdaSwitch", (20, 520), steps=50, switch_step=20, value_before=0.0, value_after=1.0)
+    mix = w.add("DisentangleMixConditioning", (740, 20), neutral=(neutral, 0), styled=(styled, 0), schedule=(sched, 0))
+    latent = w.add("EmptyLatentImage", (740, 200), width=size, height=size, batch_size=batch)
+    sampling = dict(latent_image=(latent, 0), seed=seed, steps=50, cfg=cfg, sampler_name="ddim",
+                    scheduler="ddim_uniform", denoise=1.0, negative=(neg, 0), model=(loader, 0))
+    edit = w.add("KSampler", (1100, 20), title="Edited (λ-mixed)", node_size=(320, 270), positive=(mix, 0), **sampling)
+    plain = w.add("KSampler", (1100, 330), title="Neutral (same seed)", node_size=(320, 270), positive=(neutral, 0),
+                  **sampling)
+    dec_edit = w.add("VAEDecode", (1460, 20), samples=(edit, 0), vae=(loader, 2))
+    dec_plain = w.add("VAEDecode", (1460, 330), samples=(plain, 0), vae=(loader, 2))
+    both = w.add("ImageBatch", (1460, 160), image1=(dec_plain, 0), image2=(dec_edit, 0))
+    w.add("SaveImage", (1700, 20), node_size=save_size, images=(both, 0), filename_prefix=prefix)
+    return sched
+
+
 def ddim_inversion_reconstruct(node_classes) -> dict:
     w = Workflow(node_classes)
     ckpt = w.add("CheckpointLoaderSimple", (20, 200), ckpt_name="v1-5-pruned-emaonly.safetensors")
@@ -118,15 +149,8 @@ def ddim_inversion_reconstruct(node_classes) -> dict:
     neg = w.add("CLIPTextEncode", (380, 240), title="Negative prompt", clip=(ckpt, 1), text="")
     image = w.add("LoadImage", (20, 420), node_size=(320, 320), image="example.png")
     enc = w.add("VAEEncode", (380, 440), pixels=(image, 0), vae=(ckpt, 2))
-    inv = w.add("DisentangleDDIMInversion", (740, 40), node_size=(330, 240), model=(ckpt, 0), positive=(pos, 0),
-                latent=(enc, 0), steps=50, cfg=1.0, scheduler="ddim_uniform", refine_iterations=0)
-    sampler = w.add("KSamplerAdvanced", (1110, 40), node_size=(320, 340), model=(ckpt, 0), positive=(pos, 0),
-                    negative=(neg, 0), latent_image=(inv, 0), add_noise="disable", noise_seed=0, steps=50,
-                    cfg=1.0, sampler_name="ddim", scheduler="ddim_uniform", start_at_step=0,
-                    end_at_step=10000, return_with_leftover_noise="disable")
-    dec = w.add("VAEDecode", (1470, 40), samples=(sampler, 0), vae=(ckpt, 2))
-    both = w.add("ImageBatch", (1470, 160), image1=(image, 0), image2=(dec, 0))
-    w.add("SaveImage", (1720, 40), node_size=(400, 420), images=(both, 0), filename_prefix="disentangle/ddim_reconstruct")
+    inv = invert_and_reconstruct(w, ckpt, pos, neg, image, enc, refine_iterations=0,
+                                 prefix="disentangle/ddim_reconstruct", save_size=(400, 420))
     mid = w.add("DisentangleTrajectoryLatent", (740, 340), trajectory=(inv, 1), step=25, expected_steps=50)
     mid_dec = w.add("VAEDecode", (1110, 440), samples=(mid, 0), vae=(ckpt, 2))
     w.add("PreviewImage", (1470, 420), node_size=(300, 300), images=(mid_dec, 0))
@@ -148,19 +172,8 @@ def lambda_schedule_mix(node_classes) -> dict:
     styled = w.add("CLIPTextEncode", (380, 220), title="Styled prompt (c1)", clip=(ckpt, 1),
                    text="a photo of a house in a field, snowy winter")
     neg = w.add("CLIPTextEncode", (380, 420), title="Negative prompt", clip=(ckpt, 1), text="")
-    sched = w.add("DisentangleLambdaSwitch", (20, 520), steps=50, switch_step=20, value_before=0.0, value_after=1.0)
-    mix = w.add("DisentangleMixConditioning", (740, 20), neutral=(neutral, 0), styled=(styled, 0), schedule=(sched, 0))
-    latent = w.add("EmptyLatentImage", (740, 200), width=512, height=512, batch_size=1)
-    edit = w.add("KSampler", (1100, 20), title="Edited (λ-mixed)", node_size=(320, 270), model=(ckpt, 0),
-                 positive=(mix, 0), negative=(neg, 0), latent_image=(latent, 0), seed=42, steps=50, cfg=7.5,
-                 sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
-    plain = w.add("KSampler", (1100, 330), title="Neutral (same seed)", node_size=(320, 270), model=(ckpt, 0),
-                  positive=(neutral, 0), negative=(neg, 0), latent_image=(latent, 0), seed=42, steps=50, cfg=7.5,
-                  sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
-    dec_edit = w.add("VAEDecode", (1460, 20), samples=(edit, 0), vae=(ckpt, 2))
-    dec_plain = w.add("VAEDecode", (1460, 330), samples=(plain, 0), vae=(ckpt, 2))
-    both = w.add("ImageBatch", (1460, 160), image1=(dec_plain, 0), image2=(dec_edit, 0))
-    w.add("SaveImage", (1700, 20), node_size=(400, 420), images=(both, 0), filename_prefix="disentangle/lambda_mix")
+    sched = mix_and_compare(w, ckpt, neutral, styled, neg, size=512, batch=1, seed=42, cfg=7.5,
+                            prefix="disentangle/lambda_mix", save_size=(400, 420))
     plot = w.add("DisentangleLambdaPlot", (380, 620), schedule=(sched, 0), steps=50, scheduler="ddim_uniform",
                  width=512, height=256, model=(ckpt, 0))
     w.add("PreviewImage", (740, 620), node_size=(400, 260), images=(plot, 0))
@@ -185,15 +198,8 @@ def toy_world_inversion(node_classes) -> dict:
     pos = w.add("CLIPTextEncode", (380, 40), title="Prompt (the scene's caption)", clip=(toy, 1), text=TOY_NEUTRAL + ", facing front")
     neg = w.add("CLIPTextEncode", (380, 240), title="Negative prompt", clip=(toy, 1), text="")
     enc = w.add("VAEEncode", (380, 440), pixels=(scene, 0), vae=(toy, 2))
-    inv = w.add("DisentangleDDIMInversion", (740, 40), node_size=(330, 240), model=(toy, 0), positive=(pos, 0),
-                latent=(enc, 0), steps=50, cfg=1.0, scheduler="ddim_uniform", refine_iterations=2)
-    sampler = w.add("KSamplerAdvanced", (1110, 40), node_size=(320, 340), model=(toy, 0), positive=(pos, 0),
-                    negative=(neg, 0), latent_image=(inv, 0), add_noise="disable", noise_seed=0, steps=50,
-                    cfg=1.0, sampler_name="ddim", scheduler="ddim_uniform", start_at_step=0,
-                    end_at_step=10000, return_with_leftover_noise="disable")
-    dec = w.add("VAEDecode", (1470, 40), samples=(sampler, 0), vae=(toy, 2))
-    both = w.add("ImageBatch", (1470, 160), image1=(scene, 0), image2=(dec, 0))
-    w.add("SaveImage", (1720, 40), node_size=(400, 300), images=(both, 0), filename_prefix="disentangle/toy_inversion")
+    invert_and_reconstruct(w, toy, pos, neg, scene, enc, refine_iterations=2,
+                           prefix="disentangle/toy_inversion", save_size=(400, 300))
     w.note("Runs offline with the pack's toy world: a rendered scene with known factors is inverted and "
            "reconstructed by stock KSamplerAdvanced (left: the scene, right: the reconstruction).", (20, 720))
     return w.to_dict("toy_world_inversion")
@@ -205,19 +211,8 @@ def toy_world_lambda_mix(node_classes) -> dict:
     neutral = w.add("CLIPTextEncode", (380, 20), title="Neutral prompt (c0)", clip=(toy, 1), text=TOY_NEUTRAL)
     styled = w.add("CLIPTextEncode", (380, 220), title="Styled prompt (c1)", clip=(toy, 1), text=TOY_STYLED)
     neg = w.add("CLIPTextEncode", (380, 420), title="Negative prompt", clip=(toy, 1), text="")
-    sched = w.add("DisentangleLambdaSwitch", (20, 520), steps=50, switch_step=20, value_before=0.0, value_after=1.0)
-    mix = w.add("DisentangleMixConditioning", (740, 20), neutral=(neutral, 0), styled=(styled, 0), schedule=(sched, 0))
-    latent = w.add("EmptyLatentImage", (740, 200), width=128, height=128, batch_size=4)
-    edit = w.add("KSampler", (1100, 20), title="Edited (λ-mixed)", node_size=(320, 270), model=(toy, 0),
-                 positive=(mix, 0), negative=(neg, 0), latent_image=(latent, 0), seed=7, steps=50, cfg=5.0,
-                 sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
-    plain = w.add("KSampler", (1100, 330), title="Neutral (same seed)", node_size=(320, 270), model=(toy, 0),
-                  positive=(neutral, 0), negative=(neg, 0), latent_image=(latent, 0), seed=7, steps=50, cfg=5.0,
-                  sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
-    dec_edit = w.add("VAEDecode", (1460, 20), samples=(edit, 0), vae=(toy, 2))
-    dec_plain = w.add("VAEDecode", (1460, 330), samples=(plain, 0), vae=(toy, 2))
-    both = w.add("ImageBatch", (1460, 160), image1=(dec_plain, 0), image2=(dec_edit, 0))
-    w.add("SaveImage", (1700, 20), node_size=(400, 300), images=(both, 0), filename_prefix="disentangle/toy_lambda_mix")
+    mix_and_compare(w, toy, neutral, styled, neg, size=128, batch=4, seed=7, cfg=5.0,
+                    prefix="disentangle/toy_lambda_mix", save_size=(400, 300))
     w.note("Offline λ mixing on the toy world: the same four seeds with the neutral prompt (first four) and "
            "with neutral → styled after 20 of 50 steps (last four): the cube turns yellow, the scene stays.",
            (20, 700))
