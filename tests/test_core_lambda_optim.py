@@ -1,0 +1,135 @@
+"""CPU tests of core/lambda_optim.py on a tiny context-conditioned denoiser (float64)."""
+import pytest
+import torch
+
+from comfyui_disentangle.core import ddim, lambda_optim as lo
+from comfyui_disentangle.tests.core_helpers import SIGMAS
+
+
+class TinyContextDenoiser(torch.nn.Module):
+    """D(x, σ, c) = x − σ·ε with ε from a conv net whose features are shifted by a projection of the
+    mean context token: smooth, nonlinear in x and in the context."""
+
+    def __init__(self, channels=4, ctx_dim=8, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv1 = torch.nn.Conv2d(channels, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, channels, 3, padding=1)
+        self.ctx = torch.nn.Linear(ctx_dim, 8)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.2
+        self.double()
+
+    def forward(self, x, sigma, context):
+        s = sigma.view(-1, 1, 1, 1)
+        h = torch.tanh(self.conv1(x / (1 + s**2).sqrt()) + self.ctx(context.mean(1))[:, :, None, None])
+        return x - s * (0.5 * self.conv2(h))
+
+
+def setup(steps=5, seed=0):  # 5 divides 1000: ddim_uniform gives exactly 5 steps
+    g = torch.Generator().manual_seed(seed)
+    net = TinyContextDenoiser()
+    c0 = torch.randn(1, 5, 8, generator=g, dtype=torch.float64)
+    c1 = torch.randn(1, 7, 8, generator=g, dtype=torch.float64)  # another token length
+    uncond = torch.randn(1, 5, 8, generator=g, dtype=torch.float64)
+    sigmas = ddim.ddim_uniform_sigmas(SIGMAS, steps).tolist()
+    x_T = torch.randn(1, 4, 6, 6, generator=g, dtype=torch.float64) * sigmas[0]
+    return net, c0, c1, uncond, sigmas, x_T
+
+
+@pytest.mark.parametrize("use_checkpoint", [False, True])
+def test_gradient_matches_finite_differences(use_checkpoint):
+    net, c0, c1, uncond, sigmas, x_T = setup()
+    target = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+    def loss_of(lam):
+        x0 = lo.sample_mixed(net, x_T, sigmas, c0, c1, lam, uncond, cfg=3.0, use_checkpoint=use_checkpoint)
+        return ((x0 - target) ** 2).mean()
+
+    lam = torch.tensor([0.0, 0.3, 0.6, 1.0, 1.1], dtype=torch.float64, requires_grad=True)
+    loss_of(lam).backward()
+    eps = 1e-6
+    fd = []
+    with torch.no_grad():
+        for i in range(lam.numel()):
+            e = torch.zeros_like(lam)
+            e[i] = eps
+            fd.append((loss_of(lam + e) - loss_of(lam - e)) / (2 * eps))
+    assert torch.allclose(lam.grad, torch.stack(fd), rtol=1e-5, atol=1e-9), (lam.grad, torch.stack(fd))
+
+
+def test_checkpointed_and_plain_paths_agree():
+    net, c0, c1, uncond, sigmas, x_T = setup()
+    grads = []
+    for use_checkpoint in (False, True):
+        lam = torch.linspace(0, 1, 5, dtype=torch.float64).requires_grad_(True)
+        x0 = lo.sample_mixed(net, x_T, sigmas, c0, c1, lam, uncond, cfg=2.0, use_checkpoint=use_checkpoint)
+        x0.square().sum().backward()
+        grads.append((x0.detach(), lam.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-12, atol=0)
+
+
+def test_lambda_zero_and_one_are_the_plain_prompts():
+    net, c0, c1, uncond, sigmas, x_T = setup()
+    c0_long = torch.nn.functional.pad(c0, (0, 0, 0, 2))  # ConditioningAverage: c0 zero-padded to c1's length
+    with torch.no_grad():
+        neutral = ddim.sample_ddim(lambda x, s: lo.guided_denoise(net, x, s, c0_long, uncond, 2.0), x_T, sigmas)
+        styled = ddim.sample_ddim(lambda x, s: lo.guided_denoise(net, x, s, c1, uncond, 2.0), x_T, sigmas)
+        zeros = lo.sample_mixed(net, x_T, sigmas, c0, c1, torch.zeros(5, dtype=torch.float64), uncond, 2.0)
+        ones = lo.sample_mixed(net, x_T, sigmas, c0, c1, torch.ones(5, dtype=torch.float64), uncond, 2.0)
+    assert torch.allclose(zeros, neutral, atol=1e-12) and torch.allclose(ones, styled, atol=1e-12)
+
+
+def test_corrections_make_the_neutral_path_pass_through_the_trajectory():
+    net, c0, _, uncond, sigmas, _ = setup()
+    g = torch.Generator().manual_seed(4)
+    image = torch.randn(1, 4, 6, 6, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        inv = ddim.invert_ddim(lambda x, s: lo.guided_denoise(net, x, s, c0, uncond, 3.0), image,
+                               list(reversed(sigmas)))  # plain inversion: not exact at cfg 3
+        corrections = lo.trajectory_corrections(net, inv.trajectory, sigmas, c0, uncond, 3.0)
+        seen = []
+        x0 = lo.sample_mixed(net, inv.latent, sigmas, c0, c0, torch.zeros(5, dtype=torch.float64), uncond, 3.0,
+                             corrections=corrections, callback=lambda i, x: seen.append(x))
+        uncorrected = lo.sample_mixed(net, inv.latent, sigmas, c0, c0, torch.zeros(5, dtype=torch.float64), uncond, 3.0)
+    assert torch.allclose(x0, image, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(seen, inv.trajectory[1:]))
+    assert not torch.allclose(uncorrected, image, atol=1e-6)
+
+    free = lo.trajectory_corrections(net, inv.trajectory, sigmas, c0, uncond, 3.0, rediffusion_steps=2)
+    assert free[-2:] == [None, None] and all(c is not None for c in free[:-2])
+    with pytest.raises(ValueError, match="rediffusion_steps"):
+        lo.trajectory_corrections(net, inv.trajectory, sigmas, c0, uncond, 3.0, rediffusion_steps=6)
+    with pytest.raises(ValueError, match="trajectory has 5 latents"):
+        lo.trajectory_corrections(net, inv.trajectory[:-1], sigmas, c0, uncond, 3.0)
+
+
+def test_directional_loss():
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]])
+    assert float(lo.directional_loss(a, b, torch.tensor([[2.0, 0.0]]))) == pytest.approx(0.0)
+    assert float(lo.directional_loss(a, b, torch.tensor([[-1.0, 0.0]]))) == pytest.approx(2.0)
+    assert float(lo.directional_loss(a, b, torch.tensor([[0.0, 3.0]]))) == pytest.approx(1.0)
+
+
+def test_optimisation_lowers_the_loss_and_returns_the_best_lambda():
+    net, c0, c1, uncond, sigmas, x_T = setup()
+    with torch.no_grad():
+        target = lo.sample_mixed(net, x_T, sigmas, c0, c1, torch.full((5,), 0.8, dtype=torch.float64), uncond, 2.0)
+
+    def loss_of(lam):
+        return ((lo.sample_mixed(net, x_T, sigmas, c0, c1, lam, uncond, 2.0) - target) ** 2).mean()
+
+    best, history = lo.optimize_lambdas(loss_of, lo.paper_init(5, 2).double(), iterations=8, lr=0.1)
+    assert history[-1] < history[0] / 2
+    with torch.no_grad():
+        assert float(loss_of(best)) == pytest.approx(min(history))
+    with pytest.raises(ValueError, match="iterations must be at least 1"):
+        lo.optimize_lambdas(loss_of, best, iterations=0)
+
+
+def test_paper_init_and_length_check():
+    assert lo.paper_init(5, 2, 1.1).tolist() == pytest.approx([0, 0, 1.1, 1.1, 1.1])
+    net, c0, c1, uncond, sigmas, x_T = setup()
+    with pytest.raises(ValueError, match="one value per step"):
+        lo.sample_mixed(net, x_T, sigmas, c0, c1, torch.zeros(3, dtype=torch.float64))
