@@ -201,17 +201,20 @@ class LambdaSchedulePlot:
         return (torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None],)
 
 
+def step_progress_for_model(model, sigmas) -> list[float]:
+    """Progress p ∈ [0, 1] of each σ on the model's own axis: p = 1 − t(σ)/(T−1) for discrete models."""
+    sampling = model.get_model_object("model_sampling")
+    if hasattr(sampling, "sigmas"):
+        last = len(sampling.sigmas) - 1
+        return [1.0 - float(sampling.timestep(torch.as_tensor(s))) / last for s in sigmas]
+    return [k / max(len(sigmas) - 1, 1) for k in range(len(sigmas))]
+
+
 def resample_for_model(schedule: ls.LambdaSchedule, model, scheduler: str, steps: int):
     """(λ at each step, progress of each step) for this model's σ schedule and scheduler."""
     sampling = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(sampling, scheduler, steps)[:-1]
-    values = schedule.values_for_sigmas(sigmas.tolist(), sampling.percent_to_sigma)
-    if hasattr(sampling, "sigmas"):  # discrete timesteps: p = 1 − t/(T−1)
-        last = len(sampling.sigmas) - 1
-        progress = [1.0 - float(sampling.timestep(s)) / last for s in sigmas]
-    else:
-        progress = [k / max(len(values) - 1, 1) for k in range(len(values))]
-    return values, progress
+    sigmas = comfy.samplers.calculate_sigmas(sampling, scheduler, steps)[:-1].tolist()
+    return schedule.values_for_sigmas(sigmas, sampling.percent_to_sigma), step_progress_for_model(model, sigmas)
 
 
 def _with_range(meta: dict, start: float, end: float) -> dict | None:

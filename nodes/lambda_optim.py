@@ -1,0 +1,185 @@
+"""Optimize λ Schedule: learn the per-step mixing weights of a neutral and a styled prompt
+(Wu et al. 2023, Sec. 3.3) on a ComfyUI MODEL / VAE / CLIP, with core.lambda_optim doing the maths.
+
+ComfyUI runs nodes under inference mode and loads weights as inference tensors, which autograd
+cannot save. The node therefore optimises against differentiable copies of the UNet and the VAE
+decoder (made outside inference mode once the model is loaded, patches included); the MODEL
+itself is never patched, so Cancel leaves nothing behind.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import torch
+import torch.nn.functional as F
+
+from ..core import lambda_optim as lo
+from ..core.lambda_schedule import LambdaSchedule
+from .common import CATEGORY, LAMBDA_SCHEDULE, InputError, check_steps, check_vp_model, latent_channels
+from .schedules import step_progress_for_model
+from .toy_world import ClipLossModel
+
+
+def differentiable_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy whose weights are ordinary tensors (autograd can save them for backward)."""
+    with torch.inference_mode(False):
+        clone = copy.deepcopy(module)
+    clone.requires_grad_(False)
+    return clone.eval()
+
+
+def encode_text(clip, text: str, name: str) -> torch.Tensor:
+    if not text.strip() and name != "negative":
+        raise InputError(f"{name}: the text is empty")
+    tokens = clip.tokenize(text)
+    return clip.encode_from_tokens(tokens)
+
+
+def unet_denoiser(model, unet):
+    """D(x, σ, context) = x̂0, the computation of BaseModel.apply_model for a cross-attention model."""
+    sampling = model.get_model_object("model_sampling")
+    dtype = model.model.get_dtype()
+
+    def denoise(x, sigma, context):
+        xc = sampling.calculate_input(sigma, x)
+        t = sampling.timestep(sigma).float()
+        eps = unet(xc.to(dtype), t, context=context.to(dtype)).float()
+        return sampling.calculate_denoised(sigma, eps, x)
+
+    return denoise
+
+
+def initial_noise(model, latent: torch.Tensor, seed: int, sigma0: float) -> torch.Tensor:
+    """x_T exactly as KSampler makes it: prepare_noise(seed), then the model's noise scaling."""
+    sampling = model.get_model_object("model_sampling")
+    noise = comfy.sample.prepare_noise(latent, seed)
+    start = model.model.process_latent_in(latent)
+    max_denoise = math.isclose(float(sampling.sigma_max), sigma0, rel_tol=1e-5) or sigma0 > float(sampling.sigma_max)
+    return sampling.noise_scaling(torch.tensor(sigma0), noise, start, max_denoise)
+
+
+class OptimizeLambdaSchedule:
+    DESCRIPTION = (
+        "Learns λ_t, the per-step weight of the styled prompt in c_t = λ_t·styled + (1−λ_t)·neutral, so that "
+        "the image changes only in the named attribute (Wu et al. 2023): directional CLIP loss between the "
+        "neutral and the edited image plus β × a perceptual term, Adam over the ~50 weights, gradients "
+        "through every sampler step (checkpointed) and the VAE decoder."
+    )
+    CATEGORY = f"{CATEGORY}/lambda"
+    RETURN_TYPES = (LAMBDA_SCHEDULE, "LATENT", "LATENT")
+    RETURN_NAMES = ("schedule", "edited_latent", "neutral_latent")
+    OUTPUT_NODE = True
+    FUNCTION = "optimize"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {}),
+                "vae": ("VAE", {}),
+                "clip": ("CLIP", {}),
+                "clip_loss_model": ("CLIP_LOSS_MODEL", {"tooltip": "Image/text model of the directional CLIP loss."}),
+                "neutral_text": ("STRING", {"multiline": True, "default": "a photo of a person"}),
+                "styled_text": ("STRING", {"multiline": True, "default": "a photo of a smiling person"}),
+                "negative_text": ("STRING", {"multiline": True, "default": ""}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "steps": ("INT", {"default": 50, "min": 2, "max": 1000}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1}),
+                "iterations": ("INT", {"default": 10, "min": 1, "max": 500}),
+                "learning_rate": ("FLOAT", {"default": 0.05, "min": 0.0001, "max": 1.0, "step": 0.001}),
+                "beta": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 10.0, "step": 0.005,
+                                   "tooltip": "Weight of the perceptual term (paper: 0.05 people, 0.03 scenes)."}),
+                "neutral_steps": ("INT", {"default": 20, "min": 0, "max": 1000,
+                                          "tooltip": "Initial schedule: λ = 0 for this many steps (t*), styled_weight after."}),
+                "styled_weight": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
+                "width": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8}),
+                "height": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8}),
+            }
+        }
+
+    def optimize(self, model, vae, clip, clip_loss_model, neutral_text, styled_text, negative_text, seed, steps, cfg,
+                 iterations, learning_rate, beta, neutral_steps, styled_weight, width, height):
+        check_steps(steps)
+        if iterations < 1:
+            raise InputError(f"iterations must be at least 1, got {iterations}")
+        check_vp_model(model, "λ optimisation")
+        if isinstance(model.model, comfy.model_base.SDXL) or getattr(model.model, "adm_channels", 0):
+            raise InputError("model: λ optimisation supports SD1.x/SD2.x-type models so far (this one needs pooled/ADM inputs)")
+        if not isinstance(clip_loss_model, ClipLossModel):
+            raise InputError("clip_loss_model: not a CLIP_LOSS_MODEL (use a CLIP loss loader node)")
+        channels = latent_channels(model)
+        vae_channels = getattr(vae, "latent_channels", channels)
+        if vae_channels != channels:
+            raise InputError(f"vae: it makes {vae_channels}-channel latents but the model expects {channels}")
+
+        c0, c1 = encode_text(clip, neutral_text, "neutral_text"), encode_text(clip, styled_text, "styled_text")
+        uncond = encode_text(clip, negative_text, "negative")
+        sampling = model.get_model_object("model_sampling")
+        sigmas = comfy.samplers.calculate_sigmas(sampling, "ddim_uniform", steps).tolist()
+        n = len(sigmas) - 1
+        if not 0 <= neutral_steps <= n:
+            raise InputError(f"neutral_steps must lie in [0, {n}], got {neutral_steps}")
+
+        mm.load_models_gpu([model])
+        device = mm.get_torch_device()
+        unet = differentiable_copy(model.model.diffusion_model)
+        decoder = differentiable_copy(vae.first_stage_model).to(vae.device)
+        loss_model = differentiable_copy(clip_loss_model.model).to(device)
+        scorer = ClipLossModel(loss_model, clip_loss_model.tokenizer, clip_loss_model.image_size,
+                               clip_loss_model.mean, clip_loss_model.std)
+        denoise = unet_denoiser(model, unet)
+        downscale = 8 if isinstance(vae.downscale_ratio, tuple) else int(vae.downscale_ratio)
+        empty = torch.zeros(1, channels, height // downscale, width // downscale)
+
+        bar = comfy.utils.ProgressBar(iterations + 1)
+        history = []
+        with torch.inference_mode(False), torch.enable_grad():
+            c0, c1, uncond = (t.clone().to(device) for t in (c0, c1, uncond))
+            x_T = initial_noise(model, empty, seed, sigmas[0]).clone().to(device)
+
+            def sample(lam, grad=True):
+                with torch.set_grad_enabled(grad):
+                    return lo.sample_mixed(denoise, x_T, sigmas, c0, c1, lam.to(device), uncond, cfg,
+                                           use_checkpoint=True)
+
+            def decode(x0):
+                z = model.model.process_latent_out(x0).to(vae.vae_dtype).to(vae.device)
+                return ((decoder.decode(z).float() + 1) / 2).clamp(0, 1).movedim(1, -1).to(device)
+
+            with torch.no_grad():
+                neutral_x0 = sample(torch.zeros(n), grad=False)
+                neutral_emb = scorer.encode_images(decode(neutral_x0))
+                text_direction = scorer.encode_texts([styled_text]).to(device) - scorer.encode_texts([neutral_text]).to(device)
+            bar.update_absolute(1, iterations + 1)
+
+            def loss_of(lam):
+                emb = scorer.encode_images(decode(sample(lam)))
+                perceptual = (1 - F.cosine_similarity(emb, neutral_emb, dim=-1)).mean()
+                return lo.directional_loss(emb, neutral_emb, text_direction) + beta * perceptual
+
+            def on_iteration(i, loss, lam):
+                history.append(loss)
+                mm.throw_exception_if_processing_interrupted()
+                bar.update_absolute(i + 2, iterations + 1)
+
+            init = lo.paper_init(n, neutral_steps, styled_weight)
+            best, _ = lo.optimize_lambdas(loss_of, init, iterations, learning_rate, on_iteration)
+            with torch.no_grad():
+                edited_x0 = sample(best, grad=False)
+
+        schedule = LambdaSchedule(tuple(step_progress_for_model(model, sigmas[:-1])), tuple(best.tolist()))
+        out = mm.intermediate_device()
+        edited = {"samples": model.model.process_latent_out(edited_x0.detach()).to(out)}
+        neutral = {"samples": model.model.process_latent_out(neutral_x0.detach()).to(out)}
+        summary = "loss per iteration: " + ", ".join(f"{v:.4f}" for v in history)
+        return {"ui": {"text": [summary]}, "result": (schedule, edited, neutral)}
+
+
+NODE_CLASS_MAPPINGS = {"DisentangleOptimizeLambda": OptimizeLambdaSchedule}
+NODE_DISPLAY_NAME_MAPPINGS = {"DisentangleOptimizeLambda": "Optimize λ Schedule"}

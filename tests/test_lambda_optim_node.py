@@ -1,0 +1,114 @@
+"""Optimize λ Schedule inside real ComfyUI on the shipped toy world (CPU). Skipped loudly without
+COMFYUI_PATH."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from comfyui_disentangle.tests import comfy_host
+from comfyui_disentangle.tests.reconstruction import call
+
+NEUTRAL = "a large red cube on a green floor in front of a blue wall"
+STYLED = "a large yellow cube on a green floor in front of a blue wall"
+STEPS, CFG, SEED = 10, 5.0, 3
+
+
+@pytest.fixture(scope="module")
+def toy(host):
+    model, clip, vae = call("DisentangleLoadToyWorld", checkpoint="toy_world")
+    pytest.importorskip("open_clip", reason="open_clip_torch is not installed")
+    loss_model = call("DisentangleLoadToyClipLoss", clip_name="toy_world_clip.safetensors")[0]
+    return model, clip, vae, loss_model
+
+
+def optimize(toy, **overrides):
+    model, clip, vae, loss_model = toy
+    import nodes
+    node = nodes.NODE_CLASS_MAPPINGS["DisentangleOptimizeLambda"]()
+    inputs = dict(model=model, vae=vae, clip=clip, clip_loss_model=loss_model, neutral_text=NEUTRAL, styled_text=STYLED,
+                  negative_text="", seed=SEED, steps=STEPS, cfg=CFG, iterations=4, learning_rate=0.1, beta=0.05,
+                  neutral_steps=4, styled_weight=1.0, width=128, height=128)
+    inputs.update(overrides)
+    with torch.inference_mode():
+        out = node.optimize(**inputs)
+    losses = [float(v) for v in re.findall(r"-?\d+\.\d+", out["ui"]["text"][0])]
+    return out["result"], losses
+
+
+def replay(toy, schedule):
+    """The learned schedule through stock nodes: Mix Conditioning → KSampler (same seed, ddim)."""
+    model, clip, _, _ = toy
+    neutral = call("CLIPTextEncode", clip=clip, text=NEUTRAL)[0]
+    styled = call("CLIPTextEncode", clip=clip, text=STYLED)[0]
+    negative = call("CLIPTextEncode", clip=clip, text="")[0]
+    mixed = call("DisentangleMixConditioning", neutral=neutral, styled=styled, schedule=schedule)[0]
+    latent = call("EmptyLatentImage", width=128, height=128, batch_size=1)[0]
+    return call("KSampler", model=model, seed=SEED, steps=STEPS, cfg=CFG, sampler_name="ddim", scheduler="ddim_uniform",
+                positive=mixed, negative=negative, latent_image=latent, denoise=1.0)[0]["samples"]
+
+
+@pytest.fixture(scope="module")
+def result(toy):
+    return optimize(toy)
+
+
+def test_optimisation_lowers_the_loss(result):
+    (schedule, edited, neutral), losses = result
+    print(f"\nloss per iteration: {losses}")
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert len(schedule) == STEPS
+    assert edited["samples"].shape == neutral["samples"].shape == (1, 4, 16, 16)
+    assert not torch.allclose(edited["samples"], neutral["samples"])
+
+
+def test_learned_schedule_replays_through_stock_nodes(toy, result):
+    """Transfer: the schedule, applied by Mix Conditioning + stock KSampler, gives the node's edit."""
+    (schedule, edited, neutral), _ = result
+    replayed = replay(toy, schedule)
+    scale = float(edited["samples"].abs().max())
+    assert torch.allclose(replayed, edited["samples"], atol=1e-4 * scale, rtol=0), float((replayed - edited["samples"]).abs().max())
+    zeros = comfy_host.pack_module("core.lambda_schedule").LambdaSchedule(schedule.progress, (0.0,) * len(schedule))
+    assert torch.allclose(replay(toy, zeros), neutral["samples"], atol=1e-4 * scale, rtol=0)
+
+
+def test_saved_and_loaded_schedule_reproduces_the_edit_bit_for_bit(toy, result, tmp_path):
+    import folder_paths
+    (schedule, _, _), _ = result
+    folder_paths.add_model_folder_path("lambda_schedules", str(tmp_path), is_default=True)
+    call("DisentangleLambdaSave", schedule=schedule, filename_prefix="learned", format="json")
+    loaded = call("DisentangleLambdaLoad", schedule_name="learned_00001.json")[0]
+    assert loaded == schedule
+    assert torch.equal(replay(toy, loaded), replay(toy, schedule))
+
+
+def test_model_is_left_unpatched_and_cancel_stops(toy):
+    import comfy.model_management as mm
+    model = toy[0]
+    before = (dict(model.patches), sorted(model.model_options.keys()), model.model.diffusion_model.input_blocks[0][0].weight.is_inference())
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            optimize(toy, iterations=3)
+    finally:
+        mm.interrupt_current_processing(False)
+    after = (dict(model.patches), sorted(model.model_options.keys()), model.model.diffusion_model.input_blocks[0][0].weight.is_inference())
+    assert before == after
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"iterations": 0}, "iterations must be at least 1"),
+    ({"neutral_text": "  "}, "neutral_text: the text is empty"),
+    ({"neutral_steps": 11}, r"neutral_steps must lie in \[0, 10\]"),
+    ({"clip_loss_model": object()}, "clip_loss_model: not a CLIP_LOSS_MODEL"),
+])
+def test_bad_input_names_the_input(toy, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        optimize(toy, **overrides)
+
+
+def test_sdxl_models_are_refused_clearly(toy):
+    sdxl_model, sdxl_clip, sdxl_vae = comfy_host.tiny_models("sdxl")
+    with pytest.raises(ValueError, match="supports SD1.x/SD2.x-type models so far"):
+        optimize(toy, model=sdxl_model, clip=sdxl_clip, vae=sdxl_vae)
