@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from ..core import lambda_optim as lo
 from ..core.lambda_schedule import LambdaSchedule
-from .common import CATEGORY, LAMBDA_SCHEDULE, InputError, check_steps, check_vp_model, latent_channels
+from ..core.trajectory import InversionTrajectory
+from .common import (CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError, check_steps, check_vp_model,
+                     latent_channels)
 from .schedules import step_progress_for_model
 from .toy_world import ClipLossModel
 
@@ -100,11 +102,16 @@ class OptimizeLambdaSchedule:
                 "styled_weight": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
                 "width": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8}),
                 "height": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8}),
-            }
+            },
+            "optional": {
+                "trajectory": (INVERSION_TRAJECTORY, {"tooltip": "Edit a real image: the trajectory of DDIM Inversion (neutral prompt, same steps, scheduler ddim_uniform). Seed, width and height are then ignored; use neutral_steps 10 and styled_weight 1.1 as the paper does."}),
+                "rediffusion_steps": ("INT", {"default": 20, "min": 0, "max": 1000, "tooltip": "With a trajectory: the last steps run free (re-diffusion); the others are corrected to pass through the image's trajectory."}),
+            },
         }
 
     def optimize(self, model, vae, clip, clip_loss_model, neutral_text, styled_text, negative_text, seed, steps, cfg,
-                 iterations, learning_rate, beta, neutral_steps, styled_weight, width, height):
+                 iterations, learning_rate, beta, neutral_steps, styled_weight, width, height, trajectory=None,
+                 rediffusion_steps=20):
         check_steps(steps)
         if iterations < 1:
             raise InputError(f"iterations must be at least 1, got {iterations}")
@@ -125,6 +132,19 @@ class OptimizeLambdaSchedule:
         n = len(sigmas) - 1
         if not 0 <= neutral_steps <= n:
             raise InputError(f"neutral_steps must lie in [0, {n}], got {neutral_steps}")
+        if trajectory is not None:
+            if not isinstance(trajectory, InversionTrajectory):
+                raise InputError("trajectory: not an INVERSION_TRAJECTORY")
+            try:
+                trajectory.check_steps(steps, "ddim_uniform")
+            except ValueError as e:
+                raise InputError(f"trajectory: {e}") from e
+            if not torch.allclose(trajectory.sigmas.double(), torch.tensor(sigmas, dtype=torch.float64), rtol=1e-5):
+                raise InputError("trajectory was made with another model's noise schedule: invert with this model")
+            if trajectory.latents.shape[2] != channels:
+                raise InputError(f"trajectory has {trajectory.latents.shape[2]}-channel latents but the model expects {channels}")
+            if not 0 <= rediffusion_steps <= n:
+                raise InputError(f"rediffusion_steps must lie in [0, {n}], got {rediffusion_steps}")
 
         mm.load_models_gpu([model])
         device = mm.get_torch_device()
@@ -141,19 +161,25 @@ class OptimizeLambdaSchedule:
         history = []
         with torch.inference_mode(False), torch.enable_grad():
             c0, c1, uncond = (t.clone().to(device) for t in (c0, c1, uncond))
-            x_T = initial_noise(model, empty, seed, sigmas[0]).clone().to(device)
+            corrections = None
+            if trajectory is None:
+                x_T = initial_noise(model, empty, seed, sigmas[0]).clone().to(device)
+            else:  # a real image: pass through its inversion trajectory, then re-diffuse
+                path = [model.model.process_latent_in(x.clone()).to(device) for x in trajectory.latents]
+                x_T = path[0]
+                corrections = lo.trajectory_corrections(denoise, path, sigmas, c0, uncond, cfg, rediffusion_steps)
 
             def sample(lam, grad=True):
                 with torch.set_grad_enabled(grad):
                     return lo.sample_mixed(denoise, x_T, sigmas, c0, c1, lam.to(device), uncond, cfg,
-                                           use_checkpoint=True)
+                                           corrections=corrections, use_checkpoint=True)
 
             def decode(x0):
                 z = model.model.process_latent_out(x0).to(vae.vae_dtype).to(vae.device)
                 return ((decoder.decode(z).float() + 1) / 2).clamp(0, 1).movedim(1, -1).to(device)
 
             with torch.no_grad():
-                neutral_x0 = sample(torch.zeros(n), grad=False)
+                neutral_x0 = sample(torch.zeros(n), grad=False) if trajectory is None else path[-1]
                 neutral_emb = scorer.encode_images(decode(neutral_x0))
                 text_direction = scorer.encode_texts([styled_text]).to(device) - scorer.encode_texts([neutral_text]).to(device)
             bar.update_absolute(1, iterations + 1)

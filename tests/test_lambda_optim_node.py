@@ -112,3 +112,44 @@ def test_sdxl_models_are_refused_clearly(toy):
     sdxl_model, sdxl_clip, sdxl_vae = comfy_host.tiny_models("sdxl")
     with pytest.raises(ValueError, match="supports SD1.x/SD2.x-type models so far"):
         optimize(toy, model=sdxl_model, clip=sdxl_clip, vae=sdxl_vae)
+
+
+def invert_scene(toy, steps=STEPS):
+    model, clip, vae, _ = toy
+    image, caption = call("DisentangleFactorWorldScene", floor_hue="green", wall_hue="blue", object_hue="red",
+                          scale="large", shape="cube", orientation="facing front", size=128)
+    latent = call("VAEEncode", pixels=image, vae=vae)[0]
+    positive = call("CLIPTextEncode", clip=clip, text=NEUTRAL)[0]
+    _, trajectory = call("DisentangleDDIMInversion", model=model, positive=positive, latent=latent, steps=steps,
+                         cfg=1.0, scheduler="ddim_uniform", refine_iterations=2)
+    return latent, trajectory
+
+
+def test_real_image_path_passes_through_the_image(toy):
+    """Styled = neutral and no re-diffusion: the corrected path must land on the image's latent,
+    although the trajectory came from a cfg-1 inversion and the sampling runs at cfg 5."""
+    latent, trajectory = invert_scene(toy)
+    (_, edited, neutral), _ = optimize(toy, styled_text=NEUTRAL, trajectory=trajectory, rediffusion_steps=0,
+                                       iterations=1, neutral_steps=2, styled_weight=1.1)
+    scale = float(latent["samples"].abs().max())
+    assert torch.allclose(neutral["samples"], latent["samples"], atol=1e-5 * scale)
+    assert torch.allclose(edited["samples"], latent["samples"], atol=1e-4 * scale), float((edited["samples"] - latent["samples"]).abs().max())
+
+
+def test_real_image_edit_runs_with_rediffusion(toy):
+    latent, trajectory = invert_scene(toy)
+    (schedule, edited, neutral), losses = optimize(toy, trajectory=trajectory, rediffusion_steps=3, iterations=3,
+                                                   neutral_steps=2, styled_weight=1.1)
+    print(f"\nreal-image edit, loss per iteration: {losses}")
+    assert losses[-1] < losses[0]
+    scale = float(latent["samples"].abs().max())
+    assert torch.allclose(neutral["samples"], latent["samples"], atol=1e-5 * scale)  # the real image is the neutral one
+    assert not torch.allclose(edited["samples"], latent["samples"], atol=1e-2 * scale)
+
+
+def test_trajectory_with_other_steps_is_rejected(toy):
+    _, trajectory = invert_scene(toy, steps=5)
+    with pytest.raises(ValueError, match="trajectory: trajectory was made with 5 steps but 10"):
+        optimize(toy, trajectory=trajectory)
+    with pytest.raises(ValueError, match=r"rediffusion_steps must lie in \[0, 10\]"):
+        optimize(toy, trajectory=invert_scene(toy)[1], rediffusion_steps=11)
