@@ -80,6 +80,9 @@ def main():
     comfy_host.start_host()
     write_scene_image()
     os.makedirs(args.out, exist_ok=True)
+    import folder_paths  # saved λ schedules go to the output folder, not the user's models folder
+    folder_paths.add_model_folder_path("lambda_schedules", os.path.abspath(os.path.join(args.out, "lambda_schedules")),
+                                       is_default=True)
     entries = []
     for name in WORKFLOWS:
         with open(os.path.join(WORKFLOW_DIR, name), encoding="utf-8") as f:

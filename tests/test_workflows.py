@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("host")
 
 # CPU-sized run: the shipped files use 512² and 50 steps; the test keeps their structure and
 # shrinks sizes and step counts consistently (every step-valued input scales with `steps`).
-SHRINK = {"steps": 10, "expected_steps": 10, "switch_step": 4, "step": 5}
+SHRINK = {"steps": 10, "expected_steps": 10, "switch_step": 4, "step": 5, "iterations": 2, "neutral_steps": 4,
+          "rediffusion_steps": 3}
 
 
 def shrink(prompt: dict, image_name: str) -> dict:

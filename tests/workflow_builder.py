@@ -219,11 +219,58 @@ def toy_world_lambda_mix(node_classes) -> dict:
     return w.to_dict("toy_world_lambda_mix")
 
 
+def toy_world_lambda_optimize(node_classes) -> dict:
+    w = Workflow(node_classes)
+    toy = w.add("DisentangleLoadToyWorld", (20, 200), checkpoint="toy_world")
+    loss = w.add("DisentangleLoadToyClipLoss", (20, 420), clip_name="toy_world_clip.safetensors")
+    opt = w.add("DisentangleOptimizeLambda", (380, 40), node_size=(360, 560), model=(toy, 0), vae=(toy, 2), clip=(toy, 1),
+                clip_loss_model=(loss, 0), neutral_text=TOY_NEUTRAL, styled_text=TOY_STYLED, negative_text="",
+                seed=7, steps=20, cfg=5.0, iterations=10, learning_rate=0.05, beta=0.03, neutral_steps=8,
+                styled_weight=1.0, width=128, height=128)
+    dec_edit = w.add("VAEDecode", (800, 40), samples=(opt, 1), vae=(toy, 2))
+    dec_plain = w.add("VAEDecode", (800, 180), samples=(opt, 2), vae=(toy, 2))
+    both = w.add("ImageBatch", (800, 320), image1=(dec_plain, 0), image2=(dec_edit, 0))
+    w.add("SaveImage", (1060, 40), node_size=(400, 300), images=(both, 0), filename_prefix="disentangle/toy_lambda_optimized")
+    plot = w.add("DisentangleLambdaPlot", (800, 460), schedule=(opt, 0), steps=20, scheduler="ddim_uniform",
+                 width=512, height=256, model=(toy, 0))
+    w.add("PreviewImage", (1060, 400), node_size=(400, 260), images=(plot, 0))
+    w.add("DisentangleLambdaSave", (380, 640), schedule=(opt, 0), filename_prefix="toy_red_to_yellow", format="json")
+    w.note("Learns the 20 λ weights that turn the red cube yellow and keep the scene (directional CLIP loss + "
+           "β × perceptual term, Adam, Wu et al. 2023), offline on the toy world. Left: neutral prompt; right: "
+           "the optimised edit; the learned schedule is plotted and saved for other seeds or images.", (20, 640))
+    return w.to_dict("toy_world_lambda_optimize")
+
+
+def toy_world_real_image_edit(node_classes) -> dict:
+    w = Workflow(node_classes)
+    toy = w.add("DisentangleLoadToyWorld", (20, 200), checkpoint="toy_world")
+    loss = w.add("DisentangleLoadToyClipLoss", (20, 420), clip_name="toy_world_clip.safetensors")
+    scene = w.add("DisentangleFactorWorldScene", (20, 560), floor_hue="green", wall_hue="blue",
+                  object_hue="red", scale="large", shape="cube", orientation="facing front", size=128)
+    pos = w.add("CLIPTextEncode", (380, 40), title="Neutral prompt", clip=(toy, 1), text=TOY_NEUTRAL)
+    enc = w.add("VAEEncode", (380, 240), pixels=(scene, 0), vae=(toy, 2))
+    inv = w.add("DisentangleDDIMInversion", (380, 360), node_size=(330, 240), model=(toy, 0), positive=(pos, 0),
+                latent=(enc, 0), steps=20, cfg=1.0, scheduler="ddim_uniform", refine_iterations=2)
+    opt = w.add("DisentangleOptimizeLambda", (760, 40), node_size=(360, 600), model=(toy, 0), vae=(toy, 2), clip=(toy, 1),
+                clip_loss_model=(loss, 0), neutral_text=TOY_NEUTRAL, styled_text=TOY_STYLED, negative_text="",
+                seed=0, steps=20, cfg=5.0, iterations=10, learning_rate=0.05, beta=0.03, neutral_steps=4,
+                styled_weight=1.1, width=128, height=128, trajectory=(inv, 1), rediffusion_steps=8)
+    dec = w.add("VAEDecode", (1160, 40), samples=(opt, 1), vae=(toy, 2))
+    both = w.add("ImageBatch", (1160, 160), image1=(scene, 0), image2=(dec, 0))
+    w.add("SaveImage", (1400, 40), node_size=(400, 300), images=(both, 0), filename_prefix="disentangle/toy_real_image_edit")
+    w.note("Real-image edit (Wu et al. Sec. 3.4), offline: the scene is inverted; the λ-mixed sampling is "
+           "corrected to pass through the inversion trajectory for the first 12 of 20 steps and re-diffuses "
+           "freely for the last 8. Left: the image; right: the edit.", (20, 800))
+    return w.to_dict("toy_world_real_image_edit")
+
+
 WORKFLOWS = {
     "ddim_inversion_reconstruct.json": ddim_inversion_reconstruct,
     "lambda_schedule_mix.json": lambda_schedule_mix,
     "toy_world_inversion.json": toy_world_inversion,
     "toy_world_lambda_mix.json": toy_world_lambda_mix,
+    "toy_world_lambda_optimize.json": toy_world_lambda_optimize,
+    "toy_world_real_image_edit.json": toy_world_real_image_edit,
 }
 
 
