@@ -8,8 +8,8 @@ One table in three parts:
    at 10/25/50 steps, ours (plain, refined) vs the stock FlipSigmas + euler route;
 3. editing methods: change the object's hue by text over many seeds; target reached, and the other
    five factors preserved (against the unedited generation of the same seed). Rows: the naive
-   baseline (just change the prompt), λ mixing with the fixed switch schedule; later issues add
-   optimised λ, AVI and DisDiff.
+   baseline (just change the prompt), λ mixing with the fixed switch schedule, λ mixing with a
+   schedule optimised on a few of the seeds and transferred to all; later issues add AVI and DisDiff.
 
 Everything runs through stock ComfyUI nodes on the CPU (about two minutes) or the GPU.
 """
@@ -94,7 +94,7 @@ def edit_rates(judge, fw, original, edited, target_col, target_values):
     return reached, preserved, per_factor
 
 
-def editing_methods(model, clip, vae, judge, fw, n, seed):
+def editing_methods(model, clip, vae, judge, fw, n, seed, optimise_on=8):
     """Object-hue edits by text over n seeds (each with its own scene and target hue)."""
     import torch
     pack_ls = comfy_host.pack_module("core.lambda_schedule")
@@ -115,9 +115,63 @@ def editing_methods(model, clip, vae, judge, fw, n, seed):
                      schedule=pack_ls.switch_at_step(50, switch))[0]
         images = generate(model, vae, mixed, negative, n, seed)
         rows.append([f"λ mixing, fixed switch at {switch}/50", *edit_rates(judge, fw, original, images, fw.OBJECT_HUE, target)])
-    for label in ("λ mixing, optimised (issue 4)", "AVI, ρ sweep (issue 5)", "DisDiff swap (issue 6)"):
+    if optimise_on:
+        schedule, losses = learn_shared_schedule(model, clip, vae, fw, factors[:optimise_on], edited_factors[:optimise_on],
+                                                 seed, n)
+        mixed = call("DisentangleMixConditioning", neutral=neutral, styled=styled, schedule=schedule)[0]
+        images = generate(model, vae, mixed, negative, n, seed)
+        rows.append([f"λ mixing, optimised on {optimise_on} seeds ({len(losses)} Adam steps, loss "
+                     f"{losses[0]:.3f}→{min(losses):.3f}), applied to all {n}",
+                     *edit_rates(judge, fw, original, images, fw.OBJECT_HUE, target)])
+    for label in ("AVI, ρ sweep (issue 5)", "DisDiff swap (issue 6)"):
         rows.append([label, None, None, None])
     return rows
+
+
+def learn_shared_schedule(model, clip, vae, fw, factors, edited_factors, seed, batch, steps=50, cfg=5.0,
+                          iterations=10, lr=0.05, beta=0.03):
+    """One λ schedule for several edits at once (Wu et al.'s loss averaged over the batch), from the
+    same noise as the first items of the evaluation batch; returns (LAMBDA_SCHEDULE, losses)."""
+    import comfy.samplers
+    import torch
+    import torch.nn.functional as F
+    lo = comfy_host.pack_module("core.lambda_optim")
+    node = comfy_host.pack_module("nodes.lambda_optim")
+    ls = comfy_host.pack_module("core.lambda_schedule")
+    step_progress = comfy_host.pack_module("nodes.schedules").step_progress_for_model
+    loss_model = call("DisentangleLoadToyClipLoss", clip_name="toy_world_clip.safetensors")[0]
+    k = len(factors)
+    sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "ddim_uniform", steps).tolist()
+    unet = node.differentiable_copy(model.model.diffusion_model)
+    decoder = node.differentiable_copy(vae.first_stage_model)
+    scorer_model = node.differentiable_copy(loss_model.model)
+    scorer = node.ClipLossModel(scorer_model, loss_model.tokenizer, loss_model.image_size, loss_model.mean, loss_model.std)
+    denoise = node.unet_denoiser(model, unet)
+    neutral_texts, styled_texts = fw.full_caption(factors), fw.full_caption(edited_factors)
+    c0 = encode_batch(clip, neutral_texts)[0][0]
+    c1 = encode_batch(clip, styled_texts)[0][0]
+    uncond = encode_batch(clip, [""])[0][0]
+    empty = torch.zeros(batch, 4, 16, 16)
+    with torch.inference_mode(False), torch.enable_grad():
+        c0, c1, uncond = c0.clone(), c1.clone(), uncond.clone()
+        x_T = node.initial_noise(model, empty, seed, sigmas[0])[:k].clone()
+
+        def decode(x0):
+            z = model.model.process_latent_out(x0)
+            return ((decoder.decode(z).float() + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+        with torch.no_grad():
+            neutral_emb = scorer.encode_images(decode(lo.sample_mixed(denoise, x_T, sigmas, c0, c1,
+                                                                      torch.zeros(len(sigmas) - 1), uncond, cfg)))
+            direction = scorer.encode_texts(styled_texts) - scorer.encode_texts(neutral_texts)
+
+        def loss_of(lam):
+            emb = scorer.encode_images(decode(lo.sample_mixed(denoise, x_T, sigmas, c0, c1, lam, uncond, cfg)))
+            return lo.directional_loss(emb, neutral_emb, direction) + beta * (1 - F.cosine_similarity(emb, neutral_emb, dim=-1)).mean()
+
+        best, losses = lo.optimize_lambdas(loss_of, lo.paper_init(len(sigmas) - 1, 20, 1.0), iterations, lr)
+    return ls.LambdaSchedule(tuple(step_progress(model, sigmas[:-1])), tuple(best.tolist())), losses
 
 
 def main():
@@ -125,6 +179,7 @@ def main():
     parser.add_argument("--samples", type=int, default=128, help="generations for the text-control rows")
     parser.add_argument("--images", type=int, default=64, help="data-set images for the inversion rows")
     parser.add_argument("--edits", type=int, default=64, help="seeds for the editing rows")
+    parser.add_argument("--optimise-on", type=int, default=8, help="seeds the shared λ schedule is learned on (0: skip)")
     args = parser.parse_args()
     if not comfy_host.host_available():
         sys.exit(comfy_host.SKIP_REASON)
@@ -138,7 +193,7 @@ def main():
     with torch.inference_mode():
         control = text_control(model, clip, vae, judge, fw, args.samples, seed=1)
         inversion = inversion_quality(model, clip, vae, fw, args.images, seed=2)
-        edits = editing_methods(model, clip, vae, judge, fw, args.edits, seed=3)
+        edits = editing_methods(model, clip, vae, judge, fw, args.edits, seed=3, optimise_on=args.optimise_on)
 
     rows = [["text control", name, control[name], "", f"chance {1 / size:.2f}"]
             for name, size in zip(fw.FACTOR_NAMES, fw.FACTOR_SIZES)]
