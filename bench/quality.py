@@ -134,43 +134,27 @@ def learn_shared_schedule(model, clip, vae, fw, factors, edited_factors, seed, b
     same noise as the first items of the evaluation batch; returns (LAMBDA_SCHEDULE, losses)."""
     import comfy.samplers
     import torch
-    import torch.nn.functional as F
     lo = comfy_host.pack_module("core.lambda_optim")
     node = comfy_host.pack_module("nodes.lambda_optim")
     ls = comfy_host.pack_module("core.lambda_schedule")
     step_progress = comfy_host.pack_module("nodes.schedules").step_progress_for_model
     loss_model = call("DisentangleLoadToyClipLoss", clip_name="toy_world_clip.safetensors")[0]
-    k = len(factors)
-    sampling = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(sampling, "ddim_uniform", steps).tolist()
-    unet = node.differentiable_copy(model.model.diffusion_model)
-    decoder = node.differentiable_copy(vae.first_stage_model)
-    scorer_model = node.differentiable_copy(loss_model.model)
-    scorer = node.ClipLossModel(scorer_model, loss_model.tokenizer, loss_model.image_size, loss_model.mean, loss_model.std)
-    denoise = node.unet_denoiser(model, unet)
+    objective = node.LambdaObjective(model, vae, loss_model, beta)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps).tolist()
     neutral_texts, styled_texts = fw.full_caption(factors), fw.full_caption(edited_factors)
-    c0 = encode_batch(clip, neutral_texts)[0][0]
-    c1 = encode_batch(clip, styled_texts)[0][0]
+    c0, c1 = encode_batch(clip, neutral_texts)[0][0], encode_batch(clip, styled_texts)[0][0]
     uncond = encode_batch(clip, [""])[0][0]
-    empty = torch.zeros(batch, 4, 16, 16)
     with torch.inference_mode(False), torch.enable_grad():
         c0, c1, uncond = c0.clone(), c1.clone(), uncond.clone()
-        x_T = node.initial_noise(model, empty, seed, sigmas[0])[:k].clone()
+        x_T = node.initial_noise(model, torch.zeros(batch, 4, 16, 16), seed, sigmas[0])[:len(factors)].clone()
 
-        def decode(x0):
-            z = model.model.process_latent_out(x0)
-            return ((decoder.decode(z).float() + 1) / 2).clamp(0, 1).movedim(1, -1)
+        def sample(lam):
+            return lo.sample_mixed(objective.denoise, x_T, sigmas, c0, c1, lam, uncond, cfg)
 
         with torch.no_grad():
-            neutral_emb = scorer.encode_images(decode(lo.sample_mixed(denoise, x_T, sigmas, c0, c1,
-                                                                      torch.zeros(len(sigmas) - 1), uncond, cfg)))
-            direction = scorer.encode_texts(styled_texts) - scorer.encode_texts(neutral_texts)
-
-        def loss_of(lam):
-            emb = scorer.encode_images(decode(lo.sample_mixed(denoise, x_T, sigmas, c0, c1, lam, uncond, cfg)))
-            return lo.directional_loss(emb, neutral_emb, direction) + beta * (1 - F.cosine_similarity(emb, neutral_emb, dim=-1)).mean()
-
-        best, losses = lo.optimize_lambdas(loss_of, lo.paper_init(len(sigmas) - 1, 20, 1.0), iterations, lr)
+            objective.set_reference(sample(torch.zeros(len(sigmas) - 1)), neutral_texts, styled_texts)
+        best, losses = lo.optimize_lambdas(lambda lam: objective.loss(sample(lam)),
+                                           lo.paper_init(len(sigmas) - 1, 20, 1.0), iterations, lr)
     return ls.LambdaSchedule(tuple(step_progress(model, sigmas[:-1])), tuple(best.tolist())), losses
 
 

@@ -66,6 +66,38 @@ def initial_noise(model, latent: torch.Tensor, seed: int, sigma0: float) -> torc
     return sampling.noise_scaling(torch.tensor(sigma0), noise, start, max_denoise)
 
 
+class LambdaObjective:
+    """Wu et al.'s objective for one or more edits, on differentiable copies of the host's models.
+
+    L(λ) = L_dir(E_I(X0(λ)) − E_I(X0(0)), E_T(styled) − E_T(neutral)) + β·(1 − cos(E_I(X0(λ)), E_I(X0(0))))
+    averaged over the batch; the perceptual term is the CLIP-image-feature distance for now.
+    """
+
+    def __init__(self, model, vae, clip_loss_model: ClipLossModel, beta: float):
+        self.model, self.vae, self.beta = model, vae, beta
+        self.device = mm.get_torch_device()
+        self.denoise = unet_denoiser(model, differentiable_copy(model.model.diffusion_model))
+        self.decoder = differentiable_copy(vae.first_stage_model).to(vae.device)
+        self.scorer = ClipLossModel(differentiable_copy(clip_loss_model.model).to(self.device), clip_loss_model.tokenizer,
+                                    clip_loss_model.image_size, clip_loss_model.mean, clip_loss_model.std)
+        self.neutral_emb = self.direction = None
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Sampler-space latents → IMAGE-layout pixels in [0, 1], differentiably."""
+        z = self.model.model.process_latent_out(x0).to(self.vae.vae_dtype).to(self.vae.device)
+        return ((self.decoder.decode(z).float() + 1) / 2).clamp(0, 1).movedim(1, -1).to(self.device)
+
+    @torch.no_grad()
+    def set_reference(self, neutral_x0: torch.Tensor, neutral_texts: list[str], styled_texts: list[str]) -> None:
+        self.neutral_emb = self.scorer.encode_images(self.decode(neutral_x0))
+        self.direction = (self.scorer.encode_texts(styled_texts) - self.scorer.encode_texts(neutral_texts)).to(self.device)
+
+    def loss(self, x0: torch.Tensor) -> torch.Tensor:
+        emb = self.scorer.encode_images(self.decode(x0))
+        perceptual = (1 - F.cosine_similarity(emb, self.neutral_emb, dim=-1)).mean()
+        return lo.directional_loss(emb, self.neutral_emb, self.direction) + self.beta * perceptual
+
+
 class OptimizeLambdaSchedule:
     DESCRIPTION = (
         "Learns λ_t, the per-step weight of the styled prompt in c_t = λ_t·styled + (1−λ_t)·neutral, so that "
@@ -147,13 +179,8 @@ class OptimizeLambdaSchedule:
                 raise InputError(f"rediffusion_steps must lie in [0, {n}], got {rediffusion_steps}")
 
         mm.load_models_gpu([model])
-        device = mm.get_torch_device()
-        unet = differentiable_copy(model.model.diffusion_model)
-        decoder = differentiable_copy(vae.first_stage_model).to(vae.device)
-        loss_model = differentiable_copy(clip_loss_model.model).to(device)
-        scorer = ClipLossModel(loss_model, clip_loss_model.tokenizer, clip_loss_model.image_size,
-                               clip_loss_model.mean, clip_loss_model.std)
-        denoise = unet_denoiser(model, unet)
+        objective = LambdaObjective(model, vae, clip_loss_model, beta)
+        device = objective.device
         downscale = 8 if isinstance(vae.downscale_ratio, tuple) else int(vae.downscale_ratio)
         empty = torch.zeros(1, channels, height // downscale, width // downscale)
 
@@ -167,27 +194,16 @@ class OptimizeLambdaSchedule:
             else:  # a real image: pass through its inversion trajectory, then re-diffuse
                 path = [model.model.process_latent_in(x.clone()).to(device) for x in trajectory.latents]
                 x_T = path[0]
-                corrections = lo.trajectory_corrections(denoise, path, sigmas, c0, uncond, cfg, rediffusion_steps)
+                corrections = lo.trajectory_corrections(objective.denoise, path, sigmas, c0, uncond, cfg, rediffusion_steps)
 
             def sample(lam, grad=True):
                 with torch.set_grad_enabled(grad):
-                    return lo.sample_mixed(denoise, x_T, sigmas, c0, c1, lam.to(device), uncond, cfg,
+                    return lo.sample_mixed(objective.denoise, x_T, sigmas, c0, c1, lam.to(device), uncond, cfg,
                                            corrections=corrections, use_checkpoint=True)
 
-            def decode(x0):
-                z = model.model.process_latent_out(x0).to(vae.vae_dtype).to(vae.device)
-                return ((decoder.decode(z).float() + 1) / 2).clamp(0, 1).movedim(1, -1).to(device)
-
-            with torch.no_grad():
-                neutral_x0 = sample(torch.zeros(n), grad=False) if trajectory is None else path[-1]
-                neutral_emb = scorer.encode_images(decode(neutral_x0))
-                text_direction = scorer.encode_texts([styled_text]).to(device) - scorer.encode_texts([neutral_text]).to(device)
+            neutral_x0 = sample(torch.zeros(n), grad=False) if trajectory is None else path[-1]
+            objective.set_reference(neutral_x0, [neutral_text], [styled_text])
             bar.update_absolute(1, iterations + 1)
-
-            def loss_of(lam):
-                emb = scorer.encode_images(decode(sample(lam)))
-                perceptual = (1 - F.cosine_similarity(emb, neutral_emb, dim=-1)).mean()
-                return lo.directional_loss(emb, neutral_emb, text_direction) + beta * perceptual
 
             def on_iteration(i, loss, lam):
                 history.append(loss)
@@ -195,7 +211,8 @@ class OptimizeLambdaSchedule:
                 bar.update_absolute(i + 2, iterations + 1)
 
             init = lo.paper_init(n, neutral_steps, styled_weight)
-            best, _ = lo.optimize_lambdas(loss_of, init, iterations, learning_rate, on_iteration)
+            best, _ = lo.optimize_lambdas(lambda lam: objective.loss(sample(lam)), init, iterations, learning_rate,
+                                          on_iteration)
             with torch.no_grad():
                 edited_x0 = sample(best, grad=False)
 
