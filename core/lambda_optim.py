@@ -26,34 +26,50 @@ from torch.utils.checkpoint import checkpoint
 from .conditioning import match_token_length
 from .ddim import ddim_step_sigma
 
-ContextDenoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""``denoise(x, sigma, context) → x̂0`` for a batch of contexts (one per batch item)."""
+ContextDenoiser = Callable[..., Tensor]
+"""``denoise(x, sigma, context, y=None) → x̂0`` for a batch of contexts (one per batch item); ``y`` is
+an optional per-prompt vector such as SDXL's ADM input (pooled text embedding + size embedding),
+which is mixed with the same λ: it is linear in the pooled embedding, so λ·y1 + (1 − λ)·y0 is the
+ADM input of the mixed pooled embedding."""
+
+
+def _lerp(a: Optional[Tensor], b: Optional[Tensor], lam) -> Optional[Tensor]:
+    return None if a is None else lam * b + (1 - lam) * a
 
 
 def guided_denoise(denoise: ContextDenoiser, x: Tensor, sigma: Tensor, context: Tensor,
-                   uncond: Optional[Tensor], cfg: float) -> Tensor:
+                   uncond: Optional[Tensor], cfg: float, y: Optional[Tensor] = None,
+                   y_uncond: Optional[Tensor] = None) -> Tensor:
     """Classifier-free guidance in x̂0 space (equivalent to ε space): D_u + cfg·(D_c − D_u)."""
     if uncond is None or cfg == 1.0:
-        return denoise(x, sigma, context)
+        return denoise(x, sigma, context) if y is None else denoise(x, sigma, context, y=y)
     uncond = match_token_length(uncond.expand(x.shape[0], -1, -1), context.shape[1]).to(context)
-    both = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([context, uncond]))
+    args = (torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([context, uncond]))
+    if y is None:
+        both = denoise(*args)
+    else:
+        both = denoise(*args, y=torch.cat([y.expand(x.shape[0], -1), y_uncond.expand(x.shape[0], -1).to(y)]))
     cond, unc = both.chunk(2)
     return unc + cfg * (cond - unc)
 
 
 def mixed_step(denoise: ContextDenoiser, x: Tensor, sigma: float, sigma_next: float, c0: Tensor, c1: Tensor,
-               lam: Tensor, uncond: Optional[Tensor], cfg: float) -> Tensor:
-    """One η = 0 DDIM step with context λ·c1 + (1 − λ)·c0 (c0 already at c1's token length)."""
-    context = lam * c1 + (1 - lam) * c0
+               lam: Tensor, uncond: Optional[Tensor], cfg: float, y0: Optional[Tensor] = None,
+               y1: Optional[Tensor] = None, y_uncond: Optional[Tensor] = None) -> Tensor:
+    """One η = 0 DDIM step with context λ·c1 + (1 − λ)·c0 (c0 already at c1's token length)
+    and, if given, the per-prompt vector λ·y1 + (1 − λ)·y0."""
+    context = _lerp(c0, c1, lam)
     s = torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
-    return ddim_step_sigma(x, guided_denoise(denoise, x, s, context.expand(x.shape[0], -1, -1), uncond, cfg),
-                           sigma, sigma_next)
+    denoised = guided_denoise(denoise, x, s, context.expand(x.shape[0], -1, -1), uncond, cfg,
+                              _lerp(y0, y1, lam), y_uncond)
+    return ddim_step_sigma(x, denoised, sigma, sigma_next)
 
 
 def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float], c0: Tensor, c1: Tensor,
                  lambdas: Tensor, uncond: Optional[Tensor] = None, cfg: float = 1.0,
                  corrections: Optional[Sequence[Optional[Tensor]]] = None, use_checkpoint: bool = True,
-                 callback: Optional[Callable[[int, Tensor], None]] = None) -> Tensor:
+                 callback: Optional[Callable[[int, Tensor], None]] = None, y0: Optional[Tensor] = None,
+                 y1: Optional[Tensor] = None, y_uncond: Optional[Tensor] = None) -> Tensor:
     """X0(λ): DDIM sampling along decreasing ``sigmas`` with λ_i at step i, differentiable in λ.
 
     ``corrections[i]`` (if given and not None) is added after step i. With ``use_checkpoint`` and
@@ -66,7 +82,7 @@ def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float],
     x = x_T
     for i in range(len(s) - 1):
         def step(x_, lam_, i=i):
-            return mixed_step(denoise, x_, s[i], s[i + 1], c0, c1, lam_, uncond, cfg)
+            return mixed_step(denoise, x_, s[i], s[i + 1], c0, c1, lam_, uncond, cfg, y0, y1, y_uncond)
         if use_checkpoint and torch.is_grad_enabled():
             x = checkpoint(step, x, lambdas[i], use_reentrant=False)
         else:
@@ -81,7 +97,8 @@ def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float],
 @torch.no_grad()
 def trajectory_corrections(denoise: ContextDenoiser, trajectory: Sequence[Tensor], sigmas: Sequence[float],
                            c0: Tensor, uncond: Optional[Tensor] = None, cfg: float = 1.0,
-                           rediffusion_steps: int = 0) -> list[Optional[Tensor]]:
+                           rediffusion_steps: int = 0, y0: Optional[Tensor] = None,
+                           y_uncond: Optional[Tensor] = None) -> list[Optional[Tensor]]:
     """δ_i = x*_{i+1} − step(x*_i; c0) for the first N − r steps, None for the last r (re-diffusion).
 
     With these, sampling from x*_0 with λ = 0 passes through every x*_i of the first N − r steps.
@@ -97,7 +114,8 @@ def trajectory_corrections(denoise: ContextDenoiser, trajectory: Sequence[Tensor
         if i >= n - rediffusion_steps:
             out.append(None)
             continue
-        predicted = mixed_step(denoise, trajectory[i], float(sigmas[i]), float(sigmas[i + 1]), c0, c0, zero, uncond, cfg)
+        predicted = mixed_step(denoise, trajectory[i], float(sigmas[i]), float(sigmas[i + 1]), c0, c0, zero, uncond, cfg,
+                               y0, y0, y_uncond)
         out.append(trajectory[i + 1] - predicted)
     return out
 

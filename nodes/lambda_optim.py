@@ -36,22 +36,34 @@ def differentiable_copy(module: torch.nn.Module) -> torch.nn.Module:
     return clone.eval()
 
 
-def encode_text(clip, text: str, name: str) -> torch.Tensor:
-    if not text.strip() and name != "negative":
+def encode_text(clip, text: str, name: str):
+    """(cross-attention context, pooled output or None) of a prompt, as CLIPTextEncode computes them."""
+    if not text.strip() and name != "negative_text":
         raise InputError(f"{name}: the text is empty")
-    tokens = clip.tokenize(text)
-    return clip.encode_from_tokens(tokens)
+    return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+
+
+def adm_inputs(model, pooled: list, width: int, height: int) -> list:
+    """SDXL's ADM vector (pooled embedding + size embedding) of each prompt; Nones for models without one."""
+    if isinstance(model.model, comfy.model_base.SDXL):
+        if any(p is None for p in pooled):
+            raise InputError("clip: an SDXL model needs a CLIP with pooled outputs (SDXL's text encoders)")
+        return [model.model.encode_adm(pooled_output=p, width=width, height=height) for p in pooled]
+    if getattr(model.model, "adm_channels", 0):
+        raise InputError("model: λ optimisation supports SD1.x, SD2.x and SDXL models; this one needs other ADM inputs")
+    return [None] * len(pooled)
 
 
 def unet_denoiser(model, unet):
-    """D(x, σ, context) = x̂0, the computation of BaseModel.apply_model for a cross-attention model."""
+    """D(x, σ, context, y) = x̂0, the computation of BaseModel.apply_model (y: SDXL's ADM vector)."""
     sampling = model.get_model_object("model_sampling")
     dtype = model.model.get_dtype()
 
-    def denoise(x, sigma, context):
+    def denoise(x, sigma, context, y=None):
         xc = sampling.calculate_input(sigma, x)
         t = sampling.timestep(sigma).float()
-        eps = unet(xc.to(dtype), t, context=context.to(dtype)).float()
+        extra = {} if y is None else {"y": y.to(dtype)}
+        eps = unet(xc.to(dtype), t, context=context.to(dtype), **extra).float()
         return sampling.calculate_denoised(sigma, eps, x)
 
     return denoise
@@ -132,7 +144,8 @@ class OptimizeLambdaSchedule:
                 "neutral_steps": ("INT", {"default": 20, "min": 0, "max": 1000,
                                           "tooltip": "Initial schedule: λ = 0 for this many steps (t*), styled_weight after."}),
                 "styled_weight": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
-                "width": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8}),
+                "width": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8,
+                                  "tooltip": "Image size (also SDXL's size conditioning)."}),
                 "height": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8}),
             },
             "optional": {
@@ -148,8 +161,6 @@ class OptimizeLambdaSchedule:
         if iterations < 1:
             raise InputError(f"iterations must be at least 1, got {iterations}")
         check_vp_model(model, "λ optimisation")
-        if isinstance(model.model, comfy.model_base.SDXL) or getattr(model.model, "adm_channels", 0):
-            raise InputError("model: λ optimisation supports SD1.x/SD2.x-type models so far (this one needs pooled/ADM inputs)")
         if not isinstance(clip_loss_model, ClipLossModel):
             raise InputError("clip_loss_model: not a CLIP_LOSS_MODEL (use a CLIP loss loader node)")
         channels = latent_channels(model)
@@ -157,8 +168,9 @@ class OptimizeLambdaSchedule:
         if vae_channels != channels:
             raise InputError(f"vae: it makes {vae_channels}-channel latents but the model expects {channels}")
 
-        c0, c1 = encode_text(clip, neutral_text, "neutral_text"), encode_text(clip, styled_text, "styled_text")
-        uncond = encode_text(clip, negative_text, "negative")
+        (c0, p0), (c1, p1) = encode_text(clip, neutral_text, "neutral_text"), encode_text(clip, styled_text, "styled_text")
+        uncond, pu = encode_text(clip, negative_text, "negative_text")
+        y0, y1, yu = adm_inputs(model, [p0, p1, pu], width, height)
         sampling = model.get_model_object("model_sampling")
         sigmas = comfy.samplers.calculate_sigmas(sampling, "ddim_uniform", steps).tolist()
         n = len(sigmas) - 1
@@ -188,18 +200,21 @@ class OptimizeLambdaSchedule:
         history = []
         with torch.inference_mode(False), torch.enable_grad():
             c0, c1, uncond = (t.clone().to(device) for t in (c0, c1, uncond))
+            y0, y1, yu = (None if y is None else y.clone().to(device) for y in (y0, y1, yu))
+            adm = {"y0": y0, "y1": y1, "y_uncond": yu}
             corrections = None
             if trajectory is None:
                 x_T = initial_noise(model, empty, seed, sigmas[0]).clone().to(device)
             else:  # a real image: pass through its inversion trajectory, then re-diffuse
                 path = [model.model.process_latent_in(x.clone()).to(device) for x in trajectory.latents]
                 x_T = path[0]
-                corrections = lo.trajectory_corrections(objective.denoise, path, sigmas, c0, uncond, cfg, rediffusion_steps)
+                corrections = lo.trajectory_corrections(objective.denoise, path, sigmas, c0, uncond, cfg, rediffusion_steps,
+                                                        y0=y0, y_uncond=yu)
 
             def sample(lam, grad=True):
                 with torch.set_grad_enabled(grad):
                     return lo.sample_mixed(objective.denoise, x_T, sigmas, c0, c1, lam.to(device), uncond, cfg,
-                                           corrections=corrections, use_checkpoint=True)
+                                           corrections=corrections, use_checkpoint=True, **adm)
 
             neutral_x0 = sample(torch.zeros(n), grad=False) if trajectory is None else path[-1]
             objective.set_reference(neutral_x0, [neutral_text], [styled_text])

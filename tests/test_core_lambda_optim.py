@@ -16,13 +16,15 @@ class TinyContextDenoiser(torch.nn.Module):
         self.conv1 = torch.nn.Conv2d(channels, 8, 3, padding=1)
         self.conv2 = torch.nn.Conv2d(8, channels, 3, padding=1)
         self.ctx = torch.nn.Linear(ctx_dim, 8)
+        self.adm = torch.nn.Linear(3, 8)  # an SDXL-like per-prompt vector y
         for p in self.parameters():
             p.data = torch.randn(p.shape, generator=g) * 0.2
         self.double()
 
-    def forward(self, x, sigma, context):
+    def forward(self, x, sigma, context, y=None):
         s = sigma.view(-1, 1, 1, 1)
-        h = torch.tanh(self.conv1(x / (1 + s**2).sqrt()) + self.ctx(context.mean(1))[:, :, None, None])
+        shift = self.ctx(context.mean(1)) + (0 if y is None else self.adm(y))
+        h = torch.tanh(self.conv1(x / (1 + s**2).sqrt()) + shift[:, :, None, None])
         return x - s * (0.5 * self.conv2(h))
 
 
@@ -133,3 +135,30 @@ def test_paper_init_and_length_check():
     net, c0, c1, uncond, sigmas, x_T = setup()
     with pytest.raises(ValueError, match="one value per step"):
         lo.sample_mixed(net, x_T, sigmas, c0, c1, torch.zeros(3, dtype=torch.float64))
+
+
+def test_per_prompt_vector_is_mixed_and_differentiable():
+    """SDXL-style y: λ = 0 / 1 give the plain prompts' (context, y); gradients match finite differences."""
+    net, c0, c1, uncond, sigmas, x_T = setup()
+    g = torch.Generator().manual_seed(12)
+    y0, y1, yu = (torch.randn(1, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    c0_long = torch.nn.functional.pad(c0, (0, 0, 0, 2))
+    with torch.no_grad():
+        plain = ddim.sample_ddim(lambda x, s: lo.guided_denoise(net, x, s, c1, uncond, 2.0, y1, yu), x_T, sigmas)
+        ones = lo.sample_mixed(net, x_T, sigmas, c0, c1, torch.ones(5, dtype=torch.float64), uncond, 2.0,
+                               y0=y0, y1=y1, y_uncond=yu)
+        neutral = ddim.sample_ddim(lambda x, s: lo.guided_denoise(net, x, s, c0_long, uncond, 2.0, y0, yu), x_T, sigmas)
+        zeros = lo.sample_mixed(net, x_T, sigmas, c0, c1, torch.zeros(5, dtype=torch.float64), uncond, 2.0,
+                                y0=y0, y1=y1, y_uncond=yu)
+        without_y = lo.sample_mixed(net, x_T, sigmas, c0, c1, torch.ones(5, dtype=torch.float64), uncond, 2.0)
+    assert torch.allclose(ones, plain, atol=1e-12) and torch.allclose(zeros, neutral, atol=1e-12)
+    assert not torch.allclose(ones, without_y)
+
+    def loss_of(lam):
+        return lo.sample_mixed(net, x_T, sigmas, c0, c1, lam, uncond, 2.0, y0=y0, y1=y1, y_uncond=yu).square().mean()
+
+    lam = torch.tensor([0.1, 0.4, 0.6, 0.9, 1.0], dtype=torch.float64, requires_grad=True)
+    loss_of(lam).backward()
+    with torch.no_grad():
+        fd = torch.stack([(loss_of(lam + e) - loss_of(lam - e)) / 2e-6 for e in torch.eye(5, dtype=torch.float64) * 1e-6])
+    assert torch.allclose(lam.grad, fd, rtol=1e-5, atol=1e-9)

@@ -108,10 +108,23 @@ def test_bad_input_names_the_input(toy, overrides, match):
         optimize(toy, **overrides)
 
 
-def test_sdxl_models_are_refused_clearly(toy):
-    sdxl_model, sdxl_clip, sdxl_vae = comfy_host.tiny_models("sdxl")
-    with pytest.raises(ValueError, match="supports SD1.x/SD2.x-type models so far"):
-        optimize(toy, model=sdxl_model, clip=sdxl_clip, vae=sdxl_vae)
+def test_sdxl_optimisation_replays_through_stock_nodes(toy):
+    """SDXL: the context, the pooled output and the ADM vector are mixed with the same λ; the learned
+    schedule through Mix Conditioning + stock KSampler (conds with the node's size) gives the edit."""
+    model, clip, vae = comfy_host.tiny_models("sdxl")
+    (schedule, edited, _), losses = optimize(toy, model=model, clip=clip, vae=vae, width=64, height=64, iterations=2)
+    assert len(losses) == 2 and all(map(lambda v: v == v, losses))
+
+    def encode(text):
+        cond = call("CLIPTextEncode", clip=clip, text=text)[0]
+        return [[cond[0][0], {**cond[0][1], "width": 64, "height": 64}]]
+
+    mixed = call("DisentangleMixConditioning", neutral=encode(NEUTRAL), styled=encode(STYLED), schedule=schedule)[0]
+    latent = call("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
+    replayed = call("KSampler", model=model, seed=SEED, steps=STEPS, cfg=CFG, sampler_name="ddim", scheduler="ddim_uniform",
+                    positive=mixed, negative=encode(""), latent_image=latent, denoise=1.0)[0]["samples"]
+    scale = float(edited["samples"].abs().max())
+    assert torch.allclose(replayed, edited["samples"], atol=1e-3 * scale, rtol=0), float((replayed - edited["samples"]).abs().max() / scale)
 
 
 def invert_scene(toy, steps=STEPS):
