@@ -25,6 +25,7 @@ from ..core.trajectory import InversionTrajectory
 from .common import (CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError, check_steps, check_vp_model,
                      latent_channels)
 from .schedules import step_progress_for_model
+from .perceptual import PerceptualModel
 from .toy_world import ClipLossModel
 
 
@@ -82,17 +83,21 @@ class LambdaObjective:
     """Wu et al.'s objective for one or more edits, on differentiable copies of the host's models.
 
     L(λ) = L_dir(E_I(X0(λ)) − E_I(X0(0)), E_T(styled) − E_T(neutral)) + β·(1 − cos(E_I(X0(λ)), E_I(X0(0))))
-    averaged over the batch; the perceptual term is the CLIP-image-feature distance for now.
+    averaged over the batch. The perceptual term is LPIPS(X0(λ), X0(0)) when a perceptual model is
+    given (the paper: VGG-16), else the CLIP-image-feature distance 1 − cos(E_I(X0(λ)), E_I(X0(0))).
     """
 
-    def __init__(self, model, vae, clip_loss_model: ClipLossModel, beta: float):
+    def __init__(self, model, vae, clip_loss_model: ClipLossModel, beta: float,
+                 perceptual_model: PerceptualModel | None = None):
         self.model, self.vae, self.beta = model, vae, beta
         self.device = mm.get_torch_device()
         self.denoise = unet_denoiser(model, differentiable_copy(model.model.diffusion_model))
         self.decoder = differentiable_copy(vae.first_stage_model).to(vae.device)
         self.scorer = ClipLossModel(differentiable_copy(clip_loss_model.model).to(self.device), clip_loss_model.tokenizer,
                                     clip_loss_model.image_size, clip_loss_model.mean, clip_loss_model.std)
-        self.neutral_emb = self.direction = None
+        self.perceptual = None if perceptual_model is None else PerceptualModel(
+            differentiable_copy(perceptual_model.net).to(self.device))
+        self.neutral_emb = self.direction = self.neutral_image = None
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Sampler-space latents → IMAGE-layout pixels in [0, 1], differentiably."""
@@ -101,12 +106,17 @@ class LambdaObjective:
 
     @torch.no_grad()
     def set_reference(self, neutral_x0: torch.Tensor, neutral_texts: list[str], styled_texts: list[str]) -> None:
-        self.neutral_emb = self.scorer.encode_images(self.decode(neutral_x0))
+        self.neutral_image = self.decode(neutral_x0)
+        self.neutral_emb = self.scorer.encode_images(self.neutral_image)
         self.direction = (self.scorer.encode_texts(styled_texts) - self.scorer.encode_texts(neutral_texts)).to(self.device)
 
     def loss(self, x0: torch.Tensor) -> torch.Tensor:
-        emb = self.scorer.encode_images(self.decode(x0))
-        perceptual = (1 - F.cosine_similarity(emb, self.neutral_emb, dim=-1)).mean()
+        image = self.decode(x0)
+        emb = self.scorer.encode_images(image)
+        if self.perceptual is not None:
+            perceptual = self.perceptual.distance(image, self.neutral_image)
+        else:
+            perceptual = (1 - F.cosine_similarity(emb, self.neutral_emb, dim=-1)).mean()
         return lo.directional_loss(emb, self.neutral_emb, self.direction) + self.beta * perceptual
 
 
@@ -151,18 +161,21 @@ class OptimizeLambdaSchedule:
             "optional": {
                 "trajectory": (INVERSION_TRAJECTORY, {"tooltip": "Edit a real image: the trajectory of DDIM Inversion (neutral prompt, same steps, scheduler ddim_uniform). Seed, width and height are then ignored; use neutral_steps 10 and styled_weight 1.1 as the paper does."}),
                 "rediffusion_steps": ("INT", {"default": 20, "min": 0, "max": 1000, "tooltip": "With a trajectory: the last steps run free (re-diffusion); the others are corrected to pass through the image's trajectory."}),
+                "perceptual_model": ("PERCEPTUAL_MODEL", {"tooltip": "LPIPS for the content term (the paper's choice); without it, the CLIP-image-feature distance."}),
             },
         }
 
     def optimize(self, model, vae, clip, clip_loss_model, neutral_text, styled_text, negative_text, seed, steps, cfg,
                  iterations, learning_rate, beta, neutral_steps, styled_weight, width, height, trajectory=None,
-                 rediffusion_steps=20):
+                 rediffusion_steps=20, perceptual_model=None):
         check_steps(steps)
         if iterations < 1:
             raise InputError(f"iterations must be at least 1, got {iterations}")
         check_vp_model(model, "λ optimisation")
         if not isinstance(clip_loss_model, ClipLossModel):
             raise InputError("clip_loss_model: not a CLIP_LOSS_MODEL (use a CLIP loss loader node)")
+        if perceptual_model is not None and not isinstance(perceptual_model, PerceptualModel):
+            raise InputError("perceptual_model: not a PERCEPTUAL_MODEL (use Load Perceptual Loss)")
         channels = latent_channels(model)
         vae_channels = getattr(vae, "latent_channels", channels)
         if vae_channels != channels:
@@ -191,7 +204,7 @@ class OptimizeLambdaSchedule:
                 raise InputError(f"rediffusion_steps must lie in [0, {n}], got {rediffusion_steps}")
 
         mm.load_models_gpu([model])
-        objective = LambdaObjective(model, vae, clip_loss_model, beta)
+        objective = LambdaObjective(model, vae, clip_loss_model, beta, perceptual_model)
         device = objective.device
         downscale = 8 if isinstance(vae.downscale_ratio, tuple) else int(vae.downscale_ratio)
         empty = torch.zeros(1, channels, height // downscale, width // downscale)
