@@ -63,23 +63,16 @@ def text_control(model, clip, vae, judge, fw, n, seed):
 
 def inversion_quality(model, clip, vae, fw, n, seed):
     import torch
-    import torch.nn.functional as F
-    from comfyui_disentangle.tests.reconstruction import reconstruct, stock_flip_sigmas_inversion
+    from comfyui_disentangle.tests.reconstruction import reconstruction_routes
     factors = fw.sample_factors(n, generator=torch.Generator().manual_seed(seed))
-    images = F.interpolate(fw.render(factors), scale_factor=2, mode="nearest")
+    images = fw.render_at(factors, 128)
     latent = call("VAEEncode", pixels=images.movedim(1, -1), vae=vae)[0]
     positive = encode_batch(clip, fw.full_caption(factors))
     negative = encode_batch(clip, [""] * n)
     decode = lambda lat: call("VAEDecode", samples=lat, vae=vae)[0].movedim(-1, 1)  # noqa: E731
     rows = [["VAE round trip (ceiling)", "", "", "", pixel_psnr(decode(latent), images)]]
     for steps in (10, 25, 50):
-        routes = {"FlipSigmas + euler (stock)": (stock_flip_sigmas_inversion(model, positive, negative, latent, steps, 1.0), 1)}
-        for r in (0, 2):
-            noised = call("DisentangleDDIMInversion", model=model, positive=positive, latent=latent, steps=steps, cfg=1.0,
-                          scheduler="ddim_uniform", refine_iterations=r)[0]
-            routes[f"DDIM Inversion, refine {r}"] = (noised, 1 + r)
-        for name, (noised, calls) in routes.items():
-            rec = reconstruct(model, positive, negative, noised, steps, 1.0)
+        for name, calls, rec in reconstruction_routes(model, positive, negative, latent, steps, 1.0, refine=(0, 2)):
             rows.append([name, steps, calls, latent_psnr(rec["samples"], latent["samples"]), pixel_psnr(decode(rec), images)])
     return rows
 

@@ -43,10 +43,9 @@ def write_scene_image() -> None:
     """A 128×128 factor-world scene in ComfyUI's input folder (for LoadImage)."""
     import folder_paths
     import torch
-    import torch.nn.functional as F
     from PIL import Image
     from comfyui_disentangle.core import factor_world as fw
-    image = F.interpolate(fw.render(torch.tensor([[4, 6, 0, 5, 0, 7]])), scale_factor=2, mode="nearest")[0]
+    image = fw.render_at(torch.tensor([[4, 6, 0, 5, 0, 7]]), 128)[0]
     Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(
         os.path.join(folder_paths.get_input_directory(), SCENE_IMAGE))
 

@@ -28,6 +28,7 @@ import time
 from typing import Iterator, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # --------------------------------------------------------------------------------------------
@@ -325,6 +326,14 @@ def render(factors: Tensor) -> Tensor:
     image = image * tables.gain[index].unsqueeze(1)
     image = image + tables.lift[index].unsqueeze(1)
     return image.clamp_(0.0, 1.0).view(-1, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def render_at(factors: Tensor, size: int) -> Tensor:
+    """``render`` upscaled to ``size`` pixels (a multiple of 64) by nearest neighbour, e.g. 128 for
+    the toy world's diffusion model."""
+    if size % IMAGE_SIZE:
+        raise ValueError(f"size must be a multiple of {IMAGE_SIZE}, got {size}")
+    return F.interpolate(render(factors), scale_factor=size // IMAGE_SIZE, mode="nearest")
 
 
 def region_of_pixels(factors: Tensor) -> Tensor:

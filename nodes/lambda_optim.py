@@ -206,7 +206,7 @@ class OptimizeLambdaSchedule:
         mm.load_models_gpu([model])
         objective = LambdaObjective(model, vae, clip_loss_model, beta, perceptual_model)
         device = objective.device
-        downscale = 8 if isinstance(vae.downscale_ratio, tuple) else int(vae.downscale_ratio)
+        downscale = vae.spacial_compression_encode()
         empty = torch.zeros(1, channels, height // downscale, width // downscale)
 
         bar = comfy.utils.ProgressBar(iterations + 1)

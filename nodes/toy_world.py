@@ -141,9 +141,10 @@ class FactorWorldScene:
             factors = torch.tensor([[list(n).index(v) for n, v in zip(names, values)]])
         except ValueError as e:
             raise InputError(f"unknown factor value: {e}") from e
-        if size % fw.IMAGE_SIZE:
-            raise InputError(f"size must be a multiple of {fw.IMAGE_SIZE}, got {size}")
-        image = F.interpolate(fw.render(factors), scale_factor=size // fw.IMAGE_SIZE, mode="nearest")
+        try:
+            image = fw.render_at(factors, size)
+        except ValueError as e:
+            raise InputError(str(e)) from e
         return (image.permute(0, 2, 3, 1).contiguous(), fw.full_caption(factors[0]))
 
 
@@ -171,11 +172,7 @@ def load_clip_loss_model(path: str) -> ClipLossModel:
         import open_clip  # optional: only the λ-optimisation losses need it
     except ImportError as e:
         raise InputError("the CLIP loss model needs the open_clip_torch package: pip install open_clip_torch ftfy") from e
-    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-    metadata = metadata or {}
-    if "open_clip_config" not in metadata:
-        raise InputError(f"{os.path.basename(path)} is not a CLIP loss model file (no 'open_clip_config' metadata)")
-    config = json.loads(metadata["open_clip_config"])
+    sd, config, _ = read_part(path, "open_clip_config")
     model = open_clip.CLIP(**config)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return ClipLossModel(model.eval(), open_clip.get_tokenizer("ViT-B-32"), config["vision_cfg"]["image_size"],

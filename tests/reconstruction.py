@@ -50,16 +50,16 @@ def ours_inversion(model, positive, negative, latent, steps, cfg, refine_iterati
                  negative=None if cfg == 1.0 else negative)[0]
 
 
+def reconstruction_routes(model, positive, negative, latent, steps, cfg=1.0, refine=(0, 2)):
+    """(method, UNet calls per step, reconstructed LATENT) for the FlipSigmas route and ours (each refine)."""
+    routes = [("FlipSigmas + euler (stock)", 1, stock_flip_sigmas_inversion(model, positive, negative, latent, steps, cfg))]
+    routes += [(f"DDIM Inversion, refine {r}", 1 + r, ours_inversion(model, positive, negative, latent, steps, cfg, r))
+               for r in refine]
+    return [(name, calls, reconstruct(model, positive, negative, noised, steps, cfg)) for name, calls, noised in routes]
+
+
 def psnr_table(model, positive, negative, latent, steps_list=(10, 25, 50), cfg=1.0, refine=(0, 2)):
     """Rows [steps, method, UNet calls/step, latent PSNR] for ours (each refine count) and FlipSigmas."""
-    rows = []
-    for steps in steps_list:
-        ref = latent["samples"]
-        stock = reconstruct(model, positive, negative,
-                            stock_flip_sigmas_inversion(model, positive, negative, latent, steps, cfg), steps, cfg)
-        rows.append([steps, "FlipSigmas + euler (stock)", 1, latent_psnr(stock["samples"], ref)])
-        for r in refine:
-            rec = reconstruct(model, positive, negative,
-                              ours_inversion(model, positive, negative, latent, steps, cfg, r), steps, cfg)
-            rows.append([steps, f"DDIM Inversion, refine {r}", 1 + r, latent_psnr(rec["samples"], ref)])
-    return rows
+    return [[steps, name, calls, latent_psnr(rec["samples"], latent["samples"])]
+            for steps in steps_list
+            for name, calls, rec in reconstruction_routes(model, positive, negative, latent, steps, cfg, refine)]
