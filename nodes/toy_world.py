@@ -163,7 +163,8 @@ class ClipLossModel:
         return F.normalize(self.model.encode_image((x - mean) / std), dim=-1)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(self.tokenizer(texts)), dim=-1)
+        tokens = self.tokenizer(texts).to(next(self.model.parameters()).device)  # the tokenizer makes CPU tensors
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
 
 
 def load_clip_loss_model(path: str) -> ClipLossModel:
