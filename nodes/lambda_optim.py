@@ -26,7 +26,7 @@ from .common import (CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError
                      latent_channels)
 from .schedules import step_progress_for_model
 from .perceptual import PerceptualModel
-from .toy_world import ClipLossModel
+from .clip_loss import ClipLossModel
 
 
 def differentiable_copy(module: torch.nn.Module) -> torch.nn.Module:

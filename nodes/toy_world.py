@@ -22,9 +22,9 @@ import comfy.utils
 import folder_paths
 
 import torch
-import torch.nn.functional as F
 
 from ..core import factor_world as fw
+from .clip_loss import OPENAI_MEAN, OPENAI_STD, ClipLossModel, import_open_clip
 from .common import CATEGORY, InputError
 
 TOY_WORLD_FOLDER = "toy_world"
@@ -148,36 +148,14 @@ class FactorWorldScene:
         return (image.permute(0, 2, 3, 1).contiguous(), fw.full_caption(factors[0]))
 
 
-class ClipLossModel:
-    """An open_clip model with its tokenizer and input normalisation (type CLIP_LOSS_MODEL)."""
-
-    def __init__(self, model, tokenizer, image_size: int, mean, std):
-        self.model, self.tokenizer, self.image_size, self.mean, self.std = model, tokenizer, image_size, mean, std
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Unit-norm embeddings of IMAGE-layout tensors [B, H, W, 3] in [0, 1]."""
-        x = images.movedim(-1, 1)
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return F.normalize(self.model.encode_image((x - mean) / std), dim=-1)
-
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(texts).to(next(self.model.parameters()).device)  # the tokenizer makes CPU tensors
-        return F.normalize(self.model.encode_text(tokens), dim=-1)
-
-
 def load_clip_loss_model(path: str) -> ClipLossModel:
     """The toy open_clip model from a safetensors file whose metadata holds its open_clip config."""
-    try:
-        import open_clip  # optional: only the λ-optimisation losses need it
-    except ImportError as e:
-        raise InputError("the CLIP loss model needs the open_clip_torch package: pip install open_clip_torch ftfy") from e
+    open_clip = import_open_clip()
     sd, config, _ = read_part(path, "open_clip_config")
     model = open_clip.CLIP(**config)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return ClipLossModel(model.eval(), open_clip.get_tokenizer("ViT-B-32"), config["vision_cfg"]["image_size"],
-                         (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+                         OPENAI_MEAN, OPENAI_STD)
 
 
 class LoadToyClipLossModel:

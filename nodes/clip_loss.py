@@ -1,0 +1,130 @@
+"""Load CLIP Loss Model: the image/text model of Wu et al.'s directional CLIP loss, through open_clip.
+
+The paper uses OpenAI's ViT-B/32. Weights come from a safetensors file in ``models/clip_loss``
+(an open_clip state dict, e.g. ``open_clip_model.safetensors`` of an open_clip repository on the
+Hugging Face hub; OpenAI's weights need ``model_name`` ViT-B-32-quickgelu), or from open_clip's own
+cache, which downloads when the machine is online. open_clip is imported only when a node runs.
+"""
+from __future__ import annotations
+
+import os
+
+import comfy.utils
+import folder_paths
+import torch
+import torch.nn.functional as F
+
+from .common import CATEGORY, InputError
+
+CLIP_LOSS_FOLDER = "clip_loss"
+OPEN_CLIP_CACHE = "open_clip cache (downloads if missing)"
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipLossModel:
+    """An open_clip model with its tokenizer and input normalisation (type CLIP_LOSS_MODEL)."""
+
+    def __init__(self, model, tokenizer, image_size: int, mean, std):
+        self.model, self.tokenizer, self.image_size, self.mean, self.std = model, tokenizer, image_size, mean, std
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings of IMAGE-layout tensors [B, H, W, 3] in [0, 1]."""
+        x = images.movedim(-1, 1)
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return F.normalize(self.model.encode_image((x - mean) / std), dim=-1)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(next(self.model.parameters()).device)  # the tokenizer makes CPU tensors
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+
+def import_open_clip():
+    try:
+        import open_clip  # optional: only the λ-optimisation losses need it
+    except ImportError as e:
+        raise InputError("the CLIP loss model needs the open_clip_torch package: pip install open_clip_torch ftfy") from e
+    return open_clip
+
+
+def wrap_open_clip(model, model_name: str) -> ClipLossModel:
+    """A ClipLossModel of an open_clip model, with its own image size and normalisation."""
+    open_clip = import_open_clip()
+    cfg = open_clip.get_model_preprocess_cfg(model) if hasattr(open_clip, "get_model_preprocess_cfg") else {}
+    size = cfg.get("size", 224)
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    return ClipLossModel(model.eval(), open_clip.get_tokenizer(model_name), size,
+                         tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD)))
+
+
+def open_clip_architecture(model_name: str):
+    """An open_clip model of architecture ``model_name`` with random weights (to load a file into)."""
+    open_clip = import_open_clip()
+    if model_name not in open_clip.list_models():
+        raise InputError(f"model_name: open_clip has no architecture {model_name!r} "
+                         f"(e.g. ViT-B-32, ViT-B-32-quickgelu, ViT-L-14)")
+    return open_clip.create_model(model_name, pretrained=None)
+
+
+def load_open_clip_file(path: str, model_name: str) -> ClipLossModel:
+    """An open_clip state dict from a safetensors file, into the architecture ``model_name``."""
+    try:
+        state = comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as e:  # a truncated or foreign file
+        raise InputError(f"{os.path.basename(path)} is not a readable safetensors file: {e}") from e
+    model = open_clip_architecture(model_name)
+    wrong = f"{os.path.basename(path)} is not an open_clip {model_name} state dict"
+    try:
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    except RuntimeError as e:  # shapes of another architecture
+        raise InputError(f"{wrong} ({(str(e).splitlines()[1:] or [str(e)])[0].strip()} ...); pick the model_name it was made for") from e
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise InputError(f"{wrong} (missing {missing[:3]}, unexpected {unexpected[:3]}); pick the model_name it was made for")
+    return wrap_open_clip(model, model_name)
+
+
+def load_open_clip_pretrained(model_name: str, pretrained: str) -> ClipLossModel:
+    """open_clip's pretrained weights from its cache (downloaded there when online)."""
+    open_clip = import_open_clip()
+    if model_name not in open_clip.list_models():
+        raise InputError(f"model_name: open_clip has no architecture {model_name!r}")
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained)
+    except Exception as e:  # offline and not cached, or an unknown tag
+        raise InputError(f"open_clip could not load {model_name} / {pretrained!r} ({type(e).__name__}: {e}). Offline, "
+                         f"put the weights as safetensors in models/{CLIP_LOSS_FOLDER} and pick that file") from e
+    return wrap_open_clip(model, model_name)
+
+
+class LoadClipLossModel:
+    DESCRIPTION = ("The image/text model of the directional CLIP loss (Wu et al. use OpenAI's ViT-B/32), "
+                   "through open_clip: a safetensors file in models/clip_loss or open_clip's own cache.")
+    CATEGORY = f"{CATEGORY}/lambda"
+    RETURN_TYPES = ("CLIP_LOSS_MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = folder_paths.get_filename_list(CLIP_LOSS_FOLDER)
+        return {"required": {
+            "clip_name": (files + [OPEN_CLIP_CACHE], {
+                "tooltip": f"An open_clip state dict (safetensors) in models/{CLIP_LOSS_FOLDER}, or open_clip's cache."}),
+            "model_name": ("STRING", {"default": "ViT-B-32", "tooltip": (
+                "open_clip architecture of the weights: ViT-B-32 for LAION weights, ViT-B-32-quickgelu for OpenAI's "
+                "weights in a file.")}),
+            "pretrained": ("STRING", {"default": "openai", "tooltip": (
+                "open_clip pretrained tag, used only with the cache (e.g. openai, laion2b_s34b_b79k).")}),
+        }}
+
+    def load(self, clip_name, model_name, pretrained):
+        if clip_name == OPEN_CLIP_CACHE:
+            return (load_open_clip_pretrained(model_name.strip(), pretrained.strip()),)
+        path = folder_paths.get_full_path_or_raise(CLIP_LOSS_FOLDER, clip_name)
+        return (load_open_clip_file(path, model_name.strip()),)
+
+
+NODE_CLASS_MAPPINGS = {"DisentangleLoadClipLoss": LoadClipLossModel}
+NODE_DISPLAY_NAME_MAPPINGS = {"DisentangleLoadClipLoss": "Load CLIP Loss Model (open_clip)"}
