@@ -33,8 +33,13 @@ which is mixed with the same λ: it is linear in the pooled embedding, so λ·y1
 ADM input of the mixed pooled embedding."""
 
 
-def _lerp(a: Optional[Tensor], b: Optional[Tensor], lam) -> Optional[Tensor]:
-    return None if a is None else lam * b + (1 - lam) * a
+def _lerp(a: Optional[Tensor], b: Optional[Tensor], lam: Tensor) -> Optional[Tensor]:
+    """λ·b + (1 − λ)·a with a scalar λ, or one λ per batch item (λ of shape [B])."""
+    if a is None:
+        return None
+    if lam.ndim == 1:
+        lam = lam.view(-1, *([1] * (a.ndim - 1)))
+    return lam * b + (1 - lam) * a
 
 
 def guided_denoise(denoise: ContextDenoiser, x: Tensor, sigma: Tensor, context: Tensor,
@@ -57,7 +62,7 @@ def mixed_step(denoise: ContextDenoiser, x: Tensor, sigma: float, sigma_next: fl
                lam: Tensor, uncond: Optional[Tensor], cfg: float, y0: Optional[Tensor] = None,
                y1: Optional[Tensor] = None, y_uncond: Optional[Tensor] = None) -> Tensor:
     """One η = 0 DDIM step with context λ·c1 + (1 − λ)·c0 (c0 already at c1's token length)
-    and, if given, the per-prompt vector λ·y1 + (1 − λ)·y0."""
+    and, if given, the per-prompt vector λ·y1 + (1 − λ)·y0. ``lam``: a scalar, or [B] (one per item)."""
     context = _lerp(c0, c1, lam)
     s = torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
     denoised = guided_denoise(denoise, x, s, context.expand(x.shape[0], -1, -1), uncond, cfg,
@@ -72,12 +77,16 @@ def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float],
                  y1: Optional[Tensor] = None, y_uncond: Optional[Tensor] = None) -> Tensor:
     """X0(λ): DDIM sampling along decreasing ``sigmas`` with λ_i at step i, differentiable in λ.
 
+    ``lambdas``: [N] (one schedule for the batch) or [N, B] (one schedule per batch item, i.e. B
+    independent edits in one batch).
+
     ``corrections[i]`` (if given and not None) is added after step i. With ``use_checkpoint`` and
     gradients on, each step is recomputed in the backward pass instead of being stored.
     """
     s = [float(v) for v in sigmas]
-    if lambdas.numel() != len(s) - 1:
-        raise ValueError(f"lambdas: need one value per step ({len(s) - 1}), got {lambdas.numel()}")
+    if lambdas.shape[0] != len(s) - 1 or lambdas.ndim > 2 or (lambdas.ndim == 2 and lambdas.shape[1] != x_T.shape[0]):
+        raise ValueError(f"lambdas: need shape [{len(s) - 1}] or [{len(s) - 1}, {x_T.shape[0]}] (steps, batch), "
+                         f"got {list(lambdas.shape)}")
     c0 = match_token_length(c0, c1.shape[1]).to(c1)
     x = x_T
     for i in range(len(s) - 1):
@@ -120,10 +129,13 @@ def trajectory_corrections(denoise: ContextDenoiser, trajectory: Sequence[Tensor
     return out
 
 
-def directional_loss(image_emb: Tensor, neutral_image_emb: Tensor, text_direction: Tensor) -> Tensor:
-    """1 − cos(E_I(edit) − E_I(neutral), E_T(styled) − E_T(neutral)), averaged over the batch."""
+def directional_loss(image_emb: Tensor, neutral_image_emb: Tensor, text_direction: Tensor,
+                     per_item: bool = False) -> Tensor:
+    """1 − cos(E_I(edit) − E_I(neutral), E_T(styled) − E_T(neutral)), averaged over the batch
+    (``per_item``: one value per batch item)."""
     delta = image_emb - neutral_image_emb
-    return (1 - F.cosine_similarity(delta, text_direction.expand_as(delta), dim=-1, eps=1e-8)).mean()
+    loss = 1 - F.cosine_similarity(delta, text_direction.expand_as(delta), dim=-1, eps=1e-8)
+    return loss if per_item else loss.mean()
 
 
 def optimize_lambdas(loss_of: Callable[[Tensor], Tensor], init: Tensor, iterations: int = 10, lr: float = 0.03,
@@ -132,24 +144,32 @@ def optimize_lambdas(loss_of: Callable[[Tensor], Tensor], init: Tensor, iteratio
 
     ``loss_of(λ)`` samples, decodes and scores; returns (the λ with the lowest loss seen, the loss of
     every iteration). ``callback(i, loss, λ)`` after each iteration (progress, cancel).
+
+    Independent edits in one batch: ``init`` of shape [N, B] and ``loss_of`` returning one loss per
+    item [B]. The sum is minimised; Adam's per-parameter steps make that B separate optimisations,
+    and the best λ is kept per item. The history then holds the mean loss.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")
     lam = init.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([lam], lr=lr)
     history: list[float] = []
-    best, best_loss = lam.detach().clone(), float("inf")
+    best = lam.detach().clone()
+    best_loss = torch.full(init.shape[1:], float("inf"), dtype=torch.float64)
     for i in range(iterations):
         opt.zero_grad(set_to_none=True)
         loss = loss_of(lam)
-        loss.backward()
-        value = float(loss.detach())
-        history.append(value)
-        if value < best_loss:
-            best, best_loss = lam.detach().clone(), value
+        if loss.ndim > 1 or (loss.ndim == 1 and (init.ndim != 2 or loss.shape[0] != init.shape[1])):
+            raise ValueError(f"loss_of must return a scalar or one loss per column of λ, got shape {list(loss.shape)}")
+        loss.sum().backward()
+        value = loss.detach().double().cpu()
+        history.append(float(value.mean()))
+        better = value < best_loss
+        best = torch.where(better.to(best.device), lam.detach(), best)
+        best_loss = torch.where(better, value, best_loss)
         opt.step()
         if callback is not None:
-            callback(i, value, lam.detach())
+            callback(i, history[-1], lam.detach())
     return best, history
 
 

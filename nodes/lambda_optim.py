@@ -79,6 +79,16 @@ def initial_noise(model, latent: torch.Tensor, seed: int, sigma0: float) -> torc
     return sampling.noise_scaling(torch.tensor(sigma0), noise, start, max_denoise)
 
 
+def preview_of(images: torch.Tensor | None):
+    """The first image of an IMAGE batch as a progress-bar preview, (format, PIL image, max size)."""
+    if images is None:
+        return None
+    from PIL import Image
+    import latent_preview
+    pixels = (images[0].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return ("JPEG", Image.fromarray(pixels), latent_preview.MAX_PREVIEW_RESOLUTION)
+
+
 class LambdaObjective:
     """Wu et al.'s objective for one or more edits, on differentiable copies of the host's models.
 
@@ -97,7 +107,7 @@ class LambdaObjective:
                                     clip_loss_model.image_size, clip_loss_model.mean, clip_loss_model.std)
         self.perceptual = None if perceptual_model is None else PerceptualModel(
             differentiable_copy(perceptual_model.net).to(self.device))
-        self.neutral_emb = self.direction = self.neutral_image = None
+        self.neutral_emb = self.direction = self.neutral_image = self.last_image = None
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Sampler-space latents → IMAGE-layout pixels in [0, 1], differentiably."""
@@ -110,14 +120,64 @@ class LambdaObjective:
         self.neutral_emb = self.scorer.encode_images(self.neutral_image)
         self.direction = (self.scorer.encode_texts(styled_texts) - self.scorer.encode_texts(neutral_texts)).to(self.device)
 
-    def loss(self, x0: torch.Tensor) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, per_item: bool = False) -> torch.Tensor:
+        """L(λ) at X0(λ) = ``x0``: the batch mean, or one value per item (independent edits)."""
         image = self.decode(x0)
+        self.last_image = image.detach()  # the live preview shows it
         emb = self.scorer.encode_images(image)
         if self.perceptual is not None:
-            perceptual = self.perceptual.distance(image, self.neutral_image)
+            perceptual = self.perceptual.distance(image, self.neutral_image, per_item=True)
         else:
-            perceptual = (1 - F.cosine_similarity(emb, self.neutral_emb, dim=-1)).mean()
-        return lo.directional_loss(emb, self.neutral_emb, self.direction) + self.beta * perceptual
+            perceptual = 1 - F.cosine_similarity(emb, self.neutral_emb, dim=-1)
+        loss = lo.directional_loss(emb, self.neutral_emb, self.direction, per_item=True) + self.beta * perceptual
+        return loss if per_item else loss.mean()
+
+
+class LambdaEdit:
+    """X0(λ) and L(λ) of an edit (or a batch of edits) on the host's models, ready for Adam.
+
+    ``start``: x_T in the sampler's space (generation), or an InversionTrajectory (a real image:
+    the first N − r steps are corrected to pass through its trajectory, the last r re-diffuse).
+    Build and use it outside inference mode with gradients on.
+    """
+
+    def __init__(self, objective: LambdaObjective, sigmas: list[float], cfg: float, conds, adms, start,
+                 rediffusion_steps: int = 20, per_item: bool = False, use_checkpoint: bool = True):
+        device = objective.device
+        self.objective, self.sigmas, self.cfg = objective, sigmas, cfg
+        self.per_item, self.use_checkpoint = per_item, use_checkpoint
+        self.c0, self.c1, self.uncond = (t.clone().to(device) for t in conds)
+        y0, y1, yu = (None if y is None else y.clone().to(device) for y in adms)
+        self.adm = {"y0": y0, "y1": y1, "y_uncond": yu}
+        self.corrections = self.path = None
+        if isinstance(start, InversionTrajectory):
+            model = objective.model
+            self.path = [model.model.process_latent_in(x.clone()).to(device) for x in start.latents]
+            self.x_T = self.path[0]
+            self.corrections = lo.trajectory_corrections(objective.denoise, self.path, sigmas, self.c0, self.uncond, cfg,
+                                                         rediffusion_steps, y0=y0, y_uncond=yu)
+        else:
+            self.x_T = start.clone().to(device)
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def sample(self, lam: torch.Tensor) -> torch.Tensor:
+        """X0(λ); differentiable in λ when gradients are on (each step checkpointed)."""
+        return lo.sample_mixed(self.objective.denoise, self.x_T, self.sigmas, self.c0, self.c1,
+                               lam.to(self.objective.device), self.uncond, self.cfg, corrections=self.corrections,
+                               use_checkpoint=self.use_checkpoint, **self.adm)
+
+    @torch.no_grad()
+    def set_reference(self, neutral_texts: list[str], styled_texts: list[str]) -> torch.Tensor:
+        """Sample (or, for a real image, take) the neutral X0(0) and set the loss's references; returns it."""
+        neutral = self.sample(torch.zeros(self.steps)) if self.path is None else self.path[-1]
+        self.objective.set_reference(neutral, neutral_texts, styled_texts)
+        return neutral
+
+    def loss(self, lam: torch.Tensor) -> torch.Tensor:
+        return self.objective.loss(self.sample(lam), per_item=self.per_item)
 
 
 class OptimizeLambdaSchedule:
@@ -204,45 +264,29 @@ class OptimizeLambdaSchedule:
                 raise InputError(f"rediffusion_steps must lie in [0, {n}], got {rediffusion_steps}")
 
         mm.load_models_gpu([model])
-        objective = LambdaObjective(model, vae, clip_loss_model, beta, perceptual_model)
-        device = objective.device
-        downscale = vae.spacial_compression_encode()
-        empty = torch.zeros(1, channels, height // downscale, width // downscale)
-
         bar = comfy.utils.ProgressBar(iterations + 1)
         history = []
         with torch.inference_mode(False), torch.enable_grad():
-            c0, c1, uncond = (t.clone().to(device) for t in (c0, c1, uncond))
-            y0, y1, yu = (None if y is None else y.clone().to(device) for y in (y0, y1, yu))
-            adm = {"y0": y0, "y1": y1, "y_uncond": yu}
-            corrections = None
+            objective = LambdaObjective(model, vae, clip_loss_model, beta, perceptual_model)
             if trajectory is None:
-                x_T = initial_noise(model, empty, seed, sigmas[0]).clone().to(device)
-            else:  # a real image: pass through its inversion trajectory, then re-diffuse
-                path = [model.model.process_latent_in(x.clone()).to(device) for x in trajectory.latents]
-                x_T = path[0]
-                corrections = lo.trajectory_corrections(objective.denoise, path, sigmas, c0, uncond, cfg, rediffusion_steps,
-                                                        y0=y0, y_uncond=yu)
-
-            def sample(lam, grad=True):
-                with torch.set_grad_enabled(grad):
-                    return lo.sample_mixed(objective.denoise, x_T, sigmas, c0, c1, lam.to(device), uncond, cfg,
-                                           corrections=corrections, use_checkpoint=True, **adm)
-
-            neutral_x0 = sample(torch.zeros(n), grad=False) if trajectory is None else path[-1]
-            objective.set_reference(neutral_x0, [neutral_text], [styled_text])
+                downscale = vae.spacial_compression_encode()
+                empty = torch.zeros(1, channels, height // downscale, width // downscale)
+                start = initial_noise(model, empty, seed, sigmas[0])
+            else:
+                start = trajectory
+            edit = LambdaEdit(objective, sigmas, cfg, (c0, c1, uncond), (y0, y1, yu), start, rediffusion_steps)
+            neutral_x0 = edit.set_reference([neutral_text], [styled_text])
             bar.update_absolute(1, iterations + 1)
 
             def on_iteration(i, loss, lam):
                 history.append(loss)
                 mm.throw_exception_if_processing_interrupted()
-                bar.update_absolute(i + 2, iterations + 1)
+                bar.update_absolute(i + 2, iterations + 1, preview_of(objective.last_image))
 
             init = lo.paper_init(n, neutral_steps, styled_weight)
-            best, _ = lo.optimize_lambdas(lambda lam: objective.loss(sample(lam)), init, iterations, learning_rate,
-                                          on_iteration)
+            best, _ = lo.optimize_lambdas(edit.loss, init, iterations, learning_rate, on_iteration)
             with torch.no_grad():
-                edited_x0 = sample(best, grad=False)
+                edited_x0 = edit.sample(best)
 
         schedule = LambdaSchedule(tuple(step_progress_for_model(model, sigmas[:-1])), tuple(best.tolist()))
         out = mm.intermediate_device()

@@ -40,9 +40,11 @@ class PerceptualModel:
     def __init__(self, net: torch.nn.Module):
         self.net = net
 
-    def distance(self, images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def distance(self, images: torch.Tensor, reference: torch.Tensor, per_item: bool = False) -> torch.Tensor:
+        """LPIPS(images, reference): the batch mean, or one value per item."""
         a, b = (x.movedim(-1, 1) * 2 - 1 for x in (images, reference))
-        return self.net(a, b).mean()
+        d = self.net(a, b).flatten(1).mean(1)
+        return d if per_item else d.mean()
 
 
 def load_lpips(weights_path: str | None) -> PerceptualModel:

@@ -133,7 +133,7 @@ def test_optimisation_lowers_the_loss_and_returns_the_best_lambda():
 def test_paper_init_and_length_check():
     assert lo.paper_init(5, 2, 1.1).tolist() == pytest.approx([0, 0, 1.1, 1.1, 1.1])
     net, c0, c1, uncond, sigmas, x_T = setup()
-    with pytest.raises(ValueError, match="one value per step"):
+    with pytest.raises(ValueError, match=r"need shape \[5\] or \[5, 1\]"):
         lo.sample_mixed(net, x_T, sigmas, c0, c1, torch.zeros(3, dtype=torch.float64))
 
 
@@ -162,3 +162,45 @@ def test_per_prompt_vector_is_mixed_and_differentiable():
     with torch.no_grad():
         fd = torch.stack([(loss_of(lam + e) - loss_of(lam - e)) / 2e-6 for e in torch.eye(5, dtype=torch.float64) * 1e-6])
     assert torch.allclose(lam.grad, fd, rtol=1e-5, atol=1e-9)
+
+
+def batch_setup(items=3, seed=5):
+    net, _, _, uncond, sigmas, _ = setup()
+    g = torch.Generator().manual_seed(seed)
+    c0 = torch.randn(items, 5, 8, generator=g, dtype=torch.float64)
+    c1 = torch.randn(items, 5, 8, generator=g, dtype=torch.float64)
+    y0, y1, yu = (torch.randn(items, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    x_T = torch.randn(items, 4, 6, 6, generator=g, dtype=torch.float64) * sigmas[0]
+    targets = torch.randn(items, 4, 6, 6, generator=g, dtype=torch.float64)
+    return net, c0, c1, uncond, sigmas, x_T, (y0, y1, yu), targets
+
+
+def test_one_schedule_per_item_equals_separate_runs():
+    """λ of shape [N, B]: item b of the batch is sampled exactly as alone with schedule λ[:, b]."""
+    net, c0, c1, uncond, sigmas, x_T, (y0, y1, yu), _ = batch_setup()
+    lam = torch.rand(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1.2
+    with torch.no_grad():
+        batched = lo.sample_mixed(net, x_T, sigmas, c0, c1, lam, uncond, 2.0, y0=y0, y1=y1, y_uncond=yu[:1])
+        alone = [lo.sample_mixed(net, x_T[b:b + 1], sigmas, c0[b:b + 1], c1[b:b + 1], lam[:, b], uncond, 2.0,
+                                 y0=y0[b:b + 1], y1=y1[b:b + 1], y_uncond=yu[:1]) for b in range(3)]
+    assert torch.allclose(batched, torch.cat(alone), atol=1e-12)
+    with pytest.raises(ValueError, match=r"need shape \[5\] or \[5, 3\]"):
+        lo.sample_mixed(net, x_T, sigmas, c0, c1, lam[:, :2], uncond, 2.0)
+
+
+def test_per_item_optimisation_equals_separate_optimisations():
+    """Summed per-item losses under Adam = each item optimised alone; the best λ is kept per item."""
+    net, c0, c1, uncond, sigmas, x_T, _, targets = batch_setup()
+
+    def loss_of(lam, idx=slice(None)):
+        x0 = lo.sample_mixed(net, x_T[idx], sigmas, c0[idx], c1[idx], lam, uncond, 2.0)
+        return ((x0 - targets[idx]) ** 2).flatten(1).mean(1)
+
+    init = lo.paper_init(5, 2).double()
+    best, history = lo.optimize_lambdas(loss_of, init[:, None].repeat(1, 3), iterations=4, lr=0.1)
+    for b in range(3):
+        alone, alone_history = lo.optimize_lambdas(lambda lam: loss_of(lam, slice(b, b + 1))[0], init, 4, 0.1)
+        assert torch.allclose(best[:, b], alone, atol=1e-9)
+    assert len(history) == 4
+    with pytest.raises(ValueError, match="one loss per column"):
+        lo.optimize_lambdas(lambda lam: loss_of(lam)[:2], init[:, None].repeat(1, 3), 1, 0.1)

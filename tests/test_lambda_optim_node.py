@@ -166,3 +166,21 @@ def test_trajectory_with_other_steps_is_rejected(toy):
         optimize(toy, trajectory=trajectory)
     with pytest.raises(ValueError, match=r"rediffusion_steps must lie in \[0, 10\]"):
         optimize(toy, trajectory=invert_scene(toy)[1], rediffusion_steps=11)
+
+
+def test_progress_reports_every_iteration_with_a_preview(toy):
+    """One progress tick for the reference sampling and one per iteration, each iteration with the
+    decoded edit as a live preview (what ComfyUI shows on the node)."""
+    import comfy.utils
+    seen = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: seen.append((value, total, preview)))
+    try:
+        optimize(toy, iterations=2)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    assert [(v, t) for v, t, _ in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert seen[0][2] is None
+    for _, _, preview in seen[1:]:
+        kind, image, _ = preview
+        assert kind == "JPEG" and image.size == (128, 128) and len(set(image.getdata())) > 10
