@@ -11,7 +11,8 @@ One table in three parts:
    baseline (just change the prompt), λ mixing with the fixed switch schedule, λ mixing with a
    schedule optimised on a few of the seeds and transferred to all; later issues add AVI and DisDiff.
 
-Everything runs through stock ComfyUI nodes on the CPU (about two minutes) or the GPU.
+Everything runs through stock ComfyUI nodes on the CPU (several minutes), or on the GPU with
+DISENTANGLE_HOST_GPU=1.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def edit_rates(judge, fw, original, edited, target_col, target_values):
     return reached, preserved, per_factor
 
 
-def editing_methods(model, clip, vae, judge, fw, n, seed, optimise_on=8):
+def editing_methods(model, clip, vae, judge, fw, n, seed, optimise_on=8, per_seed_betas=(0.03,)):
     """Object-hue edits by text over n seeds (each with its own scene and target hue)."""
     import torch
     pack_ls = comfy_host.pack_module("core.lambda_schedule")
@@ -116,39 +117,67 @@ def editing_methods(model, clip, vae, judge, fw, n, seed, optimise_on=8):
         rows.append([f"λ mixing, optimised on {optimise_on} seeds ({len(losses)} Adam steps, loss "
                      f"{losses[0]:.3f}→{min(losses):.3f}), applied to all {n}",
                      *edit_rates(judge, fw, original, images, fw.OBJECT_HUE, target)])
+    for beta in per_seed_betas:
+        lam, losses = learn_per_seed_schedules(model, clip, vae, fw, factors, edited_factors, seed, beta=beta)
+        images = lam_images(model, clip, vae, fw, factors, edited_factors, seed, lam)
+        rows.append([f"λ mixing, optimised per seed (β {beta}, {len(losses)} Adam steps, mean loss "
+                     f"{losses[0]:.3f}→{losses[-1]:.3f})", *edit_rates(judge, fw, original, images, fw.OBJECT_HUE, target)])
     for label in ("AVI, ρ sweep (issue 5)", "DisDiff swap (issue 6)"):
         rows.append([label, None, None, None])
     return rows
 
 
-def learn_shared_schedule(model, clip, vae, fw, factors, edited_factors, seed, batch, steps=50, cfg=5.0,
-                          iterations=10, lr=0.05, beta=0.03):
-    """One λ schedule for several edits at once (Wu et al.'s loss averaged over the batch), from the
-    same noise as the first items of the evaluation batch; returns (LAMBDA_SCHEDULE, losses)."""
+def toy_edit(model, clip, vae, fw, factors, edited_factors, seed, steps=50, cfg=5.0, beta=0.03, per_item=False, batch=None):
+    """A LambdaEdit of the object-hue edits of ``factors`` → ``edited_factors`` from the noise that an
+    evaluation batch of ``batch`` items gets from ``seed`` (its first len(factors) items); toy CLIP loss model."""
     import comfy.samplers
     import torch
-    lo = comfy_host.pack_module("core.lambda_optim")
     node = comfy_host.pack_module("nodes.lambda_optim")
-    ls = comfy_host.pack_module("core.lambda_schedule")
-    step_progress = comfy_host.pack_module("nodes.schedules").step_progress_for_model
     loss_model = call("DisentangleLoadToyClipLoss", clip_name="toy_world_clip.safetensors")[0]
-    objective = node.LambdaObjective(model, vae, loss_model, beta)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps).tolist()
     neutral_texts, styled_texts = fw.full_caption(factors), fw.full_caption(edited_factors)
-    c0, c1 = encode_batch(clip, neutral_texts)[0][0], encode_batch(clip, styled_texts)[0][0]
-    uncond = encode_batch(clip, [""])[0][0]
+    conds = (encode_batch(clip, neutral_texts)[0][0], encode_batch(clip, styled_texts)[0][0], encode_batch(clip, [""])[0][0])
     with torch.inference_mode(False), torch.enable_grad():
-        c0, c1, uncond = c0.clone(), c1.clone(), uncond.clone()
-        x_T = node.initial_noise(model, torch.zeros(batch, 4, 16, 16), seed, sigmas[0])[:len(factors)].clone()
+        objective = node.LambdaObjective(model, vae, loss_model, beta)
+        x_T = node.initial_noise(model, torch.zeros(batch or len(factors), 4, 16, 16), seed, sigmas[0])[:len(factors)]
+        edit = node.LambdaEdit(objective, sigmas, cfg, conds, (None, None, None), x_T, per_item=per_item)
+        edit.set_reference(neutral_texts, styled_texts)
+    return edit
 
-        def sample(lam):
-            return lo.sample_mixed(objective.denoise, x_T, sigmas, c0, c1, lam, uncond, cfg)
 
-        with torch.no_grad():
-            objective.set_reference(sample(torch.zeros(len(sigmas) - 1)), neutral_texts, styled_texts)
-        best, losses = lo.optimize_lambdas(lambda lam: objective.loss(sample(lam)),
-                                           lo.paper_init(len(sigmas) - 1, 20, 1.0), iterations, lr)
-    return ls.LambdaSchedule(tuple(step_progress(model, sigmas[:-1])), tuple(best.tolist())), losses
+def learn_per_seed_schedules(model, clip, vae, fw, factors, edited_factors, seed, iterations=10, lr=0.05, beta=0.03):
+    """Wu et al.'s use: one λ schedule optimised for each seed's own edit (all seeds in one batch,
+    independent Adam optimisations); returns (λ [steps, n], mean loss per iteration)."""
+    import torch
+    lo = comfy_host.pack_module("core.lambda_optim")
+    edit = toy_edit(model, clip, vae, fw, factors, edited_factors, seed, beta=beta, per_item=True)
+    with torch.inference_mode(False), torch.enable_grad():
+        init = lo.paper_init(edit.steps, 20, 1.0)[:, None].repeat(1, len(factors))
+        return lo.optimize_lambdas(edit.loss, init, iterations, lr)
+
+
+def lam_images(model, clip, vae, fw, factors, edited_factors, seed, lam):
+    """Images of the edits sampled with per-seed schedules λ [steps, n] (the core sampler, the same
+    DDIM steps as KSampler's ddim), decoded by stock VAEDecode."""
+    import torch
+    edit = toy_edit(model, clip, vae, fw, factors, edited_factors, seed)
+    with torch.inference_mode(False), torch.no_grad():
+        x0 = edit.sample(lam)
+    latent = {"samples": model.model.process_latent_out(x0).cpu()}
+    return call("VAEDecode", samples=latent, vae=vae)[0].movedim(-1, 1).clamp(0, 1)
+
+
+def learn_shared_schedule(model, clip, vae, fw, factors, edited_factors, seed, batch, iterations=10, lr=0.05, beta=0.03):
+    """One λ schedule for several edits at once (Wu et al.'s loss averaged over the batch), from the
+    same noise as the first items of the evaluation batch; returns (LAMBDA_SCHEDULE, losses)."""
+    import torch
+    lo = comfy_host.pack_module("core.lambda_optim")
+    ls = comfy_host.pack_module("core.lambda_schedule")
+    step_progress = comfy_host.pack_module("nodes.schedules").step_progress_for_model
+    edit = toy_edit(model, clip, vae, fw, factors, edited_factors, seed, beta=beta, batch=batch)
+    with torch.inference_mode(False), torch.enable_grad():
+        best, losses = lo.optimize_lambdas(edit.loss, lo.paper_init(edit.steps, 20, 1.0), iterations, lr)
+    return ls.LambdaSchedule(tuple(step_progress(model, edit.sigmas[:-1])), tuple(best.tolist())), losses
 
 
 def main():
@@ -157,6 +186,8 @@ def main():
     parser.add_argument("--images", type=int, default=64, help="data-set images for the inversion rows")
     parser.add_argument("--edits", type=int, default=64, help="seeds for the editing rows")
     parser.add_argument("--optimise-on", type=int, default=8, help="seeds the shared λ schedule is learned on (0: skip)")
+    parser.add_argument("--per-seed-betas", type=float, nargs="*", default=[0.03],
+                        help="β values of the per-seed optimised rows (none: skip)")
     args = parser.parse_args()
     if not comfy_host.host_available():
         sys.exit(comfy_host.SKIP_REASON)
@@ -170,7 +201,8 @@ def main():
     with torch.inference_mode():
         control = text_control(model, clip, vae, judge, fw, args.samples, seed=1)
         inversion = inversion_quality(model, clip, vae, fw, args.images, seed=2)
-        edits = editing_methods(model, clip, vae, judge, fw, args.edits, seed=3, optimise_on=args.optimise_on)
+        edits = editing_methods(model, clip, vae, judge, fw, args.edits, seed=3, optimise_on=args.optimise_on,
+                                per_seed_betas=args.per_seed_betas)
 
     rows = [["text control", name, control[name], "", f"chance {1 / size:.2f}"]
             for name, size in zip(fw.FACTOR_NAMES, fw.FACTOR_SIZES)]
@@ -186,7 +218,8 @@ def main():
         f"PSNR dB of invert → stock KSamplerAdvanced over {args.images} data-set images, cfg 1; edit object hue = "
         f"target hue reached / all five other factors preserved vs the unedited generation, {args.edits} seeds",
         ["part", "row", "A", "B", "reference"], rows)
-    print(f"\n{time.time() - t0:.0f} s, ComfyUI --cpu")
+    import comfy.model_management as mm
+    print(f"\n{time.time() - t0:.0f} s, ComfyUI on {mm.get_torch_device_name(mm.get_torch_device())}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ optimisation minimises, over λ_1:T,
     L(λ) = L_dir(X0(λ), X0(0); c1 − c0) + β·L_perc(X0(λ), X0(0))
 
 with the directional CLIP loss L_dir = 1 − cos(E_I(X0(λ)) − E_I(X0(0)), E_T(c1) − E_T(c0)).
-Gradients go through every sampler step; each step is checkpointed (its denoiser is recomputed in
-the backward pass), so at most one step's activations are alive at a time.
+Gradients go through every sampler step by an adjoint pass: the forward pass keeps only the
+latents x_0..x_N, the backward pass recomputes each step from its x_i and back-propagates through it
+alone, so at most one step's activations are alive at a time (what checkpointing every step gives).
 
 Real images (Sec. 3.4): an inversion trajectory x*_0..N (most noisy first) and per-step corrections
 δ_i = x*_{i+1} − step(x*_i; λ = 0) make the λ = 0 path pass exactly through the image's
@@ -21,7 +22,6 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from .conditioning import match_token_length
 from .ddim import ddim_step_sigma
@@ -70,32 +70,179 @@ def mixed_step(denoise: ContextDenoiser, x: Tensor, sigma: float, sigma_next: fl
     return ddim_step_sigma(x, denoised, sigma, sigma_next)
 
 
+class MixedStepRunner:
+    """Step i of λ-mixed DDIM sampling, x_{i+1} = Φ_i(x_i, λ_i) (η = 0), and its vector-Jacobian
+    product (g·∂Φ_i/∂x_i, g·∂Φ_i/∂λ_i), recomputed from x_i: what the adjoint pass of
+    ``sample_mixed`` needs. σ's are tensors, so a step has no host synchronisation (CUDA-graphable).
+    """
+
+    def __init__(self, denoise: ContextDenoiser, sigmas: Sequence[float], c0: Tensor, c1: Tensor,
+                 uncond: Optional[Tensor] = None, cfg: float = 1.0, y0: Optional[Tensor] = None,
+                 y1: Optional[Tensor] = None, y_uncond: Optional[Tensor] = None):
+        self.denoise, self.sigmas, self.uncond, self.cfg = denoise, [float(v) for v in sigmas], uncond, cfg
+        self.c1, self.c0 = c1, match_token_length(c0, c1.shape[1]).to(c1)
+        self.y0, self.y1, self.y_uncond = y0, y1, y_uncond
+        self._sigma_table: Optional[Tensor] = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def sigma_pair(self, i: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        table = self._sigma_table
+        if table is None or table.device != like.device or table.dtype != like.dtype:
+            table = self._sigma_table = torch.tensor(self.sigmas, dtype=like.dtype, device=like.device)
+        return table[i], table[i + 1]
+
+    def step(self, x: Tensor, sigma: Tensor, sigma_next: Tensor, lam: Tensor) -> Tensor:
+        """x_next = D + σ_next·(x − D)/σ with D the guided x̂0 under context λ·c1 + (1 − λ)·c0."""
+        context = _lerp(self.c0, self.c1, lam)
+        denoised = guided_denoise(self.denoise, x, sigma.expand(x.shape[0]), context.expand(x.shape[0], -1, -1),
+                                  self.uncond, self.cfg, _lerp(self.y0, self.y1, lam), self.y_uncond)
+        return denoised + sigma_next * ((x - denoised) / sigma)
+
+    def forward(self, i: int, x: Tensor, lam: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.step(x, *self.sigma_pair(i, x), lam)
+
+    def vjp(self, i: int, x: Tensor, lam: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            x_, lam_ = x.detach().requires_grad_(True), lam.detach().requires_grad_(True)
+            out = self.step(x_, *self.sigma_pair(i, x), lam_)
+            return torch.autograd.grad(out, (x_, lam_), grad)
+
+
+class GraphedStepRunner(MixedStepRunner):
+    """The same steps replayed from two CUDA graphs, one step's forward and one step's VJP, captured
+    on first use for the shapes at hand. Sampling and its gradient then cost GPU time only, not
+    Python's per-kernel launch time (which otherwise dominates a 50-step backward). Falls back to
+    the eager steps, with ``fallback_reason`` set, on the CPU or if capture fails.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._key = None
+        self.fallback_reason: Optional[str] = None
+
+    def _capture(self, x: Tensor, lam: Tensor) -> bool:
+        key = (tuple(x.shape), x.dtype, x.device, tuple(lam.shape))
+        if self._key == key:
+            return True
+        if self.fallback_reason is not None or x.device.type != "cuda":
+            self.fallback_reason = self.fallback_reason or f"tensors on {x.device.type}, not CUDA"
+            return False
+        sig, sig_next = (t.clone() for t in self.sigma_pair(0, x))
+        st = {"x": x.detach().clone(), "lam": lam.detach().clone().to(x.device), "sig": sig, "sig_next": sig_next,
+              "grad": torch.zeros_like(x)}
+
+        def vjp_static():
+            x_, lam_ = st["x"].detach().requires_grad_(True), st["lam"].detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = self.step(x_, st["sig"], st["sig_next"], lam_)
+                return torch.autograd.grad(out, (x_, lam_), st["grad"])
+
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture (cuDNN/cuBLAS choices, allocator)
+                for _ in range(2):
+                    vjp_static()
+                    with torch.no_grad():
+                        self.step(st["x"], st["sig"], st["sig_next"], st["lam"])
+            torch.cuda.current_stream().wait_stream(side)
+            forward_graph, vjp_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(forward_graph), torch.no_grad():
+                st["out"] = self.step(st["x"], st["sig"], st["sig_next"], st["lam"])
+            with torch.cuda.graph(vjp_graph):
+                st["grad_x"], st["grad_lam"] = vjp_static()
+        except Exception as e:  # a host sync or an op that cannot be captured: stay eager
+            self.fallback_reason = f"CUDA graph capture failed ({type(e).__name__}: {e})"
+            return False
+        self._static, self._graphs, self._key = st, (forward_graph, vjp_graph), key
+        return True
+
+    def _load(self, i: int, x: Tensor, lam: Tensor) -> None:
+        sig, sig_next = self.sigma_pair(i, x)
+        st = self._static
+        st["x"].copy_(x)
+        st["lam"].copy_(lam)
+        st["sig"].copy_(sig)
+        st["sig_next"].copy_(sig_next)
+
+    def forward(self, i: int, x: Tensor, lam: Tensor) -> Tensor:
+        if not self._capture(x, lam):
+            return super().forward(i, x, lam)
+        self._load(i, x, lam)
+        self._graphs[0].replay()
+        return self._static["out"].clone()
+
+    def vjp(self, i: int, x: Tensor, lam: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+        if not self._capture(x, lam):
+            return super().vjp(i, x, lam, grad)
+        self._load(i, x, lam)
+        self._static["grad"].copy_(grad)
+        self._graphs[1].replay()
+        return self._static["grad_x"].clone(), self._static["grad_lam"].clone()
+
+
+class _AdjointSampling(torch.autograd.Function):
+    """X0(λ) with a hand-written backward: the forward pass keeps only x_0..x_N; the backward pass
+    walks the steps in reverse, g_i = g_{i+1}·∂Φ_i/∂x_i and dL/dλ_i = g_{i+1}·∂Φ_i/∂λ_i, each step
+    recomputed from its stored x_i (one step's activations alive at a time; corrections are constants)."""
+
+    @staticmethod
+    def forward(ctx, lambdas, x_T, runner, corrections, callback):
+        xs, x = [x_T], x_T
+        for i in range(runner.steps):
+            x = runner.forward(i, x, lambdas[i])
+            if corrections is not None and corrections[i] is not None:
+                x = x + corrections[i]
+            if callback is not None:
+                callback(i, x)
+            xs.append(x)
+        ctx.runner, ctx.xs = runner, xs
+        ctx.save_for_backward(lambdas)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        lambdas, = ctx.saved_tensors
+        grad_lambdas = torch.zeros_like(lambdas)
+        for i in reversed(range(ctx.runner.steps)):
+            grad, grad_lambdas[i] = ctx.runner.vjp(i, ctx.xs[i], lambdas[i], grad)
+        return grad_lambdas, grad, None, None, None
+
+
 def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float], c0: Tensor, c1: Tensor,
                  lambdas: Tensor, uncond: Optional[Tensor] = None, cfg: float = 1.0,
                  corrections: Optional[Sequence[Optional[Tensor]]] = None, use_checkpoint: bool = True,
                  callback: Optional[Callable[[int, Tensor], None]] = None, y0: Optional[Tensor] = None,
-                 y1: Optional[Tensor] = None, y_uncond: Optional[Tensor] = None) -> Tensor:
+                 y1: Optional[Tensor] = None, y_uncond: Optional[Tensor] = None,
+                 runner: Optional[MixedStepRunner] = None) -> Tensor:
     """X0(λ): DDIM sampling along decreasing ``sigmas`` with λ_i at step i, differentiable in λ.
 
     ``lambdas``: [N] (one schedule for the batch) or [N, B] (one schedule per batch item, i.e. B
     independent edits in one batch).
 
     ``corrections[i]`` (if given and not None) is added after step i. With ``use_checkpoint`` and
-    gradients on, each step is recomputed in the backward pass instead of being stored.
+    gradients on, each step is recomputed in the backward pass instead of being stored (the
+    adjoint pass of ``_AdjointSampling``); without it autograd keeps the whole graph. ``runner``
+    (built from the other arguments if not given) runs the steps, e.g. replayed from CUDA graphs.
     """
-    s = [float(v) for v in sigmas]
-    if lambdas.shape[0] != len(s) - 1 or lambdas.ndim > 2 or (lambdas.ndim == 2 and lambdas.shape[1] != x_T.shape[0]):
-        raise ValueError(f"lambdas: need shape [{len(s) - 1}] or [{len(s) - 1}, {x_T.shape[0]}] (steps, batch), "
+    if runner is None:
+        runner = MixedStepRunner(denoise, sigmas, c0, c1, uncond, cfg, y0, y1, y_uncond)
+    n = runner.steps
+    if lambdas.shape[0] != n or lambdas.ndim > 2 or (lambdas.ndim == 2 and lambdas.shape[1] != x_T.shape[0]):
+        raise ValueError(f"lambdas: need shape [{n}] or [{n}, {x_T.shape[0]}] (steps, batch), "
                          f"got {list(lambdas.shape)}")
-    c0 = match_token_length(c0, c1.shape[1]).to(c1)
+    if torch.is_grad_enabled() and use_checkpoint:
+        return _AdjointSampling.apply(lambdas, x_T, runner, corrections, callback)
     x = x_T
-    for i in range(len(s) - 1):
-        def step(x_, lam_, i=i):
-            return mixed_step(denoise, x_, s[i], s[i + 1], c0, c1, lam_, uncond, cfg, y0, y1, y_uncond)
-        if use_checkpoint and torch.is_grad_enabled():
-            x = checkpoint(step, x, lambdas[i], use_reentrant=False)
+    for i in range(n):
+        if torch.is_grad_enabled():  # plain autograd: the whole graph is kept
+            x = runner.step(x, *runner.sigma_pair(i, x), lambdas[i])
         else:
-            x = step(x, lambdas[i])
+            x = runner.forward(i, x, lambdas[i])
         if corrections is not None and corrections[i] is not None:
             x = x + corrections[i]
         if callback is not None:

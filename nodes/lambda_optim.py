@@ -9,6 +9,7 @@ itself is never patched, so Cancel leaves nothing behind.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import comfy.model_base
@@ -142,7 +143,8 @@ class LambdaEdit:
     """
 
     def __init__(self, objective: LambdaObjective, sigmas: list[float], cfg: float, conds, adms, start,
-                 rediffusion_steps: int = 20, per_item: bool = False, use_checkpoint: bool = True):
+                 rediffusion_steps: int = 20, per_item: bool = False, use_checkpoint: bool = True,
+                 cuda_graphs: bool = True):
         device = objective.device
         self.objective, self.sigmas, self.cfg = objective, sigmas, cfg
         self.per_item, self.use_checkpoint = per_item, use_checkpoint
@@ -158,6 +160,8 @@ class LambdaEdit:
                                                          rediffusion_steps, y0=y0, y_uncond=yu)
         else:
             self.x_T = start.clone().to(device)
+        runner = lo.GraphedStepRunner if cuda_graphs else lo.MixedStepRunner
+        self.runner = runner(objective.denoise, sigmas, self.c0, self.c1, self.uncond, cfg, y0, y1, yu)
 
     @property
     def steps(self) -> int:
@@ -167,7 +171,7 @@ class LambdaEdit:
         """X0(λ); differentiable in λ when gradients are on (each step checkpointed)."""
         return lo.sample_mixed(self.objective.denoise, self.x_T, self.sigmas, self.c0, self.c1,
                                lam.to(self.objective.device), self.uncond, self.cfg, corrections=self.corrections,
-                               use_checkpoint=self.use_checkpoint, **self.adm)
+                               use_checkpoint=self.use_checkpoint, runner=self.runner, **self.adm)
 
     @torch.no_grad()
     def set_reference(self, neutral_texts: list[str], styled_texts: list[str]) -> torch.Tensor:
@@ -268,6 +272,7 @@ class OptimizeLambdaSchedule:
         history = []
         with torch.inference_mode(False), torch.enable_grad():
             objective = LambdaObjective(model, vae, clip_loss_model, beta, perceptual_model)
+            device = objective.device
             if trajectory is None:
                 downscale = vae.spacial_compression_encode()
                 empty = torch.zeros(1, channels, height // downscale, width // downscale)
@@ -287,6 +292,8 @@ class OptimizeLambdaSchedule:
             best, _ = lo.optimize_lambdas(edit.loss, init, iterations, learning_rate, on_iteration)
             with torch.no_grad():
                 edited_x0 = edit.sample(best)
+        if edit.runner.fallback_reason and device.type == "cuda":
+            logging.warning("Optimize λ Schedule ran without CUDA graphs (slower): %s", edit.runner.fallback_reason)
 
         schedule = LambdaSchedule(tuple(step_progress_for_model(model, sigmas[:-1])), tuple(best.tolist()))
         out = mm.intermediate_device()

@@ -196,7 +196,9 @@ def _start_host():
                  ("DO_NOT_TRACK", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(k, v)
 
-    if "comfy.cli_args" in sys.modules:
+    gpu = os.environ.get("DISENTANGLE_HOST_GPU") == "1"  # benches on a GPU machine; tests always use the CPU
+    base_args = [a for a in BASE_ARGS if a != "--cpu"] if gpu else BASE_ARGS
+    if "comfy.cli_args" in sys.modules and not gpu:
         mod = sys.modules["comfy.cli_args"]
         if not getattr(mod.args, "cpu", False):
             raise RuntimeError("comfy was imported before start_host() without --cpu; start_host() must do "
@@ -207,7 +209,7 @@ def _start_host():
 
     saved_argv = sys.argv
     extra = os.environ.get("COMFYUI_TEST_ARGS", "").split()
-    sys.argv = [os.path.join(root, "main.py"), *BASE_ARGS, *extra]
+    sys.argv = [os.path.join(root, "main.py"), *base_args, *extra]
     try:
         import comfy.options
         comfy.options.enable_args_parsing()
