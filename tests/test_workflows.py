@@ -31,6 +31,9 @@ def shrink(prompt: dict, image_name: str) -> dict:
             inputs["image"] = image_name
         if node["class_type"] == "EmptyLatentImage":
             inputs["width"] = inputs["height"] = 64
+        if node["class_type"] == "DisentangleLoadClipLoss":  # offline: the toy CLIP-loss model stands in for ViT-B-32
+            node["class_type"] = "DisentangleLoadToyClipLoss"
+            node["inputs"] = {"clip_name": "toy_world_clip.safetensors"}
     return prompt
 
 

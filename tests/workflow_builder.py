@@ -264,9 +264,37 @@ def toy_world_real_image_edit(node_classes) -> dict:
     return w.to_dict("toy_world_real_image_edit")
 
 
+def lambda_real_image_edit(node_classes) -> dict:
+    w = Workflow(node_classes)
+    ckpt = w.add("CheckpointLoaderSimple", (20, 200), ckpt_name="v1-5-pruned-emaonly.safetensors")
+    loss = w.add("DisentangleLoadClipLoss", (20, 360), clip_name="open_clip cache (downloads if missing)",
+                 model_name="ViT-B-32", pretrained="openai")
+    image = w.add("LoadImage", (20, 560), node_size=(320, 320), image="example.png")
+    neutral_text, styled_text = "a photo of a person", "a photo of a smiling person"
+    pos = w.add("CLIPTextEncode", (380, 40), title="Neutral prompt", clip=(ckpt, 1), text=neutral_text)
+    enc = w.add("VAEEncode", (380, 240), pixels=(image, 0), vae=(ckpt, 2))
+    inv = w.add("DisentangleDDIMInversion", (380, 360), node_size=(330, 240), model=(ckpt, 0), positive=(pos, 0),
+                latent=(enc, 0), steps=50, cfg=1.0, scheduler="ddim_uniform", refine_iterations=2)
+    opt = w.add("DisentangleOptimizeLambda", (760, 40), node_size=(360, 600), model=(ckpt, 0), vae=(ckpt, 2),
+                clip=(ckpt, 1), clip_loss_model=(loss, 0), neutral_text=neutral_text, styled_text=styled_text,
+                negative_text="", seed=0, steps=50, cfg=7.5, iterations=10, learning_rate=0.05, beta=0.05,
+                neutral_steps=10, styled_weight=1.1, width=512, height=512, trajectory=(inv, 1), rediffusion_steps=20)
+    dec = w.add("VAEDecode", (1160, 40), samples=(opt, 1), vae=(ckpt, 2))
+    both = w.add("ImageBatch", (1160, 160), image1=(image, 0), image2=(dec, 0))
+    w.add("SaveImage", (1400, 40), node_size=(400, 300), images=(both, 0), filename_prefix="disentangle/real_image_edit")
+    w.add("DisentangleLambdaSave", (760, 680), schedule=(opt, 0), filename_prefix="smile", format="json")
+    w.note("Real-image edit (Wu et al. Sec. 3.4): Load Image → DDIM Inversion (neutral prompt) → Optimize λ Schedule "
+           "with the trajectory: the first 30 of 50 steps pass through the image's trajectory, the last 20 re-diffuse "
+           "(t* = 10, styled weight 1.1, as the paper). Use a 512×512 image. The CLIP loss model comes from open_clip's "
+           "cache (online) or a file in models/clip_loss; connect Load Perceptual Loss (LPIPS) for the paper's content "
+           "term. Left: the image; right: the edit. The learned schedule is saved for other images.", (20, 920))
+    return w.to_dict("lambda_real_image_edit")
+
+
 WORKFLOWS = {
     "ddim_inversion_reconstruct.json": ddim_inversion_reconstruct,
     "lambda_schedule_mix.json": lambda_schedule_mix,
+    "lambda_real_image_edit.json": lambda_real_image_edit,
     "toy_world_inversion.json": toy_world_inversion,
     "toy_world_lambda_mix.json": toy_world_lambda_mix,
     "toy_world_lambda_optimize.json": toy_world_lambda_optimize,
