@@ -40,7 +40,9 @@ times and shuffled, so with a single pair one epoch is 5000 draws of that pair (
 Adam steps of batch 256) and 5 epochs ≈ 100 steps. More pairs come from more seeds with the same
 prompt pair. ``samples_per_pair=None`` uses 5000 for one pair, 500 from 10 pairs up and
 ⌈5000/P⌉ in between (our interpolation; the paper states only the two ends). A "sample" is one
-latent, i.e. all its channels; a batch of 256 samples is 256·C channel matrices for Φ.
+latent, i.e. all its channels; a batch of 256 samples is 256·C channel matrices for Φ. Φ and the
+loss run once per distinct pair of a batch, weighted by how often it was drawn (the same loss and
+gradient as the batch with its repeats; with one pair, one row per channel).
 """
 from __future__ import annotations
 
@@ -260,14 +262,18 @@ def samples_per_pair_for(pairs: int) -> int:
     return max(PAPER_SAMPLES_MANY_PAIRS, math.ceil(PAPER_SAMPLES_ONE_PAIR / max(1, int(pairs))))
 
 
-def avi_loss(out: AVIOutputs, x: Tensor, z: Tensor, lambdas: Sequence[float] = PAPER_LAMBDAS) -> tuple[Tensor, Tensor]:
-    """(total loss, the four terms), each a squared Frobenius norm averaged over channel matrices."""
-    l1 = ((out.y_hat - z) ** 2).sum((-2, -1))
-    l2 = ((out.y_tilde - x) ** 2).sum((-2, -1))
-    l3 = ((out.s - out.s_z) ** 2).sum(-1)
-    l4 = ((out.s + out.delta_s - out.s_x) ** 2).sum(-1)
-    terms = torch.stack([l1.mean(), l2.mean(), l3.mean(), l4.mean()])
-    return (terms * torch.as_tensor(lambdas, dtype=terms.dtype, device=terms.device)).sum(), terms
+def avi_loss(out: AVIOutputs, x: Tensor, z: Tensor, lambdas: Sequence[float] = PAPER_LAMBDAS,
+             weights: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(total loss, the four terms), each a squared Frobenius norm averaged over channel matrices and
+    samples; ``weights`` [B] (summing to 1) weight the samples of a batch that holds each sample once
+    with its multiplicity (the same value as the plain mean over the batch with repeats)."""
+    per = torch.stack([((out.y_hat - z) ** 2).sum((-2, -1)),
+                       ((out.y_tilde - x) ** 2).sum((-2, -1)),
+                       ((out.s - out.s_z) ** 2).sum(-1),
+                       ((out.s + out.delta_s - out.s_x) ** 2).sum(-1)])          # [4, B, C...]
+    per = per.flatten(2).mean(-1) if per.ndim > 2 else per                       # [4, B]
+    terms = per.mean(-1) if weights is None else (per * weights.to(per.dtype)).sum(-1)
+    return (terms * torch.as_tensor(tuple(lambdas), dtype=terms.dtype, device=terms.device)).sum(), terms
 
 
 def train_avi(x: Tensor, z: Tensor, *, k: Optional[int] = None, hidden: Optional[int] = None,
@@ -313,11 +319,14 @@ def train_avi(x: Tensor, z: Tensor, *, k: Optional[int] = None, hidden: Optional
     for _ in range(int(epochs)):
         order = torch.randperm(pairs * n_per_pair, generator=g) % pairs
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size].to(device)
+            # A batch draws pairs with repeats (always, with one pair); Φ and the loss run once per distinct
+            # pair, weighted by its count: the same loss and gradient as the batch with its repeats.
+            idx, counts = torch.unique(order[start:start + batch_size], return_counts=True)
+            idx, w = idx.to(device), (counts.float() / counts.sum()).to(device)
             s, ds = net(xd[idx])
             out = AVIOutputs(compose(u_hat[idx], s, vh_hat[idx]), compose(u_til[idx], s + ds, vh_til[idx]),
                              sx[idx], sz[idx], s, ds, u_hat[idx], vh_hat[idx])
-            loss, _ = avi_loss(out, xd[idx], zd[idx], lambdas)
+            loss, _ = avi_loss(out, xd[idx], zd[idx], lambdas, w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
