@@ -9,7 +9,8 @@ One table in three parts:
 3. editing methods: change the object's hue by text over many seeds; target reached, and the other
    five factors preserved (against the unedited generation of the same seed). Rows: the naive
    baseline (just change the prompt), λ mixing with the fixed switch schedule, λ mixing with a
-   schedule optimised on a few of the seeds and transferred to all; later issues add AVI and DisDiff.
+   schedule optimised on a few of the seeds and transferred to all; AVI (one Φ per seed, ρ sweep);
+   DisDiff comes later.
 
 Everything runs through stock ComfyUI nodes on the CPU (several minutes), or on the GPU with
 DISENTANGLE_HOST_GPU=1.
@@ -122,8 +123,44 @@ def editing_methods(model, clip, vae, judge, fw, n, seed, optimise_on=8, per_see
         images = lam_images(model, clip, vae, fw, factors, edited_factors, seed, lam)
         rows.append([f"λ mixing, optimised per seed (β {beta}, {len(losses)} Adam steps, mean loss "
                      f"{losses[0]:.3f}→{losses[-1]:.3f})", *edit_rates(judge, fw, original, images, fw.OBJECT_HUE, target)])
-    for label in ("AVI, ρ sweep (issue 5)", "DisDiff swap (issue 6)"):
+    rows.extend(avi_rows(model, vae, judge, fw, neutral, styled, negative, original, target, n, seed))
+    for label in ("DisDiff swap (issue 6)",):
         rows.append([label, None, None, None])
+    return rows
+
+
+def avi_rows(model, vae, judge, fw, neutral, styled, negative, original, target, n, seed, steps=50, cfg=5.0,
+             rhos=(0.25, 0.5, 0.75, 1.0)):
+    """AVI (Wang et al. 2024) on the same edits: per seed, x (neutral prompt, T_x = 0.8T) and z (styled prompt,
+    same noise, 0.5T) from AVI Capture; one Φ per seed trained on its pair as the paper sets it (N = 5000,
+    batch 256, 5 epochs; 16×16 latents: r = 16, k = 8, hidden 256); ŷ for each ρ resumed by stock
+    KSamplerAdvanced with the neutral prompt."""
+    import torch
+    latent = call("EmptyLatentImage", width=128, height=128, batch_size=n)[0]
+    x, z, start = call("DisentangleAVICapture", model=model, positive=neutral, target=styled, negative=negative,
+                       latent_image=latent, seed=seed, steps=steps, cfg=cfg, sampler_name="ddim",
+                       scheduler="ddim_uniform", t_x=0.8, delta_tau=-0.3, z_source="seed (paper)")
+    t0 = time.time()
+    phis = []
+    for i in range(n):
+        xi, zi = dict(x, samples=x["samples"][i:i + 1]), dict(z, samples=z["samples"][i:i + 1])
+        phis.append(call("DisentangleAVITrain", x=xi, z=zi, k=0, hidden=0, samples_per_pair=0, epochs=5, batch_size=256,
+                         learning_rate=1e-3, lambda_1=3.0, lambda_2=10.0, lambda_3=10.0, lambda_4=10.0, seed=i)[0])
+    train_s = (time.time() - t0) / n
+    info = phis[0].info
+    rows = []
+    for rho in rhos:
+        parts = [call("DisentangleAVIIntegrate", x=dict(x, samples=x["samples"][i:i + 1]),
+                      z=dict(z, samples=z["samples"][i:i + 1]), rho=rho, k=0, singular_values="Φ: S (paper)",
+                      avi_model=phis[i])[0]["samples"] for i in range(n)]
+        resumed = call("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=steps, cfg=cfg,
+                       sampler_name="ddim", scheduler="ddim_uniform", positive=neutral, negative=negative,
+                       latent_image={"samples": torch.cat(parts)}, start_at_step=start, end_at_step=10000,
+                       return_with_leftover_noise="disable")[0]
+        images = call("VAEDecode", samples=resumed, vae=vae)[0].movedim(-1, 1).clamp(0, 1)
+        rows.append([f"AVI, ρ = {rho} (Φ per seed: {info['steps']} Adam steps, {train_s:.1f} s; x at step {start}/"
+                     f"{steps}, z at {z['avi_capture']['step']})",
+                     *edit_rates(judge, fw, original, images, fw.OBJECT_HUE, target)])
     return rows
 
 

@@ -53,6 +53,7 @@ def test_shipped_workflows_match_the_builder():
 def test_workflow_runs_headless(name, tmp_path):
     import folder_paths
     folder_paths.add_model_folder_path("lambda_schedules", str(tmp_path), is_default=True)
+    folder_paths.add_model_folder_path("avi", str(tmp_path), is_default=True)
     with open(os.path.join(WORKFLOW_DIR, name), encoding="utf-8") as f:
         workflow = json.load(f)
     prompt = comfy_host.substitute_checkpoints(comfy_host.ui_to_api(workflow), kind="sd1")

@@ -52,6 +52,13 @@ class Workflow:
         node_inputs, widgets = [], []
         for name, kind, options, section in _input_specs(cls):
             value = inputs.pop(name, None)
+            if _is_widget(kind, options) and isinstance(value, tuple):  # a widget fed by a link (widget input)
+                src, slot = value
+                link_id = len(self.links) + 1
+                self.links.append([link_id, src, slot, node_id, len(node_inputs), kind])
+                self.nodes[src - 1]["outputs"][slot]["links"].append(link_id)
+                node_inputs.append({"name": name, "type": kind, "widget": {"name": name}, "link": link_id})
+                value = None
             if _is_widget(kind, options):
                 widgets.append(_default(kind, options) if value is None else value)
                 if options.get("control_after_generate") or (kind == "INT" and name in SEED_NAMES):
@@ -291,6 +298,44 @@ def lambda_real_image_edit(node_classes) -> dict:
     return w.to_dict("lambda_real_image_edit")
 
 
+def toy_world_avi_edit(node_classes) -> dict:
+    w = Workflow(node_classes)
+    toy = w.add("DisentangleLoadToyWorld", (20, 200), checkpoint="toy_world")
+    pos = w.add("CLIPTextEncode", (380, 20), title="Original prompt", clip=(toy, 1), text=TOY_NEUTRAL)
+    target = w.add("CLIPTextEncode", (380, 220), title="Target prompt", clip=(toy, 1), text=TOY_STYLED)
+    neg = w.add("CLIPTextEncode", (380, 420), title="Negative prompt", clip=(toy, 1), text="")
+    latent = w.add("EmptyLatentImage", (380, 620), width=128, height=128, batch_size=1)
+    sampling = dict(steps=50, cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform")
+    cap = w.add("DisentangleAVICapture", (740, 20), node_size=(340, 400), model=(toy, 0), positive=(pos, 0),
+                target=(target, 0), negative=(neg, 0), latent_image=(latent, 0), seed=7, t_x=0.8, delta_tau=-0.3,
+                z_source="seed (paper)", **sampling)
+    train = w.add("DisentangleAVITrain", (740, 460), node_size=(340, 420), x=(cap, 0), z=(cap, 1), k=0, hidden=0,
+                  samples_per_pair=0, epochs=5, batch_size=256, learning_rate=0.001, lambda_1=3.0, lambda_2=10.0,
+                  lambda_3=10.0, lambda_4=10.0, seed=0)
+    w.add("DisentangleAVISave", (740, 920), avi_model=(train, 0), filename_prefix="toy_red_to_yellow")
+    edits = []
+    for row, rho in enumerate((0.5, 1.0)):
+        y = w.add("DisentangleAVIIntegrate", (1120, 20 + 330 * row), title=f"AVI Integrate (ρ = {rho})", x=(cap, 0),
+                  z=(cap, 1), rho=rho, k=0, singular_values="Φ: S (paper)", avi_model=(train, 0))
+        res = w.add("KSamplerAdvanced", (1400, 20 + 330 * row), title=f"Resume (ρ = {rho})", node_size=(320, 300),
+                    model=(toy, 0), positive=(pos, 0), negative=(neg, 0), latent_image=(y, 0), add_noise="disable",
+                    noise_seed=0, start_at_step=(cap, 2), end_at_step=10000, return_with_leftover_noise="disable",
+                    **sampling)
+        edits.append(w.add("VAEDecode", (1760, 20 + 330 * row), samples=(res, 0), vae=(toy, 2)))
+    plain = w.add("KSampler", (1120, 700), title="Original (same seed)", node_size=(320, 270), model=(toy, 0), seed=7,
+                  positive=(pos, 0), negative=(neg, 0), latent_image=(latent, 0), denoise=1.0, **sampling)
+    dec = w.add("VAEDecode", (1760, 700), samples=(plain, 0), vae=(toy, 2))
+    both = w.add("ImageBatch", (2000, 20), image1=(dec, 0), image2=(edits[0], 0))
+    three = w.add("ImageBatch", (2000, 160), image1=(both, 0), image2=(edits[1], 0))
+    w.add("SaveImage", (2240, 20), node_size=(460, 300), images=(three, 0), filename_prefix="disentangle/toy_avi_edit")
+    w.note("Attribute Vector Integration (Wang et al. 2024), offline on the toy world: x (red cube prompt, T_x = 0.8T) "
+           "and z (yellow cube prompt, same seed, 0.5T) are captured, Φ is trained on the pair (5000 samples × 5 "
+           "epochs) and saved to models/avi (Load AVI Model reuses it), and ŷ resumes with the ORIGINAL prompt in stock "
+           "KSamplerAdvanced from AVI Capture's resume step. Left to right: the original, ρ = 0.5, ρ = 1. Move the ρ "
+           "slider and queue again: only Integrate and the resume re-run.", (20, 760))
+    return w.to_dict("toy_world_avi_edit")
+
+
 WORKFLOWS = {
     "ddim_inversion_reconstruct.json": ddim_inversion_reconstruct,
     "lambda_schedule_mix.json": lambda_schedule_mix,
@@ -299,6 +344,7 @@ WORKFLOWS = {
     "toy_world_lambda_mix.json": toy_world_lambda_mix,
     "toy_world_lambda_optimize.json": toy_world_lambda_optimize,
     "toy_world_real_image_edit.json": toy_world_real_image_edit,
+    "toy_world_avi_edit.json": toy_world_avi_edit,
 }
 
 

@@ -1,0 +1,433 @@
+"""Attribute Vector Integration (Wang et al. 2024) as ComfyUI nodes: capture x and z with ComfyUI's own
+sampling, train Φ, integrate with a strength ρ, and resume with stock KSamplerAdvanced.
+
+Latent spaces. A LATENT that KSamplerAdvanced returns with leftover noise at step s holds
+``process_latent_out(inverse_noise_scaling(σ_s, state))`` of the sampler state; fed back with
+add_noise disabled and start_at_step s, KSamplerAdvanced rebuilds exactly that state
+(``noise_scaling(σ_s, 0, process_latent_in(LATENT))``, ``comfy/samplers.py``). The paper works on
+the latent code x_t of the diffusers pipeline: the model's input, ``calculate_input(σ, state)``
+(VP-normalised for ε/v models, x_t itself for flow models), in the scaled latent units. Both maps
+are affine per channel, so AVI Capture stores ``paper = a·LATENT + b`` (per-channel a, b) and σ in
+each LATENT it returns (key ``avi_capture``); AVI Integrate runs Algorithm 1 in paper space and
+maps ŷ back with x's a and b, so the LATENT it returns is what KSamplerAdvanced(add_noise disable,
+start_at_step = resume_step) expects in place of x.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import comfy.model_management as mm
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import latent_preview
+import torch
+
+from ..core import avi as core_avi
+from .common import CATEGORY, InputError, check_conditioning, check_latent, check_steps
+
+AVI_MODEL = "AVI_MODEL"
+AVI_FOLDER = "avi"
+META_KEY = "avi_capture"
+AVI_CATEGORY = f"{CATEGORY}/avi"
+Z_SOURCES = ("seed (paper)", "continue from x")
+SINGULAR_VALUES = ("Φ: S (paper)", "Φ: S + Δs", "x's own (no Φ)", "z's own (no Φ)")
+
+
+@dataclass
+class AVIModel:
+    """Φ with its size and training notes; ``net`` lives on the CPU, ``device_net`` caches a device copy."""
+    net: core_avi.AVINet
+    info: dict = field(default_factory=dict)
+    _device_net: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device) -> core_avi.AVINet:
+        key = str(device)
+        if key not in self._device_net:
+            self._device_net.clear()
+            with torch.inference_mode(False):
+                self._device_net[key] = core_avi.AVINet(self.net.height, self.net.width, self.net.k, self.net.hidden)
+                self._device_net[key].load_state_dict(self.net.state_dict())
+            self._device_net[key].to(device).eval().requires_grad_(False)
+        return self._device_net[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Steps and latent spaces
+# --------------------------------------------------------------------------------------------
+
+def sampling_sigmas(model, steps: int, sampler_name: str, scheduler: str) -> torch.Tensor:
+    """The σ schedule comfy.sample.sample uses for these settings (full denoise)."""
+    ks = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler_name, scheduler=scheduler,
+                                 denoise=1.0, model_options=model.model_options)
+    return ks.sigmas.float().cpu()
+
+
+def step_at_time(model, sigmas: torch.Tensor, t_fraction: float, lo: int, hi: int) -> int:
+    """The step index in [lo, hi] whose σ is nearest (in log σ) to σ at diffusion time t = t_fraction·T."""
+    sampling = model.get_model_object("model_sampling")
+    target = float(sampling.percent_to_sigma(1.0 - float(t_fraction)))
+    target = min(max(target, 1e-6), float(sigmas[0]) * 10)
+    idx = torch.arange(lo, hi + 1)
+    s = sigmas[idx].clamp_min(1e-6)
+    return int(idx[(s.log() - math.log(target)).abs().argmin()])
+
+
+def paper_space_map(model, sigma: float, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (a, b) with paper-space latent = a·LATENT + b at noise level σ (see module docstring)."""
+    sampling = model.get_model_object("model_sampling")
+    sig = torch.tensor(float(sigma))
+
+    def forward(latent):
+        state = sampling.noise_scaling(sig, torch.zeros_like(latent), model.model.process_latent_in(latent), False)
+        return sampling.calculate_input(sig, state)
+
+    zero = torch.zeros(1, channels, 1, 1)
+    b = forward(zero.clone()).float()
+    a = forward(zero + 1).float() - b
+    if not torch.allclose(forward(zero + 2).float(), 2 * a + b, rtol=1e-4, atol=1e-5) or (a.abs() < 1e-8).any():
+        raise InputError("model: this model's latent format or noise scaling is not an invertible per-channel affine map; AVI cannot use it")
+    return a.reshape(1, channels, 1, 1), b.reshape(1, channels, 1, 1)
+
+
+def to_paper_space(latent: dict, name: str, role: str) -> tuple[torch.Tensor, dict]:
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise InputError(f"{name}: not a LATENT (no 'samples')")
+    meta = latent.get(META_KEY)
+    if meta is None:
+        raise InputError(f"{name}: this LATENT does not come from AVI Capture (it carries no noise level); "
+                         "connect AVI Capture's x and z outputs")
+    if meta["role"] != role:
+        raise InputError(f"{name}: this is AVI Capture's {meta['role']} output; connect its {role} output here")
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise InputError(f"{name}: expected an image latent [batch, channels, height, width], got shape {tuple(samples.shape)}")
+    if not torch.isfinite(samples).all():
+        raise InputError(f"{name} contains NaN or infinite values")
+    return samples.float() * meta["a"] + meta["b"], meta
+
+
+def paired(x: dict, z: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """x and z in paper space (z broadcast when it has one item), and x's capture information."""
+    xp, mx = to_paper_space(x, "x", "x")
+    zp, mz = to_paper_space(z, "z", "z")
+    if xp.shape[1:] != zp.shape[1:]:
+        raise InputError(f"x and z must have the same shape, got {tuple(xp.shape)} and {tuple(zp.shape)}")
+    if zp.shape[0] != xp.shape[0]:
+        if zp.shape[0] != 1:
+            raise InputError(f"x has {xp.shape[0]} latents and z {zp.shape[0]}: give one z per x (or a single z)")
+        zp = zp.expand_as(xp)
+    return xp, zp, mx
+
+
+def resolve_k(k: int, rank: int, net: core_avi.AVINet | None) -> int:
+    k = int(k) if k else (net.k if net is not None else rank // 2)
+    if not 1 <= k <= rank - 1:
+        raise InputError(f"k must be between 1 and r − 1 = {rank - 1} for these latents (rank r = min(H, W) = {rank}; "
+                         f"the paper: k = r/2 = {rank // 2}), got {k}")
+    return k
+
+
+# --------------------------------------------------------------------------------------------
+# Nodes
+# --------------------------------------------------------------------------------------------
+
+CAPTURE_COST = (
+    "Cost in UNet evaluations (one evaluation = one sampler step with cfg), for s_x = resume step, s_z = z's step: "
+    "'seed (paper)': x takes s_x steps, z takes s_z steps from the seed's noise with the target prompt, the resume "
+    "steps − s_x, so the whole edit costs steps + s_z (50 ddim_uniform steps, T_x 0.8, Δτ −0.3: s_x = 9, s_z = 24, "
+    "74 evaluations = 1.48× one sampling). 'continue from x': z continues x with the target prompt from s_x to s_z, "
+    "so the edit costs steps + (s_z − s_x) (65 = 1.3×; not the paper's definition of z). Capture once per seed: "
+    "every further ρ or Φ costs the resume alone (steps − s_x). Multistep samplers (dpmpp_2m, ...) restart their "
+    "history at the resume step, as at any KSamplerAdvanced split; one-step samplers (ddim, euler) resume exactly."
+)
+
+
+class AVICapture:
+    DESCRIPTION = (
+        "AVI step 1 (Wang et al. 2024): samples the original prompt down to diffusion time T_x (x) and the target "
+        "prompt, same seed, down to T_x + Δτ (z), with ComfyUI's own sampling (as KSamplerAdvanced with start/end "
+        "steps), so any sampler and scheduler works. Outputs x, z and the step at which stock KSamplerAdvanced "
+        "(add_noise disable) resumes from AVI Integrate's latent with the original prompt. " + CAPTURE_COST
+    )
+    CATEGORY = AVI_CATEGORY
+    RETURN_TYPES = ("LATENT", "LATENT", "INT")
+    RETURN_NAMES = ("x", "z", "resume_step")
+    OUTPUT_TOOLTIPS = (
+        "The original prompt's latent at T_x, with its leftover noise: what KSamplerAdvanced (return_with_leftover_noise "
+        "enable, end_at_step = resume_step) would return. Carries its noise level for AVI Train/Integrate.",
+        "The target prompt's latent at T_x + Δτ (same seed).",
+        "start_at_step for the stock KSamplerAdvanced that resumes (add_noise disable, same steps/sampler/scheduler).",
+    )
+    FUNCTION = "capture"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {}),
+                "positive": ("CONDITIONING", {"tooltip": "The original prompt (x, and the resumed sampling)."}),
+                "target": ("CONDITIONING", {"tooltip": "The target prompt: the original plus or minus the attribute (z)."}),
+                "negative": ("CONDITIONING", {}),
+                "latent_image": ("LATENT", {"tooltip": "Empty Latent Image: size and batch. A batch gives one x/z pair per item "
+                                                       "(different noise from the one seed), more pairs for AVI Train."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+                "steps": ("INT", {"default": 50, "min": 2, "max": 10000}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "ddim"}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform"}),
+                "t_x": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "T_x as a fraction of diffusion time (1 = pure noise, 0 = clean; the paper: 0.8). "
+                                             "x is taken at the step whose σ is nearest to σ(T_x)."}),
+                "delta_tau": ("FLOAT", {"default": -0.3, "min": -1.0, "max": 0.0, "step": 0.01,
+                                        "tooltip": "Δτ: z is taken at diffusion time T_x + Δτ (the paper: −0.3, i.e. 0.5T, less noisy than x)."}),
+                "z_source": (list(Z_SOURCES), {"default": Z_SOURCES[0], "tooltip": CAPTURE_COST}),
+            }
+        }
+
+    def capture(self, model, positive, target, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
+                t_x, delta_tau, z_source):
+        check_steps(steps)
+        for cond, name in ((positive, "positive"), (target, "target"), (negative, "negative")):
+            check_conditioning(cond, name)
+        if not 0.0 <= t_x + delta_tau <= 1.0:
+            raise InputError(f"t_x + delta_tau must lie in [0, 1], got {t_x} + {delta_tau}")
+        if z_source not in Z_SOURCES:
+            raise InputError(f"z_source must be one of {Z_SOURCES}, got {z_source!r}")
+        samples = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        check_latent(model, {"samples": samples}, "latent_image")
+        sigmas = sampling_sigmas(model, steps, sampler_name, scheduler)
+        s_x = step_at_time(model, sigmas, t_x, 1, steps - 1)
+        s_z = step_at_time(model, sigmas, t_x + delta_tau, s_x, steps)
+        noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+
+        def run(cond, latent, start, last, add_noise):
+            callback = latent_preview.prepare_callback(model, steps)
+            out = comfy.sample.sample(model, noise if add_noise else torch.zeros_like(noise), steps, cfg, sampler_name,
+                                      scheduler, cond, negative, latent, denoise=1.0, disable_noise=not add_noise,
+                                      start_step=start, last_step=last, force_full_denoise=False,
+                                      noise_mask=latent_image.get("noise_mask"), callback=callback,
+                                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+            return out
+
+        x = run(positive, samples, 0, s_x, True)
+        if z_source == Z_SOURCES[0]:
+            z = run(target, samples, 0, s_z, True)
+        else:
+            z = x if s_z == s_x else run(target, x, s_x, s_z, False)
+        channels = samples.shape[1]
+        out = []
+        for role, lat, step in (("x", x, s_x), ("z", z, s_z)):
+            a, b = paper_space_map(model, float(sigmas[step]), channels)
+            meta = {"role": role, "a": a, "b": b, "sigma": float(sigmas[step]), "step": step, "steps": steps,
+                    "sampler": sampler_name, "scheduler": scheduler, "z_source": z_source}
+            d = {"samples": lat, META_KEY: meta}
+            if "batch_index" in latent_image:
+                d["batch_index"] = latent_image["batch_index"]
+            out.append(d)
+        evaluations = steps + (s_z if z_source == Z_SOURCES[0] else s_z - s_x)
+        text = (f"x at step {s_x}/{steps} (σ {float(sigmas[s_x]):.3f}), z at step {s_z} (σ {float(sigmas[s_z]):.3f}); "
+                f"resume at {s_x}; the edit costs {evaluations} UNet evaluations ({evaluations / steps:.2f}× one sampling)")
+        return {"ui": {"text": [text]}, "result": (out[0], out[1], s_x)}
+
+
+class AVITrain:
+    DESCRIPTION = (
+        "AVI step 2: trains Φ, the MLP that predicts singular values S and Δs from x (Wang et al. 2024, Sec. 3.2.2), "
+        "on AVI Capture's x/z pairs with λ1‖ŷ−z‖² + λ2‖ỹ−x‖² + λ3‖S−S_z‖² + λ4‖S+Δs−S_x‖², Adam, ρ = 1. "
+        "One pair or many (a batch of latents in AVI Capture: several seeds, same prompt pair). "
+        "N samples per pair: each pair is drawn N times per epoch (the paper: N = 5000 for one pair, 500 for many). "
+        "A Φ works for the latent size it was trained on."
+    )
+    CATEGORY = AVI_CATEGORY
+    RETURN_TYPES = (AVI_MODEL,)
+    RETURN_NAMES = ("avi_model",)
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "x": ("LATENT", {"tooltip": "AVI Capture's x (one latent per pair)."}),
+                "z": ("LATENT", {"tooltip": "AVI Capture's z."}),
+                "k": ("INT", {"default": 0, "min": 0, "max": 1024,
+                              "tooltip": "Top-k singular vectors of x kept (0 = r/2, the paper's 32 at 64×64; r = min(H, W))."}),
+                "hidden": ("INT", {"default": 0, "min": 0, "max": 16384,
+                                   "tooltip": "Width of Φ's three layers (0 = H·W as in the paper, at most 4096)."}),
+                "samples_per_pair": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                             "tooltip": "N: draws of each pair per epoch (0 = the paper: 5000 for one pair, 500 from 10 pairs up, 5000/P between)."}),
+                "epochs": ("INT", {"default": 5, "min": 1, "max": 1000, "tooltip": "The paper converges within 5 epochs."}),
+                "batch_size": ("INT", {"default": 256, "min": 1, "max": 65536}),
+                "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6}),
+                "lambda_1": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "Weight of ‖ŷ − z‖² (target)."}),
+                "lambda_2": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "Weight of ‖ỹ − x‖² (original)."}),
+                "lambda_3": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "Weight of ‖S − S_z‖²."}),
+                "lambda_4": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "Weight of ‖S + Δs − S_x‖²."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": "Φ's initial weights and the shuffling."}),
+            }
+        }
+
+    def train(self, x, z, k, hidden, samples_per_pair, epochs, batch_size, learning_rate, lambda_1, lambda_2,
+              lambda_3, lambda_4, seed):
+        xp, zp, meta = paired(x, z)
+        height, width = xp.shape[-2:]
+        rank = core_avi.rank_of(height, width)
+        k = resolve_k(k, rank, None)
+        pairs = xp.shape[0]
+        n = int(samples_per_pair) or core_avi.samples_per_pair_for(pairs)
+        total = int(epochs) * math.ceil(pairs * n / int(batch_size))
+        bar = comfy.utils.ProgressBar(total)
+
+        def callback(step, loss):
+            mm.throw_exception_if_processing_interrupted()
+            bar.update_absolute(step + 1, total)
+
+        device = mm.get_torch_device()
+        t0 = time.perf_counter()
+        with torch.inference_mode(False), torch.enable_grad():
+            net, losses = core_avi.train_avi(
+                xp.contiguous().clone(), zp.contiguous().clone(), k=k, hidden=hidden or None, samples_per_pair=n, epochs=epochs,
+                batch_size=batch_size, lr=learning_rate, lambdas=(lambda_1, lambda_2, lambda_3, lambda_4), seed=seed,
+                device=device, callback=callback)
+        seconds = time.perf_counter() - t0
+        info = {"pairs": pairs, "samples_per_pair": n, "epochs": int(epochs), "batch_size": int(batch_size),
+                "learning_rate": learning_rate, "lambdas": [lambda_1, lambda_2, lambda_3, lambda_4],
+                "steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1], "seconds": seconds,
+                "x_step": meta["step"], "sampling_steps": meta["steps"], "sampler": meta["sampler"],
+                "scheduler": meta["scheduler"]}
+        text = (f"Φ ({height}×{width}, k {net.k}, hidden {net.hidden}): {pairs} pair(s) × {n} samples × {epochs} epochs = "
+                f"{len(losses)} Adam steps, loss {losses[0]:.4g} → {losses[-1]:.4g}, {seconds:.1f} s")
+        return {"ui": {"text": [text]}, "result": (AVIModel(net, info),)}
+
+
+class AVIIntegrate:
+    DESCRIPTION = (
+        "AVI step 3: Û = [U_x[:, :k], (1−ρ)·U_x[:, k:] + ρ·U'_z[:, :r−k]] (U'_z: z's left singular vectors reversed; "
+        "V̂ row-wise likewise), ŷ = Û·S·V̂ with S = Φ(x), per latent channel (Wang et al. 2024, Alg. 1). The paper's k "
+        "is r/2; for another k the second block takes the first r − k reversed columns of z. Feed the LATENT to stock "
+        "KSamplerAdvanced with the ORIGINAL prompt, add_noise disable, start_at_step = AVI Capture's resume_step, "
+        "same steps/sampler/scheduler. ρ = 0 keeps x's singular vectors, ρ = 1 is the full edit."
+    )
+    CATEGORY = AVI_CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("ŷ in place of x: resume it with KSamplerAdvanced (add_noise disable, start_at_step = resume_step).",)
+    FUNCTION = "integrate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "x": ("LATENT", {"tooltip": "AVI Capture's x."}),
+                "z": ("LATENT", {"tooltip": "AVI Capture's z (one, or one per x)."}),
+                "rho": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "display": "slider",
+                                  "tooltip": "ρ: strength of the edit (0 = x's vectors, 1 = the paper's training setting)."}),
+                "k": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "Top-k vectors of x kept (0 = Φ's k, or r/2 without Φ)."}),
+                "singular_values": (list(SINGULAR_VALUES), {"default": SINGULAR_VALUES[0],
+                                    "tooltip": "S in ŷ = Û·S·V̂: Φ's S (the paper), Φ's S + Δs, or, without Φ, x's or z's own singular values."}),
+            },
+            "optional": {
+                "avi_model": (AVI_MODEL, {"tooltip": "Φ from AVI Train or Load AVI Model (needed for the Φ choices)."}),
+            },
+        }
+
+    def integrate(self, x, z, rho, k, singular_values, avi_model=None):
+        if not 0.0 <= float(rho) <= 1.0:
+            raise InputError(f"rho must lie in [0, 1], got {rho}")
+        xp, zp, _ = paired(x, z)
+        meta = x[META_KEY]
+        height, width = xp.shape[-2:]
+        uses_phi = singular_values.startswith("Φ")
+        if singular_values not in SINGULAR_VALUES:
+            raise InputError(f"singular_values must be one of {SINGULAR_VALUES}, got {singular_values!r}")
+        net = None
+        if uses_phi:
+            if avi_model is None:
+                raise InputError("avi_model: connect AVI Train or Load AVI Model, or choose x's / z's own singular values")
+            net = avi_model.net
+            try:
+                net.check_size(height, width)
+            except ValueError as e:
+                raise InputError(f"avi_model: {e}") from e
+        k = resolve_k(k, core_avi.rank_of(height, width), net)
+        device = mm.get_torch_device()
+        xd, zd = xp.to(device), zp.to(device)
+        if uses_phi:
+            y = core_avi.integrate_with_net(avi_model.on(device), xd, zd, rho, k, "S" if "Δs" not in singular_values else "S+ds")
+        else:
+            y = core_avi.integrate(xd, zd, k, rho, "x" if singular_values.startswith("x") else "z")
+        y = y.to(mm.intermediate_device(), torch.float32)
+        out = {"samples": (y - meta["b"]) / meta["a"]}
+        if "batch_index" in x:
+            out["batch_index"] = x["batch_index"]
+        return (out,)
+
+
+def _avi_files():
+    return folder_paths.get_filename_list(AVI_FOLDER)
+
+
+class AVISave:
+    DESCRIPTION = f"Saves Φ (AVI_MODEL) as safetensors in models/{AVI_FOLDER}, never overwriting; size and training settings go in the metadata."
+    CATEGORY = AVI_CATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"avi_model": (AVI_MODEL, {}), "filename_prefix": ("STRING", {"default": "avi"})}}
+
+    def save(self, avi_model, filename_prefix):
+        folder = folder_paths.get_folder_paths(AVI_FOLDER)[0]
+        full_folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder)
+        os.makedirs(full_folder, exist_ok=True)
+        while True:
+            filename = f"{name}_{counter:05}.safetensors"
+            path = os.path.join(full_folder, filename)
+            if not os.path.exists(path):
+                break
+            counter += 1
+        core_avi.save_avi_net(avi_model.net, path, avi_model.info)
+        saved = os.path.join(subfolder, filename) if subfolder else filename
+        return {"ui": {"text": [f"saved {saved}"]}, "result": ()}
+
+
+class AVILoad:
+    DESCRIPTION = f"Loads Φ (AVI_MODEL) from models/{AVI_FOLDER}."
+    CATEGORY = AVI_CATEGORY
+    RETURN_TYPES = (AVI_MODEL,)
+    RETURN_NAMES = ("avi_model",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"avi_name": (_avi_files(), {"tooltip": f"safetensors files in models/{AVI_FOLDER}."})}}
+
+    def load(self, avi_name):
+        path = folder_paths.get_full_path_or_raise(AVI_FOLDER, avi_name)
+        try:
+            net, info = core_avi.load_avi_net(path)
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise InputError(f"avi_name: {avi_name} is not a readable AVI model: {e}") from e
+        return (AVIModel(net, info),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "DisentangleAVICapture": AVICapture,
+    "DisentangleAVITrain": AVITrain,
+    "DisentangleAVIIntegrate": AVIIntegrate,
+    "DisentangleAVISave": AVISave,
+    "DisentangleAVILoad": AVILoad,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DisentangleAVICapture": "AVI Capture (x, z)",
+    "DisentangleAVITrain": "AVI Train Φ",
+    "DisentangleAVIIntegrate": "AVI Integrate (ρ)",
+    "DisentangleAVISave": "Save AVI Model",
+    "DisentangleAVILoad": "Load AVI Model",
+}

@@ -1,0 +1,159 @@
+"""AVI nodes inside real ComfyUI (COMFYUI_PATH) on tiny random-weight models and the toy world.
+Skipped loudly without COMFYUI_PATH."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from comfyui_disentangle.tests import comfy_host
+from comfyui_disentangle.tests.reconstruction import call
+
+pytestmark = pytest.mark.usefixtures("host")
+
+STEPS = 20
+
+
+def encode(clip, text):
+    return call("CLIPTextEncode", clip=clip, text=text)[0]
+
+
+def prompts(kind):
+    model, clip, vae = comfy_host.tiny_models(kind)
+    return model, encode(clip, "a photo of a house"), encode(clip, "a photo of a snowy house"), encode(clip, "")
+
+
+def capture(model, pos, target, neg, size=64, batch=1, seed=5, sampler="ddim", scheduler="ddim_uniform",
+            z_source="seed (paper)", steps=STEPS, t_x=0.8, delta_tau=-0.3, width=None):
+    latent = call("EmptyLatentImage", width=width or size, height=size, batch_size=batch)[0]
+    return call("DisentangleAVICapture", model=model, positive=pos, target=target, negative=neg, latent_image=latent,
+                seed=seed, steps=steps, cfg=4.0, sampler_name=sampler, scheduler=scheduler, t_x=t_x,
+                delta_tau=delta_tau, z_source=z_source)
+
+
+def stock(model, pos, neg, size=64, batch=1, seed=5, sampler="ddim", scheduler="ddim_uniform", width=None):
+    latent = call("EmptyLatentImage", width=width or size, height=size, batch_size=batch)[0]
+    return call("KSampler", model=model, seed=seed, steps=STEPS, cfg=4.0, sampler_name=sampler, scheduler=scheduler,
+                positive=pos, negative=neg, latent_image=latent, denoise=1.0)[0]["samples"]
+
+
+def resume(model, pos, neg, latent, start, sampler="ddim", scheduler="ddim_uniform"):
+    return call("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=STEPS, cfg=4.0,
+                sampler_name=sampler, scheduler=scheduler, positive=pos, negative=neg, latent_image=latent,
+                start_at_step=start, end_at_step=10000, return_with_leftover_noise="disable")[0]["samples"]
+
+
+@pytest.mark.parametrize("kind,sampler,scheduler,width", [
+    ("sd1", "ddim", "ddim_uniform", None), ("sd1", "dpmpp_2m", "karras", 96), ("sd1_v", "euler", "normal", None),
+    ("sdxl", "ddim", "ddim_uniform", None)])
+def test_rho_zero_with_own_singular_values_resumes_to_the_plain_sampling(kind, sampler, scheduler, width):
+    """capture → integrate(ρ = 0, S = x's own) → stock KSamplerAdvanced = the plain stock KSampler run (for
+    one-step samplers; a multistep sampler such as dpmpp_2m restarts its history at any KSamplerAdvanced split,
+    so there the reference is the stock split: KSamplerAdvanced to the resume step, then from it)."""
+    model, pos, target, neg = prompts(kind)
+    if kind == "sdxl":
+        pos, target, neg = (comfy_host.sdxl_conditioning(s, width=64, height=64) for s in (1, 2, 3))
+    x, z, start = capture(model, pos, target, neg, sampler=sampler, scheduler=scheduler, width=width)
+    assert 1 <= start < STEPS and x["samples"].shape == z["samples"].shape
+    y = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.0, k=0, singular_values="x's own (no Φ)")[0]
+    torch.testing.assert_close(y["samples"], x["samples"], atol=1e-4, rtol=1e-4)
+    edited = resume(model, pos, neg, y, start, sampler, scheduler)
+    if sampler in ("ddim", "euler"):
+        plain = stock(model, pos, neg, sampler=sampler, scheduler=scheduler, width=width)
+    else:
+        empty = call("EmptyLatentImage", width=width or 64, height=64, batch_size=1)[0]
+        first = call("KSamplerAdvanced", model=model, add_noise="enable", noise_seed=5, steps=STEPS, cfg=4.0,
+                     sampler_name=sampler, scheduler=scheduler, positive=pos, negative=neg, latent_image=empty,
+                     start_at_step=0, end_at_step=start, return_with_leftover_noise="enable")[0]
+        plain = resume(model, pos, neg, first, start, sampler, scheduler)
+    scale = plain.abs().max()
+    assert (edited - plain).abs().max() < 1e-3 * scale
+    # a real integration (ρ = 1) changes the result
+    y1 = call("DisentangleAVIIntegrate", x=x, z=z, rho=1.0, k=0, singular_values="x's own (no Φ)")[0]
+    assert (resume(model, pos, neg, y1, start, sampler, scheduler) - plain).abs().max() > 1e-2 * scale
+
+
+def test_capture_steps_noise_levels_and_z_sources():
+    model, pos, target, neg = prompts("sd1")
+    (x, z, start), = [capture(model, pos, target, neg)]
+    mx, mz = x["avi_capture"], z["avi_capture"]
+    # ddim_uniform, 20 steps: timesteps 951, 901, ...: T_x = 0.8 → step 3 (t 801), T_x − 0.3 → step 9 (t 501)
+    assert (start, mx["step"], mz["step"]) == (3, 3, 9)
+    assert mx["sigma"] > mz["sigma"] > 0
+    # x is exactly KSamplerAdvanced's leftover-noise latent at the resume step
+    empty = call("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
+    adv = call("KSamplerAdvanced", model=model, add_noise="enable", noise_seed=5, steps=STEPS, cfg=4.0,
+               sampler_name="ddim", scheduler="ddim_uniform", positive=pos, negative=neg, latent_image=empty,
+               start_at_step=0, end_at_step=start, return_with_leftover_noise="enable")[0]["samples"]
+    torch.testing.assert_close(x["samples"], adv)
+    adv_z = call("KSamplerAdvanced", model=model, add_noise="enable", noise_seed=5, steps=STEPS, cfg=4.0,
+                 sampler_name="ddim", scheduler="ddim_uniform", positive=target, negative=neg, latent_image=empty,
+                 start_at_step=0, end_at_step=mz["step"], return_with_leftover_noise="enable")[0]["samples"]
+    torch.testing.assert_close(z["samples"], adv_z)
+    # paper space of an ε model = VP-normalised process_latent_in: a = scale_factor / √(1 + σ²)
+    sf = model.model.latent_format.scale_factor
+    torch.testing.assert_close(mx["a"].flatten(), torch.full((4,), sf / (1 + mx["sigma"] ** 2) ** 0.5))
+    # "continue from x": z continues x with the target prompt
+    _, z2, _ = capture(model, pos, target, neg, z_source="continue from x")
+    cont = call("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=STEPS, cfg=4.0,
+                sampler_name="ddim", scheduler="ddim_uniform", positive=target, negative=neg,
+                latent_image={"samples": x["samples"]}, start_at_step=start, end_at_step=mz["step"],
+                return_with_leftover_noise="enable")[0]["samples"]
+    torch.testing.assert_close(z2["samples"], cont)
+    assert not torch.allclose(z2["samples"], z["samples"])
+
+
+def test_train_integrate_save_load_on_a_batch_of_pairs(tmp_path):
+    import folder_paths
+    folder_paths.add_model_folder_path("avi", str(tmp_path), is_default=True)
+    model, pos, target, neg = prompts("sd1")
+    x, z, start = capture(model, pos, target, neg, batch=3)
+    out = call("DisentangleAVITrain", x=x, z=z, k=0, hidden=32, samples_per_pair=64, epochs=3, batch_size=32,
+               learning_rate=1e-3, lambda_1=3.0, lambda_2=10.0, lambda_3=10.0, lambda_4=10.0, seed=0)
+    avi_model = out[0]
+    assert avi_model.info["steps"] == 3 * 6 and avi_model.info["final_loss"] < avi_model.info["first_loss"]
+    assert avi_model.net.config() == {"height": 8, "width": 8, "k": 4, "hidden": 32, "rank": 8}
+    y = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=0, singular_values="Φ: S (paper)", avi_model=avi_model)[0]
+    assert y["samples"].shape == x["samples"].shape and torch.isfinite(y["samples"]).all()
+    # the edit moves away from x as ρ grows
+    d = [float((call("DisentangleAVIIntegrate", x=x, z=z, rho=r, k=0, singular_values="x's own (no Φ)")[0]["samples"]
+                - x["samples"]).norm()) for r in (0.0, 0.5, 1.0)]
+    assert d[0] < 1e-3 * float(x["samples"].norm()) < d[1] < d[2]
+    call("DisentangleAVISave", avi_model=avi_model, filename_prefix="avi_test")
+    saved = [f for f in os.listdir(tmp_path) if f.startswith("avi_test")]
+    assert saved
+    loaded = call("DisentangleAVILoad", avi_name=saved[0])[0]
+    y2 = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=0, singular_values="Φ: S (paper)", avi_model=loaded)[0]
+    torch.testing.assert_close(y2["samples"], y["samples"])
+    assert loaded.info["pairs"] == 3
+    edited = resume(model, pos, neg, y, start)
+    assert torch.isfinite(edited).all()
+
+
+def test_node_errors_are_clear():
+    from comfyui_disentangle.tests.comfy_host import pack_module
+    InputError = pack_module("nodes.common").InputError
+    model, pos, target, neg = prompts("sd1")
+    x, z, _ = capture(model, pos, target, neg)
+    xb, zb, _ = capture(model, pos, target, neg, size=96)
+    with pytest.raises(InputError, match="same shape"):
+        call("DisentangleAVIIntegrate", x=x, z=zb, rho=0.5, k=0, singular_values="x's own (no Φ)")
+    with pytest.raises(InputError, match="k must be between 1 and r − 1 = 7"):
+        call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=8, singular_values="x's own (no Φ)")
+    with pytest.raises(InputError, match=r"rho must lie in \[0, 1\]"):
+        call("DisentangleAVIIntegrate", x=x, z=z, rho=1.5, k=0, singular_values="x's own (no Φ)")
+    with pytest.raises(InputError, match="connect its x output"):
+        call("DisentangleAVIIntegrate", x=z, z=x, rho=0.5, k=0, singular_values="x's own (no Φ)")
+    with pytest.raises(InputError, match="does not come from AVI Capture"):
+        call("DisentangleAVIIntegrate", x={"samples": x["samples"]}, z=z, rho=0.5, k=0, singular_values="x's own (no Φ)")
+    bad = dict(x, samples=x["samples"].clone())
+    bad["samples"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN or infinite"):
+        call("DisentangleAVIIntegrate", x=bad, z=z, rho=0.5, k=0, singular_values="x's own (no Φ)")
+    with pytest.raises(InputError, match="connect AVI Train"):
+        call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=0, singular_values="Φ: S (paper)")
+    avi_model = call("DisentangleAVITrain", x=x, z=z, k=0, hidden=16, samples_per_pair=8, epochs=1, batch_size=8,
+                     learning_rate=1e-3, lambda_1=3.0, lambda_2=10.0, lambda_3=10.0, lambda_4=10.0, seed=0)[0]
+    with pytest.raises(InputError, match="trained for 8×8 latents.*12×12"):
+        call("DisentangleAVIIntegrate", x=xb, z=zb, rho=0.5, k=0, singular_values="Φ: S (paper)", avi_model=avi_model)
