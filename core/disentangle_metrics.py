@@ -501,3 +501,80 @@ def dci_scores(source, seed: int = 0, num_train: int = 10000, num_test: int = 50
     out.update(informativeness=sum(acc_test) / n_factors, informativeness_train=sum(acc_train) / n_factors,
                accuracy_per_factor=acc_test, importance=importance)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The factor world: score any image encoder as DisDiff is scored
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_factor_world(encode_images: Callable[[Tensor], Tensor], factors: Tensor, image_size: int = 64,
+                        batch_size: int = 1024, device=None, groups: int | None = None) -> Tensor:
+    """Codes [N, groups, dims] (float32, CPU) of the factor-world renders of ``factors`` [N, 6].
+
+    ``encode_images(images [B, 3, S, S] in [0, 1] on ``device``)`` may return [B, groups, dims] or
+    [B, D]; a 2-D code is split into ``groups`` equal groups (default: one group per dimension).
+    """
+    from . import factor_world as fw
+    factors = _check_factors(factors)
+    parts = []
+    for start in range(0, factors.shape[0], int(batch_size)):
+        rows = factors[start:start + int(batch_size)]
+        images = fw.render(rows) if image_size == fw.IMAGE_SIZE else fw.render_at(rows, image_size)
+        if device is not None:
+            images = images.to(device, non_blocking=True)
+        codes = encode_images(images)
+        if not isinstance(codes, Tensor) or codes.shape[0] != rows.shape[0] or codes.ndim not in (2, 3):
+            raise ValueError(f"encode_images must return codes [B, groups, dims] or [B, D] for B = {rows.shape[0]}, "
+                             f"got {tuple(codes.shape) if isinstance(codes, Tensor) else type(codes).__name__}")
+        if codes.ndim == 2:
+            g = codes.shape[1] if groups is None else int(groups)
+            if codes.shape[1] % g:
+                raise ValueError(f"a code of {codes.shape[1]} dims cannot be split into {g} groups")
+            codes = codes.view(codes.shape[0], g, -1)
+        elif groups is not None and codes.shape[1] != int(groups):
+            raise ValueError(f"encode_images returned {codes.shape[1]} code groups, expected {groups}")
+        parts.append(codes.float().cpu())
+    return torch.cat(parts)
+
+
+def evaluate_encoder(encode_images: Callable[[Tensor], Tensor], seed: int = 0, *, eval_size: int | None = None,
+                     image_size: int = 64, batch_size: int = 1024, device=None, groups: int | None = None,
+                     metric_device=None, factor_vae: dict | None = None, dci: dict | None = None) -> dict:
+    """FactorVAE and DCI of an image encoder on the factor world, after DisDiff's PCA step.
+
+    The evaluated set is the full factor grid (480,000 scenes; DisDiff encodes all of Shapes3D) or,
+    with ``eval_size``, that many distinct rows drawn with ``seed``. Each code group [N, dims] is
+    reduced to its first principal component over that set, then both metrics run on the
+    [N, groups] scalars with ``seed`` and the settings of :data:`FACTOR_VAE_DEFAULTS` /
+    :data:`DCI_DEFAULTS` (override with ``factor_vae`` / ``dci`` dicts; ``dci`` may hold
+    ``gbt_stages``). ``device``: where images go for ``encode_images``; ``metric_device``: where
+    the trees are grown (e.g. "cuda"). Returns the headline numbers and the full metric dicts.
+    """
+    import time
+    from . import factor_world as fw
+    t0 = time.perf_counter()
+    if eval_size is None:
+        factors = fw.factor_grid()
+    else:
+        total = math.prod(fw.FACTOR_SIZES)
+        if not 2 <= int(eval_size) <= total:
+            raise ValueError(f"eval_size must lie in [2, {total}], got {eval_size}")
+        factors = fw.factor_grid()[torch.randperm(total, generator=_generator(seed))[:int(eval_size)]]
+    codes = encode_factor_world(encode_images, factors, image_size, batch_size, device, groups)
+    pca = fit_group_pca(codes)
+    scalars = pca.transform(codes)
+    t_encode = time.perf_counter() - t0
+    if metric_device is not None:
+        scalars = scalars.to(metric_device)
+    table = CodeTable(scalars, factors)
+    fv = factor_vae_score(table, seed=seed, **{**FACTOR_VAE_DEFAULTS, **(factor_vae or {})})
+    d = dci_scores(table, seed=seed, **{**DCI_DEFAULTS, **(dci or {})})
+    return {
+        "factor_vae": fv["score"], "dci_disentanglement": d["disentanglement"], "dci_completeness": d["completeness"],
+        "dci_informativeness": d["informativeness"], "num_active_dims": fv["num_active_dims"],
+        "pca_explained_variance": pca.explained_variance_ratio.tolist(), "eval_size": int(factors.shape[0]),
+        "code_shape": list(codes.shape[1:]), "seconds_encode": t_encode,
+        "seconds_metrics": time.perf_counter() - t0 - t_encode,
+        "factor_vae_details": fv, "dci_details": {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in d.items()},
+    }
