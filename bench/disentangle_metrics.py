@@ -14,6 +14,7 @@ scores saved autoencoders instead (one per seed). Other encoders (DisDiff's) are
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.machinery
 import json
 import os
@@ -38,7 +39,6 @@ def _pack_core():
         module = types.ModuleType(PACKAGE_NAME)
         module.__spec__, module.__path__, module.__package__ = spec, [PACK_ROOT], PACKAGE_NAME
         sys.modules[PACKAGE_NAME] = module
-    import importlib
     return (importlib.import_module(PACKAGE_NAME + ".core.disentangle_metrics"),
             importlib.import_module(PACKAGE_NAME + ".core.autoencoder_baseline"))
 

@@ -140,3 +140,14 @@ def test_bench_runs_on_cpu_with_small_flags(tmp_path, capsys):
     assert again["factor_vae"] == first["factor_vae"] and again["dci_disentanglement"] == first["dci_disentanglement"]
     assert again["reconstruction_mse"] == pytest.approx(first["reconstruction_mse"])
     assert bench.mean_std([0.5, 0.7]) == "0.600 ± 0.141"
+
+
+def test_bench_script_starts_standalone():
+    """As a script, outside pytest's package alias (catches import-time errors)."""
+    import subprocess
+    import sys
+    path = os.path.join(comfy_host.PACK_ROOT, "bench", "disentangle_metrics.py")
+    done = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr
+    assert "--gbt-stages" in done.stdout and "--eval-size" in done.stdout
