@@ -1,0 +1,155 @@
+"""Disentanglement table on the factor world (issue 6): FactorVAE score and DCI, mean ± std over seeds,
+computed as DisDiff computes them (per-factor-code PCA, then disentanglement_lib's settings).
+
+    python bench/disentangle_metrics.py --seeds 0 1 2 --steps 4000            # GPU (bf16 autocast)
+    python bench/disentangle_metrics.py --seeds 0 1 --steps 20 --batch-size 16 --eval-size 3000 \\
+        --fv-train 500 --fv-eval 500 --fv-variance 1000 --dci-train 500 --dci-test 200 --gbt-stages 10  # CPU smoke
+
+Row "autoencoder": a plain conv autoencoder with DisDiff's code size (6 groups × 32,
+core/autoencoder_baseline.py) trained ``--steps`` steps with each seed, then scored. ``--load FILE``
+scores saved autoencoders instead (one per seed). Other encoders (DisDiff's) are scored with
+:func:`evaluate_encoder` (re-exported from core/disentangle_metrics.py) and printed with
+:func:`print_summary`; ComfyUI is not needed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.machinery
+import json
+import os
+import statistics
+import sys
+import time
+import types
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import print_table  # noqa: E402
+
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_NAME = "comfyui_disentangle"
+
+
+def _pack_core():
+    """The pack's core modules, imported as ``comfyui_disentangle.core`` without running the pack's
+    ``__init__.py`` (which needs ComfyUI); the same alias as tests/conftest.py."""
+    if PACKAGE_NAME not in sys.modules:
+        spec = importlib.machinery.ModuleSpec(PACKAGE_NAME, None, is_package=True)
+        spec.submodule_search_locations = [PACK_ROOT]
+        module = types.ModuleType(PACKAGE_NAME)
+        module.__spec__, module.__path__, module.__package__ = spec, [PACK_ROOT], PACKAGE_NAME
+        sys.modules[PACKAGE_NAME] = module
+    return (importlib.import_module(PACKAGE_NAME + ".core.disentangle_metrics"),
+            importlib.import_module(PACKAGE_NAME + ".core.autoencoder_baseline"))
+
+
+dm, ab = _pack_core()
+evaluate_encoder = dm.evaluate_encoder
+
+COLUMNS = (("factor_vae", "FactorVAE"), ("dci_disentanglement", "DCI D"), ("dci_completeness", "DCI C"),
+           ("dci_informativeness", "DCI I (acc)"))
+
+
+def mean_std(values) -> str:
+    values = [float(v) for v in values]
+    if not values:
+        return "—"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+
+
+def summary_row(name: str, results: list[dict], extra: dict | None = None) -> list:
+    """One table row: name, seeds, mean ± std of each metric (and of ``extra`` lists)."""
+    row = [name, len(results)] + [mean_std([r[key] for r in results]) for key, _ in COLUMNS]
+    return row + [mean_std(v) for v in (extra or {}).values()]
+
+
+def print_summary(rows: list[list], extra_headers: tuple[str, ...] = ()) -> None:
+    header = ["model", "seeds"] + [title for _, title in COLUMNS] + list(extra_headers)
+    print_table("Disentanglement on the factor world (after DisDiff's per-group PCA; mean ± std over seeds)", header, rows)
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=4000, help="autoencoder training steps per seed")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--width", type=int, default=32, help="autoencoder base channels")
+    p.add_argument("--group-dim", type=int, default=32, help="channels per factor code (DisDiff: 32)")
+    p.add_argument("--load", nargs="+", default=None, help="score these saved autoencoders (one per seed) instead of training")
+    p.add_argument("--save-dir", default=None, help="save each trained autoencoder here (safetensors)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--eval-size", type=int, default=None, help="rows of the factor grid to encode (default: all 480000)")
+    p.add_argument("--encode-batch", type=int, default=2048)
+    p.add_argument("--fv-train", type=int, default=dm.FACTOR_VAE_DEFAULTS["num_train"])
+    p.add_argument("--fv-eval", type=int, default=dm.FACTOR_VAE_DEFAULTS["num_eval"])
+    p.add_argument("--fv-variance", type=int, default=dm.FACTOR_VAE_DEFAULTS["num_variance_estimate"])
+    p.add_argument("--fv-batch", type=int, default=dm.FACTOR_VAE_DEFAULTS["batch_size"])
+    p.add_argument("--dci-train", type=int, default=dm.DCI_DEFAULTS["num_train"])
+    p.add_argument("--dci-test", type=int, default=dm.DCI_DEFAULTS["num_test"])
+    p.add_argument("--gbt-stages", type=int, default=100)
+    p.add_argument("--json", default=None, help="write every seed's results here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    import torch
+    args = _args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.load is not None and len(args.load) != len(args.seeds):
+        sys.exit(f"--load gave {len(args.load)} files for {len(args.seeds)} seeds")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    fv = {"num_train": args.fv_train, "num_eval": args.fv_eval, "num_variance_estimate": args.fv_variance,
+          "batch_size": args.fv_batch}
+    dci = {"num_train": args.dci_train, "num_test": args.dci_test, "gbt_stages": args.gbt_stages}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {device_name}; eval set: {args.eval_size or 'full grid (480000)'}; FactorVAE {fv}; DCI {dci}")
+    results = []
+    for index, seed in enumerate(args.seeds):
+        t0 = time.perf_counter()
+        if args.load is not None:
+            model, _ = ab.load_autoencoder(args.load[index], device=device)
+            log = {"steps": 0, "final_loss": float("nan")}
+        else:
+            model = ab.build_autoencoder(seed, width=args.width, group_dim=args.group_dim).to(device)
+            every = max(1, args.steps // 10)
+
+            def report(step, steps, loss, seed=seed, every=every):
+                if step % every == 0 or step == steps:
+                    print(f"  seed {seed}: step {step}/{steps}, loss {float(loss):.5f}", flush=True)
+            log = ab.train_autoencoder(model, args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                                       seed=seed, device=device, callback=report)
+            if args.save_dir:
+                os.makedirs(args.save_dir, exist_ok=True)
+                ab.save_autoencoder(model, os.path.join(args.save_dir, f"autoencoder_baseline_seed{seed}.safetensors"),
+                                    {"seed": seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr})
+        t_train = time.perf_counter() - t0
+        model.eval()
+        mse = ab.reconstruction_mse(model)
+
+        def encode(images):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                return model.encode(images).float()
+        r = evaluate_encoder(encode, seed, eval_size=args.eval_size, batch_size=args.encode_batch, device=device,
+                             metric_device=device, factor_vae=fv, dci=dci)
+        r.update(seed=seed, train_steps=log["steps"], final_train_loss=log["final_loss"], reconstruction_mse=mse,
+                 seconds_train=t_train)
+        results.append(r)
+        print(f"  seed {seed}: FactorVAE {r['factor_vae']:.3f}, DCI D {r['dci_disentanglement']:.3f} "
+              f"C {r['dci_completeness']:.3f} I {r['dci_informativeness']:.3f}, recon MSE {mse:.5f}; "
+              f"train {t_train:.1f} s, encode {r['seconds_encode']:.1f} s, metrics {r['seconds_metrics']:.1f} s", flush=True)
+    name = f"autoencoder ({ab.DEFAULT_CONFIG['groups']}×{args.group_dim}, {args.steps} steps)" if args.load is None else "autoencoder (loaded)"
+    extra = {"recon MSE": [r["reconstruction_mse"] for r in results], "train s": [r["seconds_train"] for r in results]}
+    print_summary([summary_row(name, results, extra)], tuple(extra))
+    out = {"device": device_name, "args": vars(args), "results": results}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
