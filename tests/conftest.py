@@ -55,6 +55,12 @@ def _shield_pack_init():
         names.add(resolve_pkg_root_and_module_name(Path(init))[1])
     except Exception:
         pass
+    try:  # a root folder whose name is no identifier ("ComfyUI-Disentangle"): pytest's fallback name
+        from pathlib import Path
+        from _pytest.pathlib import module_name_from_path
+        names.add(module_name_from_path(Path(init), Path(PACK_ROOT)))
+    except Exception:
+        pass
     for name in names:
         if not name or name in sys.modules:
             continue
