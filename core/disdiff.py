@@ -466,11 +466,12 @@ def partial_condition_denoised(denoised: Tensor, sigma: Tensor, g: Tensor, stren
 # --------------------------------------------------------------------------------------------
 
 def save_checkpoint(path: str, model: DisDiff, optimizer: Optional[torch.optim.Optimizer] = None,
-                    step: int = 0, info: Optional[dict] = None, rng_state: Optional[Tensor] = None) -> None:
+                    step: int = 0, info: Optional[dict] = None, rng_state: Optional[Tensor] = None,
+                    dtype: torch.dtype = torch.float32) -> None:
     """Write model (and optimizer, data-order RNG) tensors with the config in the metadata;
-    atomic (tmp + rename)."""
+    atomic (tmp + rename). ``dtype`` float16 halves a release file (loading gives float32)."""
     from safetensors.torch import save_file
-    tensors = {f"model.{k}": v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     if rng_state is not None:
         tensors["rng_state"] = rng_state.contiguous().cpu()
     opt_meta = None
@@ -532,7 +533,7 @@ def load_checkpoint(path: str, device="cpu") -> LoadedCheckpoint:
     if missing or unexpected or wrong:
         raise CheckpointError(f"{name}: tensors do not match its config (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]}, wrong shape {wrong[:3]})")
-    model.load_state_dict(state)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
     optimizer_state = None
     if "optimizer" in metadata:
         meta = json.loads(metadata["optimizer"])
@@ -582,7 +583,8 @@ def train_disdiff(latents: Tensor, frozen: Frozen, alphas_cumprod: Tensor, *, co
     per log point (step, losses, images/s).
 
     ``callback(step, steps, logs)`` runs every ``log_every`` steps and at the end (progress; raise
-    from it to cancel: the last periodic checkpoint stays). ``checkpoint_every`` > 0 writes
+    from it to cancel: the last periodic checkpoint stays; return True to stop there, with a
+    checkpoint). ``checkpoint_every`` > 0 writes
     ``checkpoint_path`` every that many steps (it is always written at the end when given);
     ``resume`` continues from it (model, optimizer, step and the data order). Per step there is no
     host synchronisation except at log points. ``autocast_dtype`` (e.g. torch.bfloat16 on CUDA)
@@ -654,10 +656,13 @@ def train_disdiff(latents: Tensor, frozen: Frozen, alphas_cumprod: Tensor, *, co
         sums += terms.scalars()
         count += 1
         seen += batch_size
+        stop = False
         if step % log_every == 0 or step == steps:
             entry = log(step)
             if callback is not None:
-                callback(step, steps, entry)
-        if checkpoint_path and ((checkpoint_every > 0 and step % checkpoint_every == 0) or step == steps):
+                stop = callback(step, steps, entry) is True   # True: stop here (e.g. a time budget)
+        if checkpoint_path and ((checkpoint_every > 0 and step % checkpoint_every == 0) or step == steps or stop):
             save_checkpoint(checkpoint_path, model, optimizer, step, info, gen.get_state())
+        if stop:
+            break
     return model.eval(), history

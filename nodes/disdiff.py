@@ -303,8 +303,10 @@ def default_checkpoint_path(save_name: str) -> str:
 
 def train_from_latents(model, positive, latents: torch.Tensor, *, num_factors, code_dim, steps, batch_size,
                        learning_rate, seed, checkpoint_path, checkpoint_every, resume, log_every=10,
-                       callback=None, **kw):
-    """Train on model-space ``latents`` on top of the loaded MODEL (the node's and the CLI's path)."""
+                       callback=None, train_kw: dict | None = None, **kw):
+    """Train on model-space ``latents`` on top of the loaded MODEL (the node's and the CLI's path).
+    ``kw`` goes to the config (encoder_width, decoder_width, ...), ``train_kw`` to core's
+    train_disdiff (dis_weight, warmup, loss_type, ...)."""
     check_unet_model(model)
     check_conditioning(positive, "positive")
     mm.load_models_gpu([model])
@@ -322,7 +324,8 @@ def train_from_latents(model, positive, latents: torch.Tensor, *, num_factors, c
         net, history = dd.train_disdiff(data, frozen, ab, config=config, steps=steps, batch_size=batch_size,
                                         lr=learning_rate, seed=seed, device=device, autocast_dtype=autocast,
                                         log_every=log_every, checkpoint_path=checkpoint_path,
-                                        checkpoint_every=checkpoint_every, resume=resume, callback=callback)
+                                        checkpoint_every=checkpoint_every, resume=resume, callback=callback,
+                                        **(train_kw or {}))
     net = net.float().cpu().eval()
     return DisDiffModel(net, os.path.basename(checkpoint_path or ""), steps), history
 
