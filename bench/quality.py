@@ -87,7 +87,7 @@ def edit_rates(judge, fw, original, edited, target_col, target_values):
     return reached, preserved, per_factor
 
 
-def editing_methods(model, clip, vae, judge, fw, n, seed, optimise_on=8):
+def editing_methods(model, clip, vae, judge, fw, n, seed, optimise_on=8, disdiff=""):
     """Object-hue edits by text over n seeds (each with its own scene and target hue)."""
     import torch
     pack_ls = comfy_host.pack_module("core.lambda_schedule")
@@ -117,8 +117,53 @@ def editing_methods(model, clip, vae, judge, fw, n, seed, optimise_on=8):
                      f"{losses[0]:.3f}→{min(losses):.3f}), applied to all {n}",
                      *edit_rates(judge, fw, original, images, fw.OBJECT_HUE, target)])
     for label in ("AVI, ρ sweep (issue 5)", "DisDiff swap (issue 6)"):
+        if label.startswith("DisDiff") and disdiff:
+            rows += disdiff_rows(model, clip, vae, judge, fw, factors, target, seed, disdiff)
+            continue
         rows.append([label, None, None, None])
     return rows
+
+
+def disdiff_rows(model, clip, vae, judge, fw, factors, target, seed, checkpoint, steps=50):
+    """DisDiff (issue 6): the object hue swapped in from a second image. Each seed's scene and a second
+    scene with the target hue (other factors random) are encoded; the learned factor that carries the
+    object hue (the code that moves most between scenes differing only in object hue) is taken from the
+    second image; all factors are imposed (partial-condition patch, stock KSampler, empty prompt, cfg 1).
+    Judged against the reconstruction from the scene's own codes with the same seed."""
+    import torch
+    node = comfy_host.pack_module("nodes.disdiff")
+    if not os.path.isfile(checkpoint):
+        print(f"DisDiff row skipped: no checkpoint at {checkpoint}")
+        return [["DisDiff swap (issue 6): no checkpoint", None, None, None]]
+    disdiff = node.DisDiffModel(comfy_host.pack_module("core.disdiff").load_checkpoint(checkpoint).model, "bench")
+    n = len(factors)
+    g = torch.Generator().manual_seed(seed + 77)
+    other = fw.sample_factors(n, generator=g)
+    other[:, fw.OBJECT_HUE] = target
+
+    def codes_of(f):
+        latent = call("VAEEncode", pixels=fw.render_at(f, 128).movedim(1, -1).contiguous(), vae=vae)[0]
+        return call("DisentangleDisDiffEncode", disdiff=disdiff, latent=latent)[0]
+
+    # which learned factor carries the object hue: scenes that differ only in it
+    probe = fw.sample_factors(32, generator=g)
+    shifted = probe.clone()
+    shifted[:, fw.OBJECT_HUE] = (probe[:, fw.OBJECT_HUE] + 5) % 10
+    moved = (codes_of(probe)["codes"] - codes_of(shifted)["codes"]).norm(dim=-1).mean(0)
+    hue_code = int(moved.argmax())
+    source, second = codes_of(factors), codes_of(other)
+    swapped = call("DisentangleDisDiffSwapFactors", factors=source, other=second, swap=str(hue_code))[0]
+    empty = encode_batch(clip, [""] * n)
+    every = ",".join(str(k) for k in range(disdiff.config.num_factors))
+
+    def sample(f):
+        patched = call("DisentangleDisDiffPartialCondition", model=model, disdiff=disdiff, factors=f,
+                       condition_on=every, strengths="1.0")[0]
+        return generate(patched, vae, empty, empty, n, seed, steps=steps, cfg=1.0)
+
+    original, edited = sample(source), sample(swapped)
+    return [[f"DisDiff swap of z^{hue_code} (the object-hue code) from a second image, vs its reconstruction",
+             *edit_rates(judge, fw, original, edited, fw.OBJECT_HUE, target)]]
 
 
 def learn_shared_schedule(model, clip, vae, fw, factors, edited_factors, seed, batch, steps=50, cfg=5.0,
@@ -157,6 +202,7 @@ def main():
     parser.add_argument("--images", type=int, default=64, help="data-set images for the inversion rows")
     parser.add_argument("--edits", type=int, default=64, help="seeds for the editing rows")
     parser.add_argument("--optimise-on", type=int, default=8, help="seeds the shared λ schedule is learned on (0: skip)")
+    parser.add_argument("--disdiff", default="", help="DisDiff checkpoint for its row (bench/train_disdiff.py); skipped if none")
     args = parser.parse_args()
     if not comfy_host.host_available():
         sys.exit(comfy_host.SKIP_REASON)
@@ -170,7 +216,10 @@ def main():
     with torch.inference_mode():
         control = text_control(model, clip, vae, judge, fw, args.samples, seed=1)
         inversion = inversion_quality(model, clip, vae, fw, args.images, seed=2)
-        edits = editing_methods(model, clip, vae, judge, fw, args.edits, seed=3, optimise_on=args.optimise_on)
+        edits = editing_methods(model, clip, vae, judge, fw, args.edits, seed=3, optimise_on=args.optimise_on,
+                                disdiff=args.disdiff)
+        if not args.disdiff:
+            print("DisDiff row skipped: pass --disdiff CHECKPOINT")
 
     rows = [["text control", name, control[name], "", f"chance {1 / size:.2f}"]
             for name, size in zip(fw.FACTOR_NAMES, fw.FACTOR_SIZES)]
