@@ -628,7 +628,7 @@ def train_disdiff(latents: Tensor, frozen: Frozen, alphas_cumprod: Tensor, *, co
     seen = 0
 
     def log(step):
-        nonlocal sums, count, t0, seen
+        nonlocal count, t0, seen
         values = (sums / max(1, count)).tolist()
         elapsed = time.perf_counter() - t0
         entry = {"step": step, "loss": values[0], "recon": values[1], "invariant": values[2], "variant": values[3],

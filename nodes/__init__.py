@@ -5,7 +5,7 @@ from .common import LAMBDA_SCHEDULE_FOLDER, register_model_folder
 register_model_folder(LAMBDA_SCHEDULE_FOLDER, {".json", ".safetensors"})
 register_model_folder(perceptual.LPIPS_FOLDER, {".safetensors"})
 register_model_folder(toy_world.TOY_WORLD_FOLDER, {".safetensors"}, extra_paths=(toy_world.PACK_WEIGHTS,))
-register_model_folder(disdiff.DISDIFF_FOLDER, {".safetensors"})
+register_model_folder(disdiff.DISDIFF_FOLDER, {".safetensors"}, extra_paths=(toy_world.PACK_WEIGHTS,))
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -23,7 +23,7 @@ import comfy.utils
 import folder_paths
 
 from ..core import disdiff as dd
-from .common import CATEGORY, InputError, check_conditioning, check_latent
+from .common import CATEGORY, InputError, check_conditioning
 
 DISDIFF = "DISDIFF"
 FACTORS = "FACTORS"
@@ -411,7 +411,10 @@ class LoadDisDiff:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"disdiff_name": (folder_paths.get_filename_list(DISDIFF_FOLDER),
+        # the pack's weights/ folder is on this list for its toy-world DisDiff; hide its other files
+        names = [n for n in folder_paths.get_filename_list(DISDIFF_FOLDER)
+                 if not (n.startswith("toy_world_") and "disdiff" not in n)]
+        return {"required": {"disdiff_name": (names,
                                               {"tooltip": "A .safetensors file written by Train DisDiff."})}}
 
     def load(self, disdiff_name):
