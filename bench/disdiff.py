@@ -193,6 +193,7 @@ def main():
     p.add_argument("--toy-batch", type=int, default=8)
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="SD1.5 UNet dtype")
     p.add_argument("--sd-decoder-width", type=float, default=1.0)
+    p.add_argument("--sd-size", type=int, default=512, help="SD1.5 image side in pixels")
     p.add_argument("--skip-sd15", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--pairs", type=int, default=8, help="grid columns")
@@ -225,9 +226,10 @@ def main():
         if not args.skip_sd15:
             sd = random_sd15(args.dtype)
             pos, neg = conditioning(seed=1), conditioning(seed=2)
-            sd_dd = random_disdiff(node, dd, sd, neg, (4, 64, 64), decoder_width=args.sd_decoder_width)
-            rows += speed_rows(f"SD1.5 arch 512 px {args.dtype}", sd, sd_dd, pos, neg, (4, 64, 64), 1, args.steps, 7.5,
-                               args.repeats, node)
+            side = args.sd_size // 8
+            sd_dd = random_disdiff(node, dd, sd, neg, (4, side, side), decoder_width=args.sd_decoder_width)
+            rows += speed_rows(f"SD1.5 arch {args.sd_size} px {args.dtype}", sd, sd_dd, pos, neg, (4, side, side), 1,
+                               args.steps, 7.5, args.repeats, node)
         print_table(f"Partial-condition sampling cost, {args.steps} ddim steps, {device_name()} (median of {args.repeats} "
                     "interleaved rounds); ratio = time / stock time; last column: decoder passes per UNet call",
                     ["model", "sampling", "batch", "seconds", "ratio", "G passes/UNet call"], rows)
