@@ -89,7 +89,7 @@ def edit_rates(judge, fw, original, edited, target_col, target_values):
     return reached, preserved, per_factor
 
 
-def editing_methods(model, clip, vae, judge, fw, n, seed, optimise_on=8, per_seed_betas=(0.03,)):
+def editing_methods(model, clip, vae, judge, fw, n, seed, optimise_on=8, per_seed_betas=(0.03,), disdiff=""):
     """Object-hue edits by text over n seeds (each with its own scene and target hue)."""
     import torch
     pack_ls = comfy_host.pack_module("core.lambda_schedule")
@@ -124,8 +124,10 @@ def editing_methods(model, clip, vae, judge, fw, n, seed, optimise_on=8, per_see
         rows.append([f"λ mixing, optimised per seed (β {beta}, {len(losses)} Adam steps, mean loss "
                      f"{losses[0]:.3f}→{losses[-1]:.3f})", *edit_rates(judge, fw, original, images, fw.OBJECT_HUE, target)])
     rows.extend(avi_rows(model, vae, judge, fw, neutral, styled, negative, original, target, n, seed))
-    for label in ("DisDiff swap (issue 6)",):
-        rows.append([label, None, None, None])
+    if disdiff:
+        rows += disdiff_rows(model, clip, vae, judge, fw, factors, target, seed, disdiff)
+    else:
+        rows.append(["DisDiff swap (issue 6): pass --disdiff CHECKPOINT", None, None, None])
     return rows
 
 
@@ -162,6 +164,49 @@ def avi_rows(model, vae, judge, fw, neutral, styled, negative, original, target,
                      f"{steps}, z at {z['avi_capture']['step']})",
                      *edit_rates(judge, fw, original, images, fw.OBJECT_HUE, target)])
     return rows
+
+
+def disdiff_rows(model, clip, vae, judge, fw, factors, target, seed, checkpoint, steps=50):
+    """DisDiff (issue 6): the object hue swapped in from a second image. Each seed's scene and a second
+    scene with the target hue (other factors random) are encoded; the learned factor that carries the
+    object hue (the code that moves most between scenes differing only in object hue) is taken from the
+    second image; all factors are imposed (partial-condition patch, stock KSampler, empty prompt, cfg 1).
+    Judged against the reconstruction from the scene's own codes with the same seed."""
+    import torch
+    node = comfy_host.pack_module("nodes.disdiff")
+    if not os.path.isfile(checkpoint):
+        print(f"DisDiff row skipped: no checkpoint at {checkpoint}")
+        return [["DisDiff swap (issue 6): no checkpoint", None, None, None]]
+    disdiff = node.DisDiffModel(comfy_host.pack_module("core.disdiff").load_checkpoint(checkpoint).model, "bench")
+    n = len(factors)
+    g = torch.Generator().manual_seed(seed + 77)
+    other = fw.sample_factors(n, generator=g)
+    other[:, fw.OBJECT_HUE] = target
+
+    def codes_of(f):
+        latent = call("VAEEncode", pixels=fw.render_at(f, 128).movedim(1, -1).contiguous(), vae=vae)[0]
+        return call("DisentangleDisDiffEncode", disdiff=disdiff, latent=latent)[0]
+
+    # which learned factor carries the object hue: scenes that differ only in it
+    probe = fw.sample_factors(32, generator=g)
+    shifted = probe.clone()
+    shifted[:, fw.OBJECT_HUE] = (probe[:, fw.OBJECT_HUE] + 5) % 10
+    moved = (codes_of(probe)["codes"] - codes_of(shifted)["codes"]).norm(dim=-1).mean(0)
+    hue_code = int(moved.argmax())
+    source, second = codes_of(factors), codes_of(other)
+    swapped = call("DisentangleDisDiffSwapFactors", factors=source, other=second, swap=str(hue_code))[0]
+    empty = encode_batch(clip, [""] * n)
+    every = ",".join(str(k) for k in range(disdiff.config.num_factors))
+
+    def sample(f):
+        patched = call("DisentangleDisDiffPartialCondition", model=model, disdiff=disdiff, factors=f,
+                       condition_on=every, strengths="1.0")[0]
+        return generate(patched, vae, empty, empty, n, seed, steps=steps, cfg=1.0)
+
+    original, edited = sample(source), sample(swapped)
+    return [[f"DisDiff swap of z^{hue_code} (the object-hue code) from a second image, vs its reconstruction",
+             *edit_rates(judge, fw, original, edited, fw.OBJECT_HUE, target)]]
+
 
 
 def toy_edit(model, clip, vae, fw, factors, edited_factors, seed, steps=50, cfg=5.0, beta=0.03, per_item=False, batch=None):
@@ -223,6 +268,7 @@ def main():
     parser.add_argument("--images", type=int, default=64, help="data-set images for the inversion rows")
     parser.add_argument("--edits", type=int, default=64, help="seeds for the editing rows")
     parser.add_argument("--optimise-on", type=int, default=8, help="seeds the shared λ schedule is learned on (0: skip)")
+    parser.add_argument("--disdiff", default="", help="DisDiff checkpoint for its row (bench/train_disdiff.py); skipped if none")
     parser.add_argument("--per-seed-betas", type=float, nargs="*", default=[0.03],
                         help="β values of the per-seed optimised rows (none: skip)")
     args = parser.parse_args()
@@ -239,7 +285,7 @@ def main():
         control = text_control(model, clip, vae, judge, fw, args.samples, seed=1)
         inversion = inversion_quality(model, clip, vae, fw, args.images, seed=2)
         edits = editing_methods(model, clip, vae, judge, fw, args.edits, seed=3, optimise_on=args.optimise_on,
-                                per_seed_betas=args.per_seed_betas)
+                                per_seed_betas=args.per_seed_betas, disdiff=args.disdiff)
 
     rows = [["text control", name, control[name], "", f"chance {1 / size:.2f}"]
             for name, size in zip(fw.FACTOR_NAMES, fw.FACTOR_SIZES)]

@@ -336,7 +336,81 @@ def toy_world_avi_edit(node_classes) -> dict:
     return w.to_dict("toy_world_avi_edit")
 
 
+DISDIFF_FILE = "toy_world_disdiff.safetensors"
+
+
+def disdiff_partial_condition(node_classes) -> dict:
+    w = Workflow(node_classes)
+    toy = w.add("DisentangleLoadToyWorld", (20, 200), checkpoint="toy_world")
+    dis = w.add("DisentangleLoadDisDiff", (20, 420), disdiff_name=DISDIFF_FILE)
+    scene = w.add("DisentangleFactorWorldScene", (20, 560), title="Target image", floor_hue="green", wall_hue="blue",
+                  object_hue="red", scale="large", shape="cube", orientation="facing front", size=128)
+    empty = w.add("CLIPTextEncode", (380, 40), title="Empty prompt (the unconditional model)", clip=(toy, 1), text="")
+    enc = w.add("VAEEncode", (380, 240), pixels=(scene, 0), vae=(toy, 2))
+    codes = w.add("DisentangleDisDiffEncode", (380, 360), disdiff=(dis, 0), latent=(enc, 0))
+    patched = w.add("DisentangleDisDiffPartialCondition", (700, 40), node_size=(340, 180), model=(toy, 0),
+                    disdiff=(dis, 0), factors=(codes, 0), condition_on="2", strengths="1.0")
+    batch = w.add("RepeatLatentBatch", (700, 260), samples=(enc, 0), amount=4)
+    cond = w.add("KSampler", (1080, 40), title="Conditioned on the chosen factors", model=(patched, 0), seed=11,
+                 steps=50, cfg=1.0, sampler_name="ddim", scheduler="ddim_uniform", positive=(empty, 0),
+                 negative=(empty, 0), latent_image=(batch, 0), denoise=1.0)
+    free = w.add("KSampler", (1080, 360), title="Unconditioned (same seeds)", model=(toy, 0), seed=11, steps=50,
+                 cfg=1.0, sampler_name="ddim", scheduler="ddim_uniform", positive=(empty, 0), negative=(empty, 0),
+                 latent_image=(batch, 0), denoise=1.0)
+    d_cond = w.add("VAEDecode", (1420, 40), samples=(cond, 0), vae=(toy, 2))
+    d_free = w.add("VAEDecode", (1420, 180), samples=(free, 0), vae=(toy, 2))
+    both = w.add("ImageBatch", (1420, 320), image1=(d_free, 0), image2=(d_cond, 0))
+    w.add("SaveImage", (1660, 40), node_size=(420, 320), images=(both, 0), filename_prefix="disentangle/disdiff_partial")
+    w.add("PreviewImage", (380, 560), node_size=(260, 260), images=(scene, 0))
+    w.note("DisDiff partial-condition sampling (eq. 6), offline on the toy world: stock KSampler on a MODEL patched "
+           "with the gradient field of the chosen learned factors of the target image. First four: the plain model; "
+           "last four: the same seeds conditioned on factor 2 only, which keeps that factor of the target and lets "
+           "the others vary. The factors are learned without labels: find which index is which with the swap "
+           "workflow, and try 'all' (reconstruction) or several ('0,2').", (20, 860), node_size=(560, 180))
+    return w.to_dict("disdiff_partial_condition")
+
+
+def disdiff_swap_factors(node_classes) -> dict:
+    w = Workflow(node_classes)
+    toy = w.add("DisentangleLoadToyWorld", (20, 200), checkpoint="toy_world")
+    dis = w.add("DisentangleLoadDisDiff", (20, 420), disdiff_name=DISDIFF_FILE)
+    src = w.add("DisentangleFactorWorldScene", (20, 560), title="Source image", floor_hue="green", wall_hue="blue",
+                object_hue="red", scale="large", shape="cube", orientation="facing front", size=128)
+    tgt = w.add("DisentangleFactorWorldScene", (20, 860), title="Second image (gives the swapped factors)",
+                floor_hue="orange", wall_hue="cyan", object_hue="yellow", scale="small", shape="sphere",
+                orientation="turned left", size=128)
+    empty = w.add("CLIPTextEncode", (380, 40), title="Empty prompt (the unconditional model)", clip=(toy, 1), text="")
+    e_src = w.add("VAEEncode", (380, 240), pixels=(src, 0), vae=(toy, 2))
+    e_tgt = w.add("VAEEncode", (380, 360), pixels=(tgt, 0), vae=(toy, 2))
+    z_src = w.add("DisentangleDisDiffEncode", (380, 480), disdiff=(dis, 0), latent=(e_src, 0))
+    z_tgt = w.add("DisentangleDisDiffEncode", (380, 620), disdiff=(dis, 0), latent=(e_tgt, 0))
+    swapped = w.add("DisentangleDisDiffSwapFactors", (700, 480), factors=(z_src, 0), other=(z_tgt, 0), swap="2")
+    rec_model = w.add("DisentangleDisDiffPartialCondition", (700, 40), node_size=(340, 180), title="All factors of the source",
+                      model=(toy, 0), disdiff=(dis, 0), factors=(z_src, 0), condition_on="all", strengths="1.0")
+    swap_model = w.add("DisentangleDisDiffPartialCondition", (700, 260), node_size=(340, 180), title="All factors, one swapped",
+                       model=(toy, 0), disdiff=(dis, 0), factors=(swapped, 0), condition_on="all", strengths="1.0")
+    rec = w.add("KSampler", (1080, 40), title="Reconstruction", model=(rec_model, 0), seed=5, steps=50, cfg=1.0,
+                sampler_name="ddim", scheduler="ddim_uniform", positive=(empty, 0), negative=(empty, 0),
+                latent_image=(e_src, 0), denoise=1.0)
+    swp = w.add("KSampler", (1080, 360), title="Swapped factor", model=(swap_model, 0), seed=5, steps=50, cfg=1.0,
+                sampler_name="ddim", scheduler="ddim_uniform", positive=(empty, 0), negative=(empty, 0),
+                latent_image=(e_src, 0), denoise=1.0)
+    d_rec = w.add("VAEDecode", (1420, 40), samples=(rec, 0), vae=(toy, 2))
+    d_swp = w.add("VAEDecode", (1420, 180), samples=(swp, 0), vae=(toy, 2))
+    inputs = w.add("ImageBatch", (1420, 320), image1=(src, 0), image2=(tgt, 0))
+    outputs = w.add("ImageBatch", (1420, 460), image1=(d_rec, 0), image2=(d_swp, 0))
+    every = w.add("ImageBatch", (1420, 600), image1=(inputs, 0), image2=(outputs, 0))
+    w.add("SaveImage", (1660, 40), node_size=(440, 320), images=(every, 0), filename_prefix="disentangle/disdiff_swap")
+    w.note("DisDiff factor swap, offline on the toy world: both images are encoded into learned factor codes; "
+           "the source's code 2 is replaced by the second image's, and stock KSampler samples with all factors "
+           "imposed. Saved: source, second image, reconstruction, swapped. Change 'swap' to see what each learned "
+           "factor holds (object colour, floor, wall, size, shape, turn).", (20, 1160), node_size=(560, 160))
+    return w.to_dict("disdiff_swap_factors")
+
+
 WORKFLOWS = {
+    "disdiff_partial_condition.json": disdiff_partial_condition,
+    "disdiff_swap_factors.json": disdiff_swap_factors,
     "ddim_inversion_reconstruct.json": ddim_inversion_reconstruct,
     "lambda_schedule_mix.json": lambda_schedule_mix,
     "lambda_real_image_edit.json": lambda_real_image_edit,
