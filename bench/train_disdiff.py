@@ -54,6 +54,9 @@ def main():
     p.add_argument("--resume", action="store_true")
     p.add_argument("--release", default="", help="also write a float16 copy without optimizer state here")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    p.add_argument("--codes-at", type=int, nargs="*", default=[],
+                   help="also dump the held-out codes at these steps (<out stem>_codes_s<step>.safetensors): the "
+                        "training curve of FactorVAE / DCI")
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args()
 
@@ -87,27 +90,41 @@ def main():
         return budget > 0 and time.perf_counter() - t0 > budget
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    stem = os.path.splitext(args.out)[0]
     with torch.inference_mode():
-        disdiff, history = node.train_from_latents(
-            model, empty, latents, num_factors=args.num_factors, code_dim=args.code_dim, steps=args.steps,
-            batch_size=args.batch, learning_rate=args.lr, seed=args.seed, checkpoint_path=args.out,
-            checkpoint_every=args.checkpoint_every, resume=args.resume, log_every=args.log_every, callback=callback,
-            encoder_width=args.encoder_width, decoder_width=args.decoder_width,
-            train_kw={"dis_weight": args.dis_weight, "warmup": args.warmup, "detach_codes": args.detach_codes})
+        eval_latents = render_and_encode(fw, vae, model, eval_factors)
+    from safetensors.torch import save_file
+
+    def dump_codes(disdiff, step, path):
+        with torch.inference_mode():
+            codes = node.encode_codes(disdiff, eval_latents)
+        meta = {"seed": str(args.seed), "step": str(step), "factor_names": json.dumps(list(fw.FACTOR_NAMES)),
+                "factor_sizes": json.dumps(list(fw.FACTOR_SIZES))}
+        save_file({"codes": codes.float().contiguous(), "factors": eval_factors.contiguous()}, path, metadata=meta)
+
+    stages = sorted(s for s in set(args.codes_at) if 0 < s < args.steps) + [args.steps]
+    history, resume, disdiff = [], args.resume, None
+    for stage in stages:   # each stage resumes the checkpoint of the previous one (model, optimizer, data order)
+        with torch.inference_mode():
+            disdiff, part = node.train_from_latents(
+                model, empty, latents, num_factors=args.num_factors, code_dim=args.code_dim, steps=stage,
+                batch_size=args.batch, learning_rate=args.lr, seed=args.seed, checkpoint_path=args.out,
+                checkpoint_every=args.checkpoint_every, resume=resume, log_every=args.log_every, callback=callback,
+                encoder_width=args.encoder_width, decoder_width=args.decoder_width,
+                train_kw={"dis_weight": args.dis_weight, "warmup": args.warmup, "detach_codes": args.detach_codes})
+        history += part
+        resume = True
+        reached = history[-1]["step"] if history else 0
+        if stage != args.steps and reached == stage:
+            dump_codes(disdiff, reached, f"{stem}_codes_s{reached}.safetensors")
+        if reached < stage or (budget > 0 and time.perf_counter() - t0 > budget):
+            break
     seconds = time.perf_counter() - t0
     step = history[-1]["step"] if history else 0
     rates = [h["images_per_s"] for h in history[1:]] or [h["images_per_s"] for h in history]
     rate = sorted(rates)[len(rates) // 2] if rates else float("nan")
 
-    with torch.inference_mode():
-        eval_latents = render_and_encode(fw, vae, model, eval_factors)
-        codes = node.encode_codes(disdiff, eval_latents)
-    from safetensors.torch import save_file
-    stem = os.path.splitext(args.out)[0]
-    meta = {"seed": str(args.seed), "step": str(step), "factor_names": json.dumps(list(fw.FACTOR_NAMES)),
-            "factor_sizes": json.dumps(list(fw.FACTOR_SIZES))}
-    save_file({"codes": codes.float().contiguous(), "factors": eval_factors.contiguous()}, f"{stem}_codes.safetensors",
-              metadata=meta)
+    dump_codes(disdiff, step, f"{stem}_codes.safetensors")
     if args.release:
         dd.save_checkpoint(args.release, disdiff.model, step=step, info={"seed": args.seed, "images": args.images},
                            dtype=torch.float16)
