@@ -102,6 +102,20 @@ def test_capture_steps_noise_levels_and_z_sources():
                 return_with_leftover_noise="enable")[0]["samples"]
     torch.testing.assert_close(z2["samples"], cont)
     assert not torch.allclose(z2["samples"], z["samples"])
+    # "one step from x (fast)": z is one stock SamplerCustom step σ(s_x) → σ(s_z) with the target prompt
+    _, z3, _ = capture(model, pos, target, neg, z_source="one step from x (fast)")
+    assert z3["avi_capture"]["step"] == mz["step"]
+    sampler = call("KSamplerSelect", sampler_name="ddim")[0]
+    sigmas = torch.tensor([mx["sigma"], mz["sigma"]])
+    jump = call("SamplerCustom", model=model, add_noise=False, noise_seed=0, cfg=4.0, positive=target, negative=neg,
+                sampler=sampler, sigmas=sigmas, latent_image={"samples": x["samples"]})[0]["samples"]
+    torch.testing.assert_close(z3["samples"], jump)
+    assert not torch.allclose(z3["samples"], z2["samples"])
+    # with z one step after x, the fast z and the continued z are the same step
+    _, z4, s4 = capture(model, pos, target, neg, z_source="one step from x (fast)", delta_tau=-0.05)
+    _, z5, _ = capture(model, pos, target, neg, z_source="continue from x", delta_tau=-0.05)
+    assert z4["avi_capture"]["step"] == s4 + 1
+    torch.testing.assert_close(z4["samples"], z5["samples"])
 
 
 def test_train_integrate_save_load_on_a_batch_of_pairs(tmp_path):
