@@ -298,7 +298,7 @@ def lambda_real_image_edit(node_classes) -> dict:
     return w.to_dict("lambda_real_image_edit")
 
 
-def toy_world_avi_edit(node_classes) -> dict:
+def avi_attribute_edit(node_classes) -> dict:
     w = Workflow(node_classes)
     toy = w.add("DisentangleLoadToyWorld", (20, 200), checkpoint="toy_world")
     pos = w.add("CLIPTextEncode", (380, 20), title="Original prompt", clip=(toy, 1), text=TOY_NEUTRAL)
@@ -325,15 +325,24 @@ def toy_world_avi_edit(node_classes) -> dict:
     plain = w.add("KSampler", (1120, 700), title="Original (same seed)", node_size=(320, 270), model=(toy, 0), seed=7,
                   positive=(pos, 0), negative=(neg, 0), latent_image=(latent, 0), denoise=1.0, **sampling)
     dec = w.add("VAEDecode", (1760, 700), samples=(plain, 0), vae=(toy, 2))
+    naive = w.add("KSampler", (1120, 1010), title="Target prompt outright (same seed)", node_size=(320, 270),
+                  model=(toy, 0), seed=7, positive=(target, 0), negative=(neg, 0), latent_image=(latent, 0), denoise=1.0,
+                  **sampling)
+    dec_naive = w.add("VAEDecode", (1760, 1010), samples=(naive, 0), vae=(toy, 2))
     both = w.add("ImageBatch", (2000, 20), image1=(dec, 0), image2=(edits[0], 0))
     three = w.add("ImageBatch", (2000, 160), image1=(both, 0), image2=(edits[1], 0))
-    w.add("SaveImage", (2240, 20), node_size=(460, 300), images=(three, 0), filename_prefix="disentangle/toy_avi_edit")
+    four = w.add("ImageBatch", (2000, 300), image1=(three, 0), image2=(dec_naive, 0))
+    w.add("SaveImage", (2240, 20), node_size=(560, 300), images=(four, 0), filename_prefix="disentangle/avi_attribute_edit")
     w.note("Attribute Vector Integration (Wang et al. 2024), offline on the toy world: x (red cube prompt, T_x = 0.8T) "
            "and z (yellow cube prompt, same seed, 0.5T) are captured, Φ is trained on the pair (5000 samples × 5 "
-           "epochs) and saved to models/avi (Load AVI Model reuses it), and ŷ resumes with the ORIGINAL prompt in stock "
-           "KSamplerAdvanced from AVI Capture's resume step. Left to right: the original, ρ = 0.5, ρ = 1. Move the ρ "
-           "slider and queue again: only Integrate and the resume re-run.", (20, 760))
-    return w.to_dict("toy_world_avi_edit")
+           "epochs) and saved to models/avi (Load AVI Model reuses it; swap it in for AVI Train Φ), and ŷ resumes with "
+           "the ORIGINAL prompt in stock KSamplerAdvanced from AVI Capture's resume step. Saved left to right: the "
+           "original, ρ = 0.5, ρ = 1, and the target prompt outright (same seed) to compare. Move the ρ slider and queue "
+           "again: only Integrate and the resume re-run. z_source 'one step from x (fast)' makes the whole edit cost "
+           "one sampling + 1 step. On the toy world the prompt decides the colour after T_x, so the edit stays close "
+           "to the original (README, bench/avi_diagnose.py); with SD use your checkpoint and prompts.", (20, 760),
+           node_size=(560, 260))
+    return w.to_dict("avi_attribute_edit")
 
 
 DISDIFF_FILE = "toy_world_disdiff.safetensors"
@@ -418,7 +427,7 @@ WORKFLOWS = {
     "toy_world_lambda_mix.json": toy_world_lambda_mix,
     "toy_world_lambda_optimize.json": toy_world_lambda_optimize,
     "toy_world_real_image_edit.json": toy_world_real_image_edit,
-    "toy_world_avi_edit.json": toy_world_avi_edit,
+    "avi_attribute_edit.json": avi_attribute_edit,
 }
 
 
