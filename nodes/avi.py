@@ -15,7 +15,6 @@ start_at_step = resume_step) expects in place of x.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -28,7 +27,7 @@ import latent_preview
 import torch
 
 from ..core import avi as core_avi
-from .common import CATEGORY, InputError, check_conditioning, check_latent, check_steps
+from .common import CATEGORY, InputError, check_conditioning, check_latent, check_steps, free_save_path
 
 AVI_MODEL = "AVI_MODEL"
 AVI_FOLDER = "avi"
@@ -400,17 +399,8 @@ class AVISave:
         return {"required": {"avi_model": (AVI_MODEL, {}), "filename_prefix": ("STRING", {"default": "avi"})}}
 
     def save(self, avi_model, filename_prefix):
-        folder = folder_paths.get_folder_paths(AVI_FOLDER)[0]
-        full_folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder)
-        os.makedirs(full_folder, exist_ok=True)
-        while True:
-            filename = f"{name}_{counter:05}.safetensors"
-            path = os.path.join(full_folder, filename)
-            if not os.path.exists(path):
-                break
-            counter += 1
+        path, saved = free_save_path(AVI_FOLDER, filename_prefix, "safetensors")
         core_avi.save_avi_net(avi_model.net, path, avi_model.info)
-        saved = os.path.join(subfolder, filename) if subfolder else filename
         return {"ui": {"text": [f"saved {saved}"]}, "result": ()}
 
 

@@ -30,6 +30,20 @@ def register_model_folder(name: str, extensions: set[str], extra_paths: tuple[st
     exts.update(extensions)
 
 
+def free_save_path(folder_name: str, filename_prefix: str, extension: str) -> tuple[str, str]:
+    """``(path, shown name)`` of the first ``<prefix>_NNNNN.<extension>`` not yet taken in the first folder
+    registered as ``folder_name`` (subfolders in the prefix allowed, as SaveImage does): saving never overwrites."""
+    folder = folder_paths.get_folder_paths(folder_name)[0]
+    full_folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder)
+    os.makedirs(full_folder, exist_ok=True)
+    while True:
+        filename = f"{name}_{counter:05}.{extension}"
+        path = os.path.join(full_folder, filename)
+        if not os.path.exists(path):
+            return path, os.path.join(subfolder, filename) if subfolder else filename
+        counter += 1
+
+
 def check_steps(steps: int, name: str = "steps") -> None:
     if int(steps) < 1:
         raise InputError(f"{name} must be at least 1, got {steps}")

@@ -1,8 +1,6 @@
 """LAMBDA_SCHEDULE nodes: make, load, save, draw, and mix conditioning with a schedule."""
 from __future__ import annotations
 
-import json
-import os
 
 import comfy.samplers
 import folder_paths
@@ -12,7 +10,8 @@ import torch
 
 from ..core import lambda_schedule as ls
 from ..core.conditioning import check_embedding_pair, mix_embeddings, mix_pooled
-from .common import CATEGORY, LAMBDA_SCHEDULE, LAMBDA_SCHEDULE_FOLDER, InputError, check_conditioning, check_steps
+from .common import (CATEGORY, LAMBDA_SCHEDULE, LAMBDA_SCHEDULE_FOLDER, InputError, check_conditioning, check_steps,
+                     free_save_path)
 from .plot import draw_schedule
 
 SCHEDULE_CATEGORY = f"{CATEGORY}/lambda"
@@ -154,17 +153,8 @@ class LambdaScheduleSave:
         }}
 
     def save(self, schedule, filename_prefix, format):
-        folder = folder_paths.get_folder_paths(LAMBDA_SCHEDULE_FOLDER)[0]
-        full_folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder)
-        os.makedirs(full_folder, exist_ok=True)
-        while True:
-            filename = f"{name}_{counter:05}.{format}"
-            path = os.path.join(full_folder, filename)
-            if not os.path.exists(path):
-                break
-            counter += 1
+        path, saved = free_save_path(LAMBDA_SCHEDULE_FOLDER, filename_prefix, format)
         save_schedule_file(schedule, path)
-        saved = os.path.join(subfolder, filename) if subfolder else filename
         return {"ui": {"text": [f"saved {saved}"]}, "result": ()}
 
 
