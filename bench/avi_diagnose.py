@@ -21,14 +21,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import quality  # noqa: E402  (sets up the package alias and the host helpers)
-from quality import call, comfy_host, encode_batch, generate, print_table  # noqa: E402
-
-
-def resume(model, latent, positive, negative, start, steps, cfg):
-    return call("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=steps, cfg=cfg,
-                sampler_name="ddim", scheduler="ddim_uniform", positive=positive, negative=negative,
-                latent_image=latent, start_at_step=start, end_at_step=10000, return_with_leftover_noise="disable")[0]
+from quality import (call, comfy_host, encode_batch, generate, integrate_per_seed, load_yardstick,  # noqa: E402
+                     print_table, resume, train_phi_per_seed)
 
 
 def partial(model, latent, positive, negative, seed, end, steps, cfg):
@@ -73,16 +67,9 @@ def factor_rows(model, clip, vae, judge, fw, col, n, seed, steps, cfg, commit_st
     images = decode(resume(model, {"samples": y["samples"]}, neutral, negative, start, steps, cfg))
     rows.append([name, f"AVI ρ = 1, z's own S (x at step {start}, z at {z['avi_capture']['step']})",
                  *rates(judge, original, images, col, target)])
-    phis = []
-    for i in range(n):
-        xi, zi = dict(x, samples=x["samples"][i:i + 1]), dict(z, samples=z["samples"][i:i + 1])
-        phis.append(call("DisentangleAVITrain", x=xi, z=zi, k=0, hidden=0, samples_per_pair=0, epochs=5, batch_size=256,
-                         learning_rate=1e-3, lambda_1=3.0, lambda_2=10.0, lambda_3=10.0, lambda_4=10.0, seed=i)[0])
+    phis = train_phi_per_seed(x, z)
     for rho in rhos:
-        parts = [call("DisentangleAVIIntegrate", x=dict(x, samples=x["samples"][i:i + 1]),
-                      z=dict(z, samples=z["samples"][i:i + 1]), rho=rho, k=0, singular_values="Φ: S (paper)",
-                      avi_model=phis[i])[0]["samples"] for i in range(n)]
-        images = decode(resume(model, {"samples": torch.cat(parts)}, neutral, negative, start, steps, cfg))
+        images = decode(resume(model, integrate_per_seed(x, z, phis, rho), neutral, negative, start, steps, cfg))
         rows.append([name, f"AVI ρ = {rho}, Φ per seed (paper), T_x {t_x}", *rates(judge, original, images, col, target)])
     return rows
 
@@ -102,11 +89,9 @@ def main():
         sys.exit(comfy_host.SKIP_REASON)
     comfy_host.start_host()
     import torch
-    from comfyui_disentangle.core import factor_judges, factor_world as fw
+    from comfyui_disentangle.core import factor_world as fw
     t0 = time.time()
-    judge, _ = factor_judges.load_factor_classifier(os.path.join(comfy_host.PACK_ROOT, "weights",
-                                                                 "toy_world_factor_classifier.safetensors"))
-    model, clip, vae = call("DisentangleLoadToyWorld", checkpoint="toy_world")
+    judge, model, clip, vae = load_yardstick()
     names = args.factors or list(fw.FACTOR_NAMES)
     rows = []
     with torch.inference_mode():

@@ -137,33 +137,58 @@ def avi_rows(model, vae, judge, fw, neutral, styled, negative, original, target,
     same noise, 0.5T) from AVI Capture; one Φ per seed trained on its pair as the paper sets it (N = 5000,
     batch 256, 5 epochs; 16×16 latents: r = 16, k = 8, hidden 256); ŷ for each ρ resumed by stock
     KSamplerAdvanced with the neutral prompt."""
-    import torch
     latent = call("EmptyLatentImage", width=128, height=128, batch_size=n)[0]
     x, z, start = call("DisentangleAVICapture", model=model, positive=neutral, target=styled, negative=negative,
                        latent_image=latent, seed=seed, steps=steps, cfg=cfg, sampler_name="ddim",
                        scheduler="ddim_uniform", t_x=0.8, delta_tau=-0.3, z_source="seed (paper)")
     t0 = time.time()
-    phis = []
-    for i in range(n):
-        xi, zi = dict(x, samples=x["samples"][i:i + 1]), dict(z, samples=z["samples"][i:i + 1])
-        phis.append(call("DisentangleAVITrain", x=xi, z=zi, k=0, hidden=0, samples_per_pair=0, epochs=5, batch_size=256,
-                         learning_rate=1e-3, lambda_1=3.0, lambda_2=10.0, lambda_3=10.0, lambda_4=10.0, seed=i)[0])
+    phis = train_phi_per_seed(x, z)
     train_s = (time.time() - t0) / n
     info = phis[0].info
     rows = []
     for rho in rhos:
-        parts = [call("DisentangleAVIIntegrate", x=dict(x, samples=x["samples"][i:i + 1]),
-                      z=dict(z, samples=z["samples"][i:i + 1]), rho=rho, k=0, singular_values="Φ: S (paper)",
-                      avi_model=phis[i])[0]["samples"] for i in range(n)]
-        resumed = call("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=steps, cfg=cfg,
-                       sampler_name="ddim", scheduler="ddim_uniform", positive=neutral, negative=negative,
-                       latent_image={"samples": torch.cat(parts)}, start_at_step=start, end_at_step=10000,
-                       return_with_leftover_noise="disable")[0]
+        resumed = resume(model, integrate_per_seed(x, z, phis, rho), neutral, negative, start, steps, cfg)
         images = call("VAEDecode", samples=resumed, vae=vae)[0].movedim(-1, 1).clamp(0, 1)
         rows.append([f"AVI, ρ = {rho} (Φ per seed: {info['steps']} Adam steps, {train_s:.1f} s; x at step {start}/"
                      f"{steps}, z at {z['avi_capture']['step']})",
                      *edit_rates(judge, fw, original, images, fw.OBJECT_HUE, target)])
     return rows
+
+
+def train_phi_per_seed(x, z):
+    """One Φ per batch item of AVI Capture's x/z, trained on its own pair as the paper sets it (N = 5000,
+    batch 256, 5 epochs, λ = 3, 10, 10, 10)."""
+    def item(latent, i):
+        return dict(latent, samples=latent["samples"][i:i + 1])
+    return [call("DisentangleAVITrain", x=item(x, i), z=item(z, i), k=0, hidden=0, samples_per_pair=0, epochs=5,
+                 batch_size=256, learning_rate=1e-3, lambda_1=3.0, lambda_2=10.0, lambda_3=10.0, lambda_4=10.0,
+                 seed=i)[0]
+            for i in range(x["samples"].shape[0])]
+
+
+def integrate_per_seed(x, z, phis, rho):
+    """ŷ of every batch item with its own Φ (S from Φ, the paper), as one LATENT."""
+    import torch
+    parts = [call("DisentangleAVIIntegrate", x=dict(x, samples=x["samples"][i:i + 1]),
+                  z=dict(z, samples=z["samples"][i:i + 1]), rho=rho, k=0, singular_values="Φ: S (paper)",
+                  avi_model=phi)[0]["samples"] for i, phi in enumerate(phis)]
+    return {"samples": torch.cat(parts)}
+
+
+def resume(model, latent, positive, negative, start, steps, cfg):
+    """Stock KSamplerAdvanced from ``start`` to the end, no noise added (ddim / ddim_uniform)."""
+    return call("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=steps, cfg=cfg,
+                sampler_name="ddim", scheduler="ddim_uniform", positive=positive, negative=negative,
+                latent_image=latent, start_at_step=start, end_at_step=10000, return_with_leftover_noise="disable")[0]
+
+
+def load_yardstick():
+    """The shipped factor classifier (the judge) and the toy world's MODEL, CLIP and VAE."""
+    from comfyui_disentangle.core import factor_judges
+    judge, _ = factor_judges.load_factor_classifier(os.path.join(comfy_host.PACK_ROOT, "weights",
+                                                                 "toy_world_factor_classifier.safetensors"))
+    model, clip, vae = call("DisentangleLoadToyWorld", checkpoint="toy_world")
+    return judge, model, clip, vae
 
 
 def disdiff_rows(model, clip, vae, judge, fw, factors, target, seed, checkpoint, steps=50):
@@ -276,11 +301,9 @@ def main():
         sys.exit(comfy_host.SKIP_REASON)
     comfy_host.start_host()
     import torch
-    from comfyui_disentangle.core import factor_judges, factor_world as fw
+    from comfyui_disentangle.core import factor_world as fw
     t0 = time.time()
-    judge, _ = factor_judges.load_factor_classifier(os.path.join(comfy_host.PACK_ROOT, "weights",
-                                                                 "toy_world_factor_classifier.safetensors"))
-    model, clip, vae = call("DisentangleLoadToyWorld", checkpoint="toy_world")
+    judge, model, clip, vae = load_yardstick()
     with torch.inference_mode():
         control = text_control(model, clip, vae, judge, fw, args.samples, seed=1)
         inversion = inversion_quality(model, clip, vae, fw, args.images, seed=2)
