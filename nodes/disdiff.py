@@ -23,6 +23,7 @@ import comfy.utils
 import folder_paths
 
 from ..core import disdiff as dd
+from ..core.disdiff_train import train_disdiff
 from .common import CATEGORY, InputError, check_conditioning
 
 DISDIFF = "DISDIFF"
@@ -90,15 +91,19 @@ def make_frozen(model, positive) -> dd.Frozen:
                          "the toy world); SDXL-type models need ADM vectors")
     sigmas = model.get_model_object("model_sampling").sigmas.float()
     context = positive[0][0]
+    on_device: dict = {}   # σ table and text context per device, copied once (then a call never syncs)
 
     def frozen(x_t, t):
         device = x_t.device
-        sigma = sigmas.to(device)[t]
+        if device not in on_device:
+            on_device[device] = (sigmas.to(device), context.to(device))
+        sigma_table, ctx = on_device[device]
+        sigma = sigma_table[t]
         s = sigma.view(-1, 1, 1, 1)
         x = x_t.float() * (1 + s * s).sqrt()
         capture = FeatureCapture()
-        ctx = context.to(device).expand(x.shape[0], -1, -1)
-        denoised = base.apply_model(x, sigma, c_crossattn=ctx, transformer_options=capture.attach({}))
+        denoised = base.apply_model(x, sigma, c_crossattn=ctx.expand(x.shape[0], -1, -1),
+                                    transformer_options=capture.attach({}))
         return capture.output((x - denoised.float()) / s)
 
     return frozen
@@ -198,12 +203,15 @@ def encode_codes(disdiff: DisDiffModel, model_space_latents: torch.Tensor) -> to
 class PartialConditionWrapper:
     """ComfyUI ``model_function_wrapper``: x̂0 ← x̂0 + σ·√(1−ᾱ)·Σ_{c∈S} w_c·G^c (eq. 6 in σ-space).
 
-    Each model call runs the UNet once (features recorded by the capture patches) and G once, on
-    all rows of the call and all factors of S together. With cfg, the cond and uncond halves each
-    get G computed from their own features, so the guided prediction is shifted by
-    −√(1−ᾱ)·[G_u + cfg·(G_c − G_u)]; this is eq. 6 exactly when both halves give G the same
-    features (the same prompt, or cfg 1, the paper's unconditional setting). An empty S is an exact
-    no-op. An existing wrapper on the MODEL is kept (called inside)."""
+    Each model call runs the UNet once (features recorded by the capture patches) and G once. G is
+    evaluated on the rows of ONE chunk of the call, the unconditional one when the call has it (the
+    empty prompt, i.e. the frozen model DisDiff was trained on), else the first, and the same shift is
+    added to every chunk. With cfg the guided prediction u + w·(c − u) then moves by exactly
+    −√(1−ᾱ)·Σ w_c·G^c: eq. 6 for the guided model, for any cfg, at the cost of one decoder pass of
+    batch·|S| rows (half of what both halves would cost). An empty S is an exact no-op. An existing
+    wrapper on the MODEL is kept (called inside)."""
+
+    UNCOND = 1   # ComfyUI's cond_or_uncond code of the negative / unconditional chunk
 
     def __init__(self, disdiff: DisDiffModel, codes: torch.Tensor, factors: list[int], strengths: list[float],
                  inner=None):
@@ -231,21 +239,24 @@ class PartialConditionWrapper:
         out = capture.output()
         try:
             dd.check_features(self.disdiff.config, out)
-        except ValueError as e:
+        except dd.FeatureMismatchError as e:
             raise InputError(str(e)) from e
-        chunks = max(1, len(args.get("cond_or_uncond") or [1]))
+        kinds = list(args.get("cond_or_uncond") or [0])
+        chunks = len(kinds)
         per = x.shape[0] // chunks
         codes = self.codes
-        if codes.shape[0] != 1:
-            if codes.shape[0] != per:
-                raise InputError(f"factors: {codes.shape[0]} codes for a batch of {per}: give one code or one per image")
-            codes = codes.repeat(chunks, 1, 1)
+        if codes.shape[0] not in (1, per):
+            raise InputError(f"factors: {codes.shape[0]} codes for a batch of {per}: give one code or one per image")
+        k = kinds.index(self.UNCOND) if self.UNCOND in kinds else 0
+        rows = slice(k * per, (k + 1) * per)
+        chunk = dd.FrozenOutput(None, [f[rows] for f in out.features], out.emb[rows])
         device = out.emb.device
         half = out.features[0].dtype in (torch.float16, torch.bfloat16) and device.type == "cuda"
         model = self.disdiff.on(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=out.features[0].dtype, enabled=half):
-            g = model.gradients(out, codes.to(device), self.factors)
-        return dd.partial_condition_denoised(denoised, sigma.to(device), g.float(), self.strengths)
+            g = model.gradients(chunk, codes.to(device), self.factors)
+        g = g.float().repeat(chunks, *([1] * (g.ndim - 1)))
+        return dd.partial_condition_denoised(denoised, sigma.to(device), g, self.strengths)
 
 
 def patch_model(model, disdiff: DisDiffModel, codes: torch.Tensor, factors: list[int], strengths: list[float]):
@@ -303,10 +314,10 @@ def default_checkpoint_path(save_name: str) -> str:
 
 def train_from_latents(model, positive, latents: torch.Tensor, *, num_factors, code_dim, steps, batch_size,
                        learning_rate, seed, checkpoint_path, checkpoint_every, resume, log_every=10,
-                       callback=None, train_kw: dict | None = None, **kw):
+                       callback=None, on_step=None, train_kw: dict | None = None, **kw):
     """Train on model-space ``latents`` on top of the loaded MODEL (the node's and the CLI's path).
     ``kw`` goes to the config (encoder_width, decoder_width, ...), ``train_kw`` to core's
-    train_disdiff (dis_weight, warmup, loss_type, ...)."""
+    train_disdiff (dis_weight, warmup, loss_type, weighting, cuda_graph, ...)."""
     check_unet_model(model)
     check_conditioning(positive, "positive")
     mm.load_models_gpu([model])
@@ -321,11 +332,11 @@ def train_from_latents(model, positive, latents: torch.Tensor, *, num_factors, c
             extra = {"latent_format": type(model.get_model_object("latent_format")).__name__,
                      "model": type(model.model).__name__}
             config = dd.make_config(data, frozen, num_factors=num_factors, code_dim=code_dim, extra=extra, **kw)
-        net, history = dd.train_disdiff(data, frozen, ab, config=config, steps=steps, batch_size=batch_size,
-                                        lr=learning_rate, seed=seed, device=device, autocast_dtype=autocast,
-                                        log_every=log_every, checkpoint_path=checkpoint_path,
-                                        checkpoint_every=checkpoint_every, resume=resume, callback=callback,
-                                        **(train_kw or {}))
+        net, history = train_disdiff(data, frozen, ab, config=config, steps=steps, batch_size=batch_size,
+                                     lr=learning_rate, seed=seed, device=device, autocast_dtype=autocast,
+                                     log_every=log_every, checkpoint_path=checkpoint_path,
+                                     checkpoint_every=checkpoint_every, resume=resume, callback=callback,
+                                     on_step=on_step, **(train_kw or {}))
     net = net.float().cpu().eval()
     return DisDiffModel(net, os.path.basename(checkpoint_path or ""), steps), history
 
@@ -381,7 +392,7 @@ class TrainDisDiff:
         path = default_checkpoint_path(save_name)
         bar = comfy.utils.ProgressBar(steps)
 
-        def callback(step, total, logs):
+        def on_step(step, total):   # every step, host only: progress and cancel
             mm.throw_exception_if_processing_interrupted()
             bar.update_absolute(step, total)
 
@@ -389,13 +400,13 @@ class TrainDisDiff:
             disdiff, history = train_from_latents(
                 model, positive, latents, num_factors=num_factors, code_dim=code_dim, steps=steps,
                 batch_size=batch_size, learning_rate=learning_rate, seed=seed, checkpoint_path=path,
-                checkpoint_every=checkpoint_every, resume=resume, log_every=min(10, steps), callback=callback)
+                checkpoint_every=checkpoint_every, resume=resume, log_every=max(1, min(50, steps // 20)),
+                on_step=on_step)
         except dd.CheckpointError as e:
             raise InputError(str(e)) from e
-        except ValueError as e:
-            if "do not match" in str(e):
-                raise InputError(str(e)) from e
-            raise
+        except dd.FeatureMismatchError as e:
+            raise InputError(str(e)) from e
+        history = [h for h in history if "step" in h]
         last = history[-1] if history else {}
         summary = (f"{os.path.basename(path)}: step {steps}, loss {last.get('loss', float('nan')):.4f}, "
                    f"reconstruction {last.get('recon', float('nan')):.4f}")

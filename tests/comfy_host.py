@@ -500,6 +500,32 @@ def tiny_models(kind: str = "sd1", seed: int = 0):
     return _MODEL_CACHE[key]
 
 
+def random_disdiff(model, positive, latent_shape, num_factors=3, code_dim=4, encoder_width=16, decoder_width=1.0,
+                   seed=0, init_std=0.1):
+    """An untrained DisDiff (type DISDIFF) fitting ``model``'s UNet features for latents of
+    ``latent_shape`` (C, H, W), with its zero-initialised layers randomised so that G ≠ 0. Built on
+    the CPU (the DISDIFF object moves itself to the model's device on use); the feature probe runs
+    on the model's device in inference mode, so it works for models loaded inside or outside it."""
+    import torch
+    import comfy.model_management as mm
+    dd = pack_module("core.disdiff")
+    node = pack_module("nodes.disdiff")
+    mm.load_models_gpu([model])
+    with torch.inference_mode():
+        probe = torch.randn(1, *latent_shape, device=model.load_device)
+        config = dd.make_config(probe, node.make_frozen(model, positive), num_factors=num_factors, code_dim=code_dim,
+                                encoder_width=encoder_width, decoder_width=decoder_width,
+                                extra={"latent_format": type(model.get_model_object("latent_format")).__name__})
+    with torch.inference_mode(False):
+        torch.manual_seed(seed)
+        net = dd.DisDiff(config)
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.ndim > 1 and p.abs().max() == 0:
+                    p.normal_(0, init_std)
+    return node.DisDiffModel(net, "random")
+
+
 def clear_model_cache() -> None:
     """Forget the cached tiny models (TinyCheckpointLoader builds new ones next time)."""
     _MODEL_CACHE.clear()
