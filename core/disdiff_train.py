@@ -104,9 +104,12 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, graph
     """AdamW; for a graphed step the fused, capturable kernel with the learning rate in a device tensor."""
     params = list(model.parameters())
     if graphed:
-        device = params[0].device
-        return torch.optim.AdamW(params, lr=torch.tensor(float(lr), device=device), weight_decay=weight_decay,
-                                 capturable=True, fused=True)
+        lr_tensor = torch.tensor(float(lr), device=params[0].device)
+        try:
+            return torch.optim.AdamW(params, lr=lr_tensor, weight_decay=weight_decay, capturable=True, fused=True)
+        except (RuntimeError, ValueError) as e:   # a torch without the fused kernel for these parameters
+            log.info("fused AdamW unavailable (%s): foreach, capturable", e)
+            return torch.optim.AdamW(params, lr=lr_tensor, weight_decay=weight_decay, capturable=True, foreach=True)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
