@@ -23,7 +23,6 @@ def main():
     args = p.parse_args()
     start_comfy(cpu=args.cpu)
     import torch
-    import comfy.model_management as mm
     import nodes as comfy_nodes
     from comfyui_disentangle.core import disdiff as dd
     from comfyui_disentangle.core import disdiff_train as dtrain
@@ -37,14 +36,15 @@ def main():
         model, clip, vae = load_toy_world("toy_world")
         empty = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
         latents = render_and_encode(fw, vae, model, fw.sample_factors(args.images, torch.Generator().manual_seed(0)))
-    mm.load_models_gpu([model])
+    node.load_frozen(model)
     device = model.load_device
+    frozen = node.make_frozen(model, empty)
+    with torch.inference_mode():
+        config = dd.make_config(latents[:1].to(device), frozen, extra={"latent_format": "SD15"})
     rows = []
     with torch.inference_mode(False), torch.enable_grad():
         data = latents.clone().to(device)
         ab = node.alphas_cumprod(model).clone().to(device)
-        frozen = node.make_frozen(model, empty)
-        config = dd.make_config(data, frozen, extra={"latent_format": "SD15"})
         autocast = torch.bfloat16 if device.type == "cuda" else None
         # FLOPs of one step at batch 128 (forward + backward of everything, the frozen pass included)
         from torch.utils.flop_counter import FlopCounterMode

@@ -81,6 +81,14 @@ def alphas_cumprod(model) -> torch.Tensor:
     return 1.0 / (1.0 + sigmas ** 2)
 
 
+def load_frozen(model) -> None:
+    """Load the MODEL onto its device in inference mode, whatever mode the caller is in: ComfyUI
+    wraps weights it moves in new Parameters, and Parameters made from the (inference-mode) loaded
+    weights outside inference mode fail on the GPU ("Inference tensors do not track version counter")."""
+    with torch.inference_mode():
+        mm.load_models_gpu([model])
+
+
 def make_frozen(model, positive) -> dd.Frozen:
     """``frozen(x_t, t)`` for core: one call of the loaded model with the fixed CONDITIONING's text
     context, at σ_t of its own schedule. Models that need extra conditioning vectors (SDXL's ADM)
@@ -320,7 +328,7 @@ def train_from_latents(model, positive, latents: torch.Tensor, *, num_factors, c
     train_disdiff (dis_weight, warmup, loss_type, weighting, cuda_graph, ...)."""
     check_unet_model(model)
     check_conditioning(positive, "positive")
-    mm.load_models_gpu([model])
+    load_frozen(model)
     device = model.load_device
     frozen = make_frozen(model, positive)
     autocast = torch.bfloat16 if device.type == "cuda" else None

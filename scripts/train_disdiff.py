@@ -131,13 +131,14 @@ def main():
         flat = eval_latents.flatten(1)
         proj = torch.randn(flat.shape[1], args.num_factors * args.code_dim, generator=g) / flat.shape[1] ** 0.5
         log["evals"].append(score((flat @ proj).view(-1, args.num_factors, args.code_dim), "random projection", 0))
+        node.load_frozen(model)
+        with torch.inference_mode():
+            config = dd.make_config(latents[:1].to(model.load_device), node.make_frozen(model, empty),
+                                    num_factors=args.num_factors, code_dim=args.code_dim,
+                                    encoder_width=args.encoder_width, decoder_width=args.decoder_width,
+                                    extra={"latent_format": "SD15"})
         with torch.inference_mode(False):
             torch.manual_seed(args.seed)
-            probe = latents[:1].clone().to(mm.get_torch_device())
-            mm.load_models_gpu([model])
-            config = dd.make_config(probe, node.make_frozen(model, empty), num_factors=args.num_factors,
-                                    code_dim=args.code_dim, encoder_width=args.encoder_width,
-                                    decoder_width=args.decoder_width, extra={"latent_format": "SD15"})
             untrained = node.DisDiffModel(dd.DisDiff(config))
         with torch.inference_mode():
             log["evals"].append(score(node.encode_codes(untrained, eval_latents).cpu(), "untrained encoder", 0))
@@ -177,6 +178,7 @@ def main():
                 codes = node.encode_codes(disdiff, eval_latents)
             log["evals"].append(score(codes.cpu(), "DisDiff", reached))
             if args.diagnose:
+                node.load_frozen(model)
                 net = disdiff.model.to(mm.get_torch_device()).train()
                 with torch.inference_mode(False), torch.enable_grad():
                     lat = latents[:4096].clone().to(mm.get_torch_device())

@@ -510,8 +510,8 @@ def random_disdiff(model, positive, latent_shape, num_factors=3, code_dim=4, enc
     import comfy.model_management as mm
     dd = pack_module("core.disdiff")
     node = pack_module("nodes.disdiff")
-    mm.load_models_gpu([model])
     with torch.inference_mode():
+        mm.load_models_gpu([model])
         probe = torch.randn(1, *latent_shape, device=model.load_device)
         config = dd.make_config(probe, node.make_frozen(model, positive), num_factors=num_factors, code_dim=code_dim,
                                 encoder_width=encoder_width, decoder_width=decoder_width,

@@ -62,7 +62,7 @@ C, H = 4, 8
 
 def timestep_features(t, dim=16):
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half) / half)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.cos(), args.sin()], 1)
 
