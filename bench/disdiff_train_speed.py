@@ -1,5 +1,5 @@
 """DisDiff training throughput on the factor world (issue 11): images/s of core's ``train_disdiff``
-on the toy world's frozen model, eager steps vs the CUDA-graphed step, at several batch sizes; and the
+on the toy world's frozen model, eager steps vs the CUDA-graphed step, G in the NCHW and NHWC (channels-last) layouts, at several batch sizes; and the
 FLOPs of one step (torch's FLOP counter) against the time, so the gap to the GPU's rate is visible.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/disdiff_train_speed.py [--steps 300] [--batches 128 256 512]
@@ -7,6 +7,7 @@ FLOPs of one step (torch's FLOP counter) against the time, so the gap to the GPU
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -19,6 +20,8 @@ def main():
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512])
     p.add_argument("--images", type=int, default=20000)
+    p.add_argument("--eager", action="store_true", help="also time eager steps (on CUDA)")
+    p.add_argument("--json", default="", help="write the rows here")
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args()
     start_comfy(cpu=args.cpu)
@@ -41,7 +44,7 @@ def main():
     frozen = node.make_frozen(model, empty)
     with torch.inference_mode():
         config = dd.make_config(latents[:1].to(device), frozen, extra={"latent_format": "SD15"})
-    rows = []
+    rows, results = [], []
     with torch.inference_mode(False), torch.enable_grad():
         data = latents.clone().to(device)
         ab = node.alphas_cumprod(model).clone().to(device)
@@ -56,18 +59,24 @@ def main():
                 terms = dd.disdiff_losses(net, frozen, data[b.index], b.t, b.noise, b.c, ab)
             terms.total.backward()
         flops_per_image = counter.get_total_flops() / 128
-        for graphed in ([False, True] if device.type == "cuda" else [False]):
-            for batch in args.batches:
-                if not graphed and batch != args.batches[0]:
-                    continue
-                _, history = dtrain.train_disdiff(data, frozen, ab, config=config, steps=args.steps, batch_size=batch,
-                                                  device=device, autocast_dtype=autocast, log_every=args.steps // 3,
-                                                  cuda_graph=graphed)
-                notes = [h["note"] for h in history if "note" in h]
-                rate = [h["images_per_s"] for h in history if "step" in h][-1]   # the last third: warm
-                rows.append(["CUDA graph" if graphed and not notes else "eager", batch, round(rate),
-                             round(rate * flops_per_image / 1e12, 1), "; ".join(notes)[:80]])
-                print(rows[-1], flush=True)
+        variants = [("eager", False, False, args.batches[0])] if args.eager or device.type != "cuda" else []
+        if device.type == "cuda":
+            variants += [("CUDA graph", True, False, b) for b in args.batches]
+            variants += [("CUDA graph, channels-last G", True, True, b) for b in args.batches]
+        for label, graphed, nhwc, batch in variants:
+            _, history = dtrain.train_disdiff(data, frozen, ab, config=config, steps=args.steps, batch_size=batch,
+                                              device=device, autocast_dtype=autocast, log_every=args.steps // 3,
+                                              cuda_graph=graphed, channels_last=nhwc)
+            notes = [h["note"] for h in history if "note" in h]
+            rate = [h["images_per_s"] for h in history if "step" in h][-1]   # the last third: warm
+            rows.append([label + (" (capture failed: eager)" if notes else ""), batch, round(rate),
+                         round(rate * flops_per_image / 1e12, 1), "; ".join(notes)[:80]])
+            results.append({"variant": label, "graphed": graphed and not notes, "channels_last": nhwc,
+                            "batch": batch, "images_per_s": rate})
+            print(rows[-1], flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name(), "gflop_per_image": flops_per_image / 1e9, "rows": results}, f, indent=1)
     print_table(f"DisDiff training on the factor world ({device_name()}, toy world 16×16×4 latents, N 6, D 32, "
                 f"bf16 autocast; {flops_per_image / 1e9:.2f} GFLOP per image per step)",
                 ["step", "batch", "images/s", "TFLOP/s", "note"], rows)

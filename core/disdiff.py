@@ -197,7 +197,7 @@ class _SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)  # [b, heads, hw, c/heads]
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
@@ -279,6 +279,7 @@ class GradientDecoder(nn.Module):
             ch = out
         self.stages = nn.ModuleList(stages)
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, config.latent_channels, 3, padding=1)))
+        self.channels_last = False   # set by DisDiff.use_channels_last (a run-time layout, not part of the model)
 
     def positional_embeddings(self) -> Tensor:
         """The orthogonal matrix exp(A − Aᵀ) (computed in fp64, returned in the weights' dtype); row c is p^c."""
@@ -292,6 +293,8 @@ class GradientDecoder(nn.Module):
         if not torch.is_autocast_enabled(emb.device.type):  # frozen outputs may be fp16/bf16
             dtype = self.repre_embed.weight.dtype
             features, emb, codes = [f.to(dtype) for f in features], emb.to(dtype), codes.to(dtype)
+        if self.channels_last:
+            features = [f.contiguous(memory_format=torch.channels_last) for f in features]
         p = self.positional_embeddings()[factor_index]
         t_emb = emb + self.part_emb(p)
         z_emb = self.repre_embed(codes)
@@ -315,6 +318,13 @@ class DisDiff(nn.Module):
 
     def encode(self, x0: Tensor) -> Tensor:
         return self.encoder(x0)
+
+    def use_channels_last(self, enabled: bool = True) -> "DisDiff":
+        """Run G's convolutions in the NHWC layout (weights and feature maps), which cuDNN's reduced-
+        precision kernels prefer on recent GPUs; the same function either way."""
+        self.decoder.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self.decoder.channels_last = enabled
+        return self
 
     def gradients(self, frozen_out: FrozenOutput, codes: Tensor, factors: Sequence[int]) -> Tensor:
         """G^c for every c in ``factors`` (a list, or a LongTensor on the device): [B, |S|, C, H, W], one

@@ -240,7 +240,7 @@ def train_disdiff(latents: Tensor, frozen: dd.Frozen, alphas_cumprod: Tensor, *,
                   checkpoint_path: Optional[str] = None, checkpoint_every: int = 0, resume: bool = False,
                   callback: Optional[Callable[[int, int, dict], object]] = None,
                   on_step: Optional[Callable[[int, int], None]] = None, info: Optional[dict] = None,
-                  cuda_graph: Optional[bool] = None):
+                  cuda_graph: Optional[bool] = None, channels_last: bool = False):
     """Train E_φ and G_ψ on ``latents`` [M, C, H, W] (the model's latent space, already scaled as its
     UNet expects) on top of ``frozen``. Returns ``(model, history)``; history holds one dict per log
     point (step, losses, images/s over all processes).
@@ -254,6 +254,7 @@ def train_disdiff(latents: Tensor, frozen: dd.Frozen, alphas_cumprod: Tensor, *,
       given); ``resume`` continues from it (model, optimizer, step, data order).
     * ``cuda_graph``: None = on for a single CUDA process (a capture failure falls back to eager, with
       the reason in the log); multi-process runs default to eager.
+    * ``channels_last``: G's convolutions in the NHWC layout (see :meth:`~.disdiff.DisDiff.use_channels_last`).
     * ``autocast_dtype`` (e.g. torch.bfloat16 on CUDA): the forward passes under autocast; weights and
       optimizer stay fp32. Only E and G are trained; the frozen model's weights never enter the optimizer.
     * ``dis_weight``, ``loss_type``, ``detach_codes``, ``weighting``, ``logits``: the loss (eq. 8–14), see
@@ -276,6 +277,8 @@ def train_disdiff(latents: Tensor, frozen: dd.Frozen, alphas_cumprod: Tensor, *,
         torch.manual_seed(seed)
         model = dd.DisDiff(config if config is not None else dd.make_config(latents, frozen))
     model = model.to(device).train()
+    if channels_last:
+        model.use_channels_last()
     _broadcast_parameters(model, ranks)
     with torch.no_grad():
         dd.check_features(model.config, frozen(latents[:1], torch.zeros(1, dtype=torch.long, device=device)))
@@ -341,6 +344,8 @@ def train_disdiff(latents: Tensor, frozen: dd.Frozen, alphas_cumprod: Tensor, *,
             break
     if runner is not None and runner.fallback_reason:
         history.append({"note": f"eager steps: {runner.fallback_reason}"})
+    if channels_last:
+        model.use_channels_last(False)
     return model.eval(), history
 
 

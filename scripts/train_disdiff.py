@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--loss-type", default="l1", choices=["l1", "l2"])
     p.add_argument("--detach-codes", action="store_true", help="disentangling loss reaches G only, on every path")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager steps (for comparison)")
+    p.add_argument("--channels-last", action="store_true", help="G's convolutions in the NHWC layout")
     p.add_argument("--log-every", type=int, default=500)
     p.add_argument("--eval-every", type=int, default=0, help="score held-out codes every that many steps (0: end only)")
     p.add_argument("--diagnose", action="store_true", help="log the gradient share of each loss term at each evaluation")
@@ -156,7 +157,8 @@ def main():
 
     train_kw = {"dis_weight": args.dis_weight, "warmup": args.warmup, "detach_codes": args.detach_codes,
                 "weighting": args.weighting, "logits": args.logits, "loss_type": args.loss_type,
-                "weight_decay": args.weight_decay, "cuda_graph": False if args.no_cuda_graph else None}
+                "weight_decay": args.weight_decay, "cuda_graph": False if args.no_cuda_graph else None,
+                "channels_last": args.channels_last}
     points = stages + [args.steps]
     resume, disdiff, reached = args.resume, None, 0
     # one call of train_disdiff per evaluation stage: each resumes the previous checkpoint (one resume path)
