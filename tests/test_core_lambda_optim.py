@@ -246,3 +246,50 @@ def test_cuda_graphed_runner_matches_eager_steps_on_gpu():
         assert getattr(runner, "fallback_reason", None) is None
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_on_step_reports_every_forward_and_backward_step_and_stops_the_pass():
+    """on_step(done, total): 1..N while sampling and N+1..2N during backward() through the adjoint pass, N
+    for a pass without gradients, N − r for the trajectory corrections; an exception raised from it stops
+    the pass right after that step (what Cancel needs), in the backward pass too."""
+    net, c0, c1, uncond, sigmas, x_T = setup()
+    n = len(sigmas) - 1
+    seen = []
+    lam = torch.linspace(0, 1, n, dtype=torch.float64).requires_grad_(True)
+    x0 = lo.sample_mixed(net, x_T, sigmas, c0, c1, lam, uncond, 2.0, on_step=lambda d, t: seen.append((d, t)))
+    assert seen == [(k, 2 * n) for k in range(1, n + 1)]
+    x0.square().sum().backward()
+    assert seen == [(k, 2 * n) for k in range(1, 2 * n + 1)]
+    seen.clear()
+    with torch.no_grad():
+        lo.sample_mixed(net, x_T, sigmas, c0, c1, lam, uncond, 2.0, on_step=lambda d, t: seen.append((d, t)))
+    assert seen == [(k, n) for k in range(1, n + 1)]
+    seen.clear()
+    path = [x_T] + [x_T * (1 - (k + 1) / (n + 1)) for k in range(n)]
+    lo.trajectory_corrections(net, path, sigmas, c0, uncond, 2.0, rediffusion_steps=2, on_step=lambda d, t: seen.append((d, t)))
+    assert seen == [(k, n - 2) for k in range(1, n - 1)]
+
+    class CountingRunner(lo.MixedStepRunner):
+        vjps = 0
+
+        def vjp(self, *args):
+            CountingRunner.vjps += 1
+            return super().vjp(*args)
+
+    def stop_at(k):
+        def on_step(done, total):
+            if done == k:
+                raise Stop
+        return on_step
+
+    runner = CountingRunner(net, sigmas, c0, c1, uncond, 2.0)
+    x0 = lo.sample_mixed(None, x_T, sigmas, None, None, lam, runner=runner, on_step=stop_at(n + 2))
+    with pytest.raises(Stop):
+        x0.square().sum().backward()
+    assert CountingRunner.vjps == 2  # stopped after the second backward step, not at the end of the pass
+    with pytest.raises(Stop):
+        lo.sample_mixed(None, x_T, sigmas, None, None, lam, runner=runner, on_step=stop_at(2))
