@@ -27,7 +27,8 @@ import latent_preview
 import torch
 
 from ..core import avi as core_avi
-from .common import CATEGORY, InputError, check_conditioning, check_latent, check_steps, free_save_path
+from .common import (CATEGORY, InputError, check_conditioning, check_finite, check_int, check_latent,
+                     check_tensors_match, free_save_path, json_metadata, meta_shapes, read_safetensors_header, writing)
 
 AVI_MODEL = "AVI_MODEL"
 AVI_FOLDER = "avi"
@@ -202,7 +203,9 @@ class AVICapture:
 
     def capture(self, model, positive, target, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 t_x, delta_tau, z_source):
-        check_steps(steps)
+        steps = check_int("steps", steps, 2, 10000)  # x needs a step strictly between the first and the last
+        cfg = check_finite("cfg", cfg, 0.0, 100.0)
+        t_x, delta_tau = check_finite("t_x", t_x, 0.0, 1.0), check_finite("delta_tau", delta_tau, -1.0, 0.0)
         for cond, name in ((positive, "positive"), (target, "target"), (negative, "negative")):
             check_conditioning(cond, name)
         if not 0.0 <= t_x + delta_tau <= 1.0:
@@ -289,6 +292,12 @@ class AVITrain:
 
     def train(self, x, z, k, hidden, samples_per_pair, epochs, batch_size, learning_rate, lambda_1, lambda_2,
               lambda_3, lambda_4, seed):
+        k, hidden = check_int("k", k, 0, 1024), check_int("hidden", hidden, 0, 16384)
+        samples_per_pair = check_int("samples_per_pair", samples_per_pair, 0, 100000)
+        epochs, batch_size = check_int("epochs", epochs, 1, 1000), check_int("batch_size", batch_size, 1, 65536)
+        learning_rate = check_finite("learning_rate", learning_rate, 0.0, 1.0)
+        lambda_1, lambda_2, lambda_3, lambda_4 = (check_finite(f"lambda_{i}", v, 0.0, 1000.0)
+                                                  for i, v in enumerate((lambda_1, lambda_2, lambda_3, lambda_4), 1))
         xp, zp, meta = paired(x, z)
         height, width = xp.shape[-2:]
         rank = core_avi.rank_of(height, width)
@@ -352,17 +361,16 @@ class AVIIntegrate:
         }
 
     def integrate(self, x, z, rho, k, singular_values, avi_model=None):
-        if not 0.0 <= float(rho) <= 1.0:
-            raise InputError(f"rho must lie in [0, 1], got {rho}")
+        rho, k = check_finite("rho", rho, 0.0, 1.0), check_int("k", k, 0, 1024)
         xp, zp, _ = paired(x, z)
         meta = x[META_KEY]
         height, width = xp.shape[-2:]
-        uses_phi = singular_values.startswith("Φ")
         if singular_values not in SINGULAR_VALUES:
             raise InputError(f"singular_values must be one of {SINGULAR_VALUES}, got {singular_values!r}")
+        uses_phi = singular_values.startswith("Φ")
         net = None
         if uses_phi:
-            if avi_model is None:
+            if not isinstance(avi_model, AVIModel):
                 raise InputError("avi_model: connect AVI Train or Load AVI Model, or choose x's / z's own singular values")
             net = avi_model.net
             try:
@@ -383,6 +391,29 @@ class AVIIntegrate:
         return (out,)
 
 
+AVI_CONFIG_LIMITS = {"height": (2, 1024), "width": (2, 1024), "k": (1, 1023), "hidden": (1, 65536)}
+
+
+def check_avi_file(path: str, shown: str) -> None:
+    """Refuse a foreign or crafted Φ file with a message naming it, before anything is allocated: the header,
+    the metadata (config a JSON object of whole numbers in range, info a JSON object), and Φ's tensors as the
+    config describes them (built on the meta device) against the tensors the file holds."""
+    header = read_safetensors_header(path, shown, "avi_name")
+    label = f"avi_name: {shown}"
+    if header.metadata.get("format") != core_avi.FORMAT_NAME:
+        raise InputError(f"{label} is not an AVI model file (no {core_avi.FORMAT_NAME!r} format in its metadata)")
+    config = json_metadata(header, "config", label)
+    json_metadata(header, "info", label, default={})
+    for key, (low, high) in AVI_CONFIG_LIMITS.items():
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise InputError(f"{label}: its config's {key!r} must be a whole number in [{low}, {high}], "
+                             f"got {str(value)[:20]}")
+    expected = meta_shapes(lambda: core_avi.AVINet(config["height"], config["width"], config["k"], config["hidden"]),
+                           label)
+    check_tensors_match(expected, header, label)
+
+
 def _avi_files():
     return folder_paths.get_filename_list(AVI_FOLDER)
 
@@ -399,8 +430,11 @@ class AVISave:
         return {"required": {"avi_model": (AVI_MODEL, {}), "filename_prefix": ("STRING", {"default": "avi"})}}
 
     def save(self, avi_model, filename_prefix):
+        if not isinstance(avi_model, AVIModel):
+            raise InputError("avi_model: not an AVI_MODEL (connect AVI Train or Load AVI Model)")
         path, saved = free_save_path(AVI_FOLDER, filename_prefix, "safetensors")
-        core_avi.save_avi_net(avi_model.net, path, avi_model.info)
+        with writing("filename_prefix", saved):
+            core_avi.save_avi_net(avi_model.net, path, avi_model.info)
         return {"ui": {"text": [f"saved {saved}"]}, "result": ()}
 
 
@@ -417,10 +451,11 @@ class AVILoad:
 
     def load(self, avi_name):
         path = folder_paths.get_full_path_or_raise(AVI_FOLDER, avi_name)
+        check_avi_file(path, avi_name)
         try:
             net, info = core_avi.load_avi_net(path)
-        except (ValueError, KeyError, OSError, RuntimeError) as e:
-            raise InputError(f"avi_name: {avi_name} is not a readable AVI model: {e}") from e
+        except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
+            raise InputError(f"avi_name: {avi_name} is not a readable AVI model: {str(e).replace(path, avi_name)}") from None
         return (AVIModel(net, info),)
 
 

@@ -13,6 +13,8 @@ decoder pass (B·|S| rows) per model call.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import torch
@@ -24,13 +26,20 @@ import folder_paths
 
 from ..core import disdiff as dd
 from ..core.disdiff_train import train_disdiff
-from .common import CATEGORY, InputError, check_conditioning
+from .common import (CATEGORY, PACK_WEIGHTS, InputError, check_conditioning, check_file_name, check_finite,
+                     check_int, check_tensors_match, json_metadata, meta_shapes, read_safetensors_header,
+                     shipped_first, short)
 
 DISDIFF = "DISDIFF"
 FACTORS = "FACTORS"
 DISDIFF_FOLDER = "disdiff"
 MAX_TOGGLES = 10
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+NO_FOLDER = "(none: use the images input)"
+MAX_FOLDER_DEPTH = 3            # subfolders of ComfyUI's input folder listed for image_folder
+MAX_LISTED_FOLDERS = 1000
+MAX_TRAINING_BYTES = 2 << 30    # float32 pixels Train DisDiff holds in memory (images × size² × 3 × 4 bytes)
+RESERVED_PREFIX = "toy_world_"  # the pack's shipped files; a user's checkpoint never takes such a name
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +193,9 @@ def parse_strengths(text: str, count: int, name: str = "strengths") -> list[floa
     try:
         values = [float(v) for v in (text or "1.0").replace(";", ",").split(",") if v.strip()]
     except ValueError as e:
-        raise InputError(f"{name}: expected numbers separated by commas, got {text!r}") from e
+        raise InputError(f"{name}: expected numbers separated by commas, got {short(text)}") from e
+    if not all(math.isfinite(v) for v in values):
+        raise InputError(f"{name}: every strength must be a finite number, got {short(text)}")
     if len(values) == 1:
         return values * count
     if len(values) != count:
@@ -279,26 +290,79 @@ def patch_model(model, disdiff: DisDiffModel, codes: torch.Tensor, factors: list
 # Data and training
 # --------------------------------------------------------------------------------------------
 
-def load_image_folder(folder: str, size: int, limit: int = 0) -> torch.Tensor:
-    """IMAGE batch [B, size, size, 3] of the images in ``folder`` (centre-cropped, resized)."""
+def _inside(path: str, root: str) -> bool:
+    real, root = os.path.realpath(path), os.path.realpath(root)
+    return real == root or real.startswith(root + os.sep)
+
+
+def image_folders() -> list[str]:
+    """Subfolders of ComfyUI's input folder (relative, '/'-separated, at most MAX_FOLDER_DEPTH deep), the
+    choices of Train DisDiff's image_folder; links that lead outside the input folder are left out."""
+    root = folder_paths.get_input_directory()
+    found = []
+    for current, dirs, _ in os.walk(root):
+        rel = os.path.relpath(current, root)
+        depth = 0 if rel == "." else rel.count(os.sep) + 1
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and _inside(os.path.join(current, d), root))
+        if depth >= MAX_FOLDER_DEPTH:
+            dirs[:] = []
+        for d in dirs:
+            found.append(os.path.join(rel, d).replace(os.sep, "/") if depth else d)
+            if len(found) >= MAX_LISTED_FOLDERS:
+                return found
+    return found
+
+
+def folder_images(image_folder: str) -> list[str]:
+    """Paths of the images in ``image_folder``, one of :func:`image_folders`. Every refusal (not in the
+    list, outside the input folder, no images) gets the same message, which does not echo the value: a prompt
+    cannot probe the disk."""
+    refusal = InputError(f"image_folder: not a folder of images ({', '.join(IMAGE_EXTS)}) inside ComfyUI's input "
+                         "folder; choose one from the list, or connect images")
+    root = folder_paths.get_input_directory()
+    if not isinstance(image_folder, str) or image_folder not in image_folders():
+        raise refusal
+    folder = os.path.join(root, *image_folder.split("/"))
+    if not (os.path.isdir(folder) and _inside(folder, root)):
+        raise refusal
+    paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.lower().endswith(IMAGE_EXTS)]
+    paths = [p for p in paths if os.path.isfile(p) and _inside(p, root)]
+    if not paths:
+        raise refusal
+    return paths
+
+
+def check_training_size(count: int, size: int) -> None:
+    """Refuse before loading when the images would not fit the memory budget as float32."""
+    per_image = int(size) * int(size) * 3 * 4
+    if count * per_image > MAX_TRAINING_BYTES:
+        raise InputError(f"image_folder: {count} images at {size} px take {count * per_image / 2**30:.1f} GiB as float32; "
+                         f"Train DisDiff holds at most {MAX_TRAINING_BYTES >> 30} GiB ({MAX_TRAINING_BYTES // per_image} "
+                         "images at this size): use fewer or smaller images, or bench/train_disdiff.py")
+
+
+def load_image_folder(image_folder: str, size: int, limit: int = 0) -> torch.Tensor:
+    """IMAGE batch [B, size, size, 3] of the images in ``image_folder``, a subfolder of ComfyUI's input folder
+    (centre-cropped, resized)."""
     from PIL import Image
     import numpy as np
-    if not folder or not os.path.isdir(folder):
-        raise InputError(f"image_folder: {folder!r} is not a folder")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS))
+    paths = folder_images(image_folder)
     if limit > 0:
-        names = names[:limit]
-    if not names:
-        raise InputError(f"image_folder: no images ({', '.join(IMAGE_EXTS)}) in {folder}")
+        paths = paths[:limit]
+    check_training_size(len(paths), size)
     images = []
-    for n in names:
-        with Image.open(os.path.join(folder, n)) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            side = min(w, h)
-            im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-            im = im.resize((size, size), Image.BICUBIC)
-            images.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0))
+    for path in paths:
+        mm.throw_exception_if_processing_interrupted()
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                side = min(w, h)
+                im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+                im = im.resize((size, size), Image.BICUBIC)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            raise InputError(f"image_folder: {image_folder}/{os.path.basename(path)} is not a readable image") from None
+        images.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0))
     return torch.stack(images)
 
 
@@ -311,13 +375,63 @@ def encode_images(model, vae, images: torch.Tensor, batch: int = 32) -> torch.Te
     return model.model.process_latent_in(torch.cat(chunks))
 
 
-def default_checkpoint_path(save_name: str) -> str:
-    name = save_name.strip() or "disdiff"
-    if os.path.sep in name or (os.path.altsep and os.path.altsep in name) or name.startswith("."):
-        raise InputError(f"save_name: a plain file name, got {save_name!r}")
+def checkpoint_name(save_name: str) -> str:
+    """``save_name`` as a checkpoint file name, checked before any work: a plain name (no folder, NUL or
+    control character, at most 120 characters) that is no shipped file's name."""
+    name = (save_name.strip() if isinstance(save_name, str) else save_name) or "disdiff"
+    name = check_file_name("save_name", name)
     if not name.endswith(".safetensors"):
         name += ".safetensors"
-    return os.path.join(folder_paths.get_folder_paths(DISDIFF_FOLDER)[0], name)
+    shipped = os.path.isfile(os.path.join(PACK_WEIGHTS, name))
+    if name.startswith(RESERVED_PREFIX) or shipped:
+        raise InputError(f"save_name: {name} is a name of the pack's shipped files (names starting with "
+                         f"{RESERVED_PREFIX!r} are reserved); choose another")
+    return name
+
+
+def default_checkpoint_path(save_name: str, resume: bool = False) -> str:
+    """Where Train DisDiff writes: ``models/disdiff/<save_name>.safetensors``, or with ``resume`` off and that
+    file taken, the first free ``<save_name>_NNNNN.safetensors``: training never overwrites another run. A name
+    that another registered disdiff folder already holds is refused (it would shadow, or be shadowed by, it)."""
+    name = checkpoint_name(save_name)
+    folders = folder_paths.get_folder_paths(DISDIFF_FOLDER)
+    target = folders[0]
+    for other in folders[1:]:
+        if os.path.isfile(os.path.join(other, name)) and os.path.realpath(other) != os.path.realpath(target):
+            raise InputError(f"save_name: another models folder already holds {name}; choose another name")
+    path = os.path.join(target, name)
+    if resume or not os.path.exists(path):
+        return path
+    stem = name[: -len(".safetensors")]
+    counter = 1
+    while os.path.exists(os.path.join(target, f"{stem}_{counter:05}.safetensors")):
+        counter += 1
+    return os.path.join(target, f"{stem}_{counter:05}.safetensors")
+
+
+def check_checkpoint_file(path: str, shown: str) -> None:
+    """Refuse a crafted or foreign DisDiff file with a message naming it, before any tensor is allocated:
+    the header, the metadata's JSON, ``step``, and the networks its config describes (built on the meta
+    device) against the tensors the file holds."""
+    header = read_safetensors_header(path, shown)
+    try:
+        fmt = json.loads(header.metadata.get("format", "null"))
+    except (ValueError, RecursionError):
+        fmt = None
+    if fmt != dd.FORMAT or "config" not in header.metadata:
+        raise InputError(f"{shown} is not a DisDiff checkpoint (no {dd.FORMAT!r} format in its metadata)")
+    json_metadata(header, "config", shown)
+    json_metadata(header, "info", shown, default={})
+    optimizer = json_metadata(header, "optimizer", shown, default={"param_groups": [], "scalars": {}})
+    if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("scalars"), dict):
+        raise InputError(f"{shown}: its 'optimizer' metadata has no param_groups list and scalars table")
+    if not header.metadata.get("step", "0").strip().isdigit():
+        raise InputError(f"{shown}: its 'step' metadata must be a whole number, got {short(header.metadata['step'])}")
+    try:
+        config = dd.DisDiffConfig.from_json(header.metadata["config"])
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
+        raise InputError(f"{shown}: unreadable DisDiff config ({type(e).__name__})") from None
+    check_tensors_match(meta_shapes(lambda: dd.DisDiff(config), shown), header, shown, prefix="model.")
 
 
 def train_from_latents(model, positive, latents: torch.Tensor, *, num_factors, code_dim, steps, batch_size,
@@ -372,7 +486,10 @@ class TrainDisDiff:
                 "vae": ("VAE", {"tooltip": "Encodes the training images into the model's latent space."}),
                 "positive": ("CONDITIONING", {"tooltip": "The fixed prompt of the frozen model (the empty prompt = its "
                                                          "unconditional model, the paper's setting)."}),
-                "image_folder": ("STRING", {"default": "", "tooltip": "Folder of training images (png/jpg/webp)."}),
+                "image_folder": ([NO_FOLDER, *image_folders()], {
+                    "tooltip": "A subfolder of ComfyUI's input folder holding the training images (png/jpg/webp/bmp), "
+                               f"or none with the images input. All images are held as float32: at most "
+                               f"{MAX_TRAINING_BYTES >> 30} GiB (e.g. {MAX_TRAINING_BYTES // (128 * 128 * 12)} images at 128 px)."}),
                 "size": ("INT", {"default": 128, "min": 64, "max": 1024, "step": 8,
                                  "tooltip": "Images are centre-cropped and resized to this many pixels."}),
                 "num_factors": ("INT", {"default": 6, "min": 1, "max": 64, "tooltip": "N, the number of factor codes."}),
@@ -381,7 +498,9 @@ class TrainDisDiff:
                 "batch_size": ("INT", {"default": 32, "min": 1, "max": 1024}),
                 "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-7, "max": 1e-1, "step": 1e-5}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
-                "save_name": ("STRING", {"default": "disdiff", "tooltip": "Checkpoint file in models/disdiff."}),
+                "save_name": ("STRING", {"default": "disdiff", "tooltip": (
+                    "Checkpoint file in models/disdiff (a plain name, at most 120 characters). Never overwrites: "
+                    "a taken name gets _00001, ... unless resume is on; names of the pack's shipped files are refused.")}),
                 "checkpoint_every": ("INT", {"default": 500, "min": 0, "max": 1000000,
                                              "tooltip": "Save every that many steps (0: only at the end)."}),
                 "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue from the checkpoint of that name."}),
@@ -394,10 +513,17 @@ class TrainDisDiff:
     def train(self, model, vae, positive, image_folder, size, num_factors, code_dim, steps, batch_size,
               learning_rate, seed, save_name, checkpoint_every, resume, images=None):
         check_unet_model(model)
+        size, num_factors, code_dim = (check_int(n, v, lo, hi) for n, v, lo, hi in (
+            ("size", size, 8, 1024), ("num_factors", num_factors, 1, 64), ("code_dim", code_dim, 1, 512)))
+        steps, batch_size, checkpoint_every = (check_int(n, v, lo) for n, v, lo in (
+            ("steps", steps, 1), ("batch_size", batch_size, 1), ("checkpoint_every", checkpoint_every, 0)))
+        learning_rate = check_finite("learning_rate", learning_rate, 0.0)
+        path = default_checkpoint_path(save_name, resume)  # checked before any work, never overwriting
+        if resume and os.path.exists(path):
+            check_checkpoint_file(path, os.path.basename(path))
         if images is None:
             images = load_image_folder(image_folder, size)
         latents = encode_images(model, vae, images)
-        path = default_checkpoint_path(save_name)
         bar = comfy.utils.ProgressBar(steps)
 
         def on_step(step, total):   # every step, host only: progress and cancel
@@ -437,11 +563,13 @@ class LoadDisDiff:
                                               {"tooltip": "A .safetensors file written by Train DisDiff."})}}
 
     def load(self, disdiff_name):
-        path = folder_paths.get_full_path_or_raise(DISDIFF_FOLDER, disdiff_name)
+        path = shipped_first(DISDIFF_FOLDER, disdiff_name)
+        check_checkpoint_file(path, disdiff_name)
         try:
             loaded = dd.load_checkpoint(path)
-        except dd.CheckpointError as e:
-            raise InputError(str(e)) from e
+        except (ValueError, TypeError, KeyError) as e:  # CheckpointError, or what the checks above did not foresee
+            raise InputError(f"disdiff_name: {disdiff_name} is not a readable DisDiff checkpoint "
+                             f"({str(e).replace(path, disdiff_name)})") from None
         return (DisDiffModel(loaded.model, disdiff_name, loaded.step),)
 
 

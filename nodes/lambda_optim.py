@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from ..core import lambda_optim as lo
 from ..core.lambda_schedule import LambdaSchedule
 from ..core.trajectory import InversionTrajectory
-from .common import (CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError, check_steps, check_vp_model,
-                     latent_channels)
+from .common import (CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError, check_finite, check_int,
+                     check_vp_model, latent_channels)
 from .schedules import step_progress_for_model
 from .perceptual import PerceptualModel
 from .clip_loss import ClipLossModel
@@ -59,7 +59,7 @@ def adm_inputs(model, pooled: list, width: int, height: int) -> list:
 def unet_denoiser(model, unet):
     """D(x, σ, context, y) = x̂0, the computation of BaseModel.apply_model (y: SDXL's ADM vector)."""
     sampling = model.get_model_object("model_sampling")
-    dtype = model.model.get_dtype()
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()  # as BaseModel._apply_model picks it
 
     def denoise(x, sigma, context, y=None):
         xc = sampling.calculate_input(sigma, x)
@@ -139,15 +139,17 @@ class LambdaEdit:
 
     ``start``: x_T in the sampler's space (generation), or an InversionTrajectory (a real image:
     the first N − r steps are corrected to pass through its trajectory, the last r re-diffuse).
-    Build and use it outside inference mode with gradients on.
+    Build and use it outside inference mode with gradients on. ``on_step(done, total)`` runs after every
+    sampler step (forward, adjoint backward, trajectory corrections; see ``core.lambda_optim.StepHook``):
+    the node cancels there, and a progress bar can tick there.
     """
 
     def __init__(self, objective: LambdaObjective, sigmas: list[float], cfg: float, conds, adms, start,
                  rediffusion_steps: int = 20, per_item: bool = False, use_checkpoint: bool = True,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, on_step: lo.StepHook | None = None):
         device = objective.device
         self.objective, self.sigmas, self.cfg = objective, sigmas, cfg
-        self.per_item, self.use_checkpoint = per_item, use_checkpoint
+        self.per_item, self.use_checkpoint, self.on_step = per_item, use_checkpoint, on_step
         self.c0, self.c1, self.uncond = (t.clone().to(device) for t in conds)
         y0, y1, yu = (None if y is None else y.clone().to(device) for y in adms)
         self.adm = {"y0": y0, "y1": y1, "y_uncond": yu}
@@ -157,7 +159,7 @@ class LambdaEdit:
             self.path = [model.model.process_latent_in(x.clone()).to(device) for x in start.latents]
             self.x_T = self.path[0]
             self.corrections = lo.trajectory_corrections(objective.denoise, self.path, sigmas, self.c0, self.uncond, cfg,
-                                                         rediffusion_steps, y0=y0, y_uncond=yu)
+                                                         rediffusion_steps, y0=y0, y_uncond=yu, on_step=on_step)
         else:
             self.x_T = start.clone().to(device)
         runner = lo.GraphedStepRunner if cuda_graphs else lo.MixedStepRunner
@@ -171,7 +173,8 @@ class LambdaEdit:
         """X0(λ); differentiable in λ when gradients are on (each step checkpointed)."""
         return lo.sample_mixed(self.objective.denoise, self.x_T, self.sigmas, self.c0, self.c1,
                                lam.to(self.objective.device), self.uncond, self.cfg, corrections=self.corrections,
-                               use_checkpoint=self.use_checkpoint, runner=self.runner, **self.adm)
+                               use_checkpoint=self.use_checkpoint, runner=self.runner, on_step=self.on_step,
+                               **self.adm)
 
     @torch.no_grad()
     def set_reference(self, neutral_texts: list[str], styled_texts: list[str]) -> torch.Tensor:
@@ -232,9 +235,14 @@ class OptimizeLambdaSchedule:
     def optimize(self, model, vae, clip, clip_loss_model, neutral_text, styled_text, negative_text, seed, steps, cfg,
                  iterations, learning_rate, beta, neutral_steps, styled_weight, width, height, trajectory=None,
                  rediffusion_steps=20, perceptual_model=None):
-        check_steps(steps)
-        if iterations < 1:
-            raise InputError(f"iterations must be at least 1, got {iterations}")
+        steps, iterations = check_int("steps", steps, 2, 1000), check_int("iterations", iterations, 1, 500)
+        cfg, beta = check_finite("cfg", cfg, 0.0, 100.0), check_finite("beta", beta, 0.0, 100.0)
+        learning_rate = check_finite("learning_rate", learning_rate, 0.0, 10.0)
+        styled_weight = check_finite("styled_weight", styled_weight, -10.0, 10.0)
+        width, height = check_int("width", width, 16, 8192), check_int("height", height, 16, 8192)
+        neutral_steps = check_int("neutral_steps", neutral_steps)
+        rediffusion_steps = check_int("rediffusion_steps", rediffusion_steps)
+        check_int("seed", seed, 0)
         check_vp_model(model, "λ optimisation")
         if not isinstance(clip_loss_model, ClipLossModel):
             raise InputError("clip_loss_model: not a CLIP_LOSS_MODEL (use a CLIP loss loader node)")
@@ -279,7 +287,11 @@ class OptimizeLambdaSchedule:
                 start = initial_noise(model, empty, seed, sigmas[0])
             else:
                 start = trajectory
-            edit = LambdaEdit(objective, sigmas, cfg, (c0, c1, uncond), (y0, y1, yu), start, rediffusion_steps)
+            def on_step(done, total):  # every sampler step, forward and backward: Cancel stops within one step
+                mm.throw_exception_if_processing_interrupted()
+
+            edit = LambdaEdit(objective, sigmas, cfg, (c0, c1, uncond), (y0, y1, yu), start, rediffusion_steps,
+                              on_step=on_step)
             neutral_x0 = edit.set_reference([neutral_text], [styled_text])
             bar.update_absolute(1, iterations + 1)
 
@@ -290,6 +302,9 @@ class OptimizeLambdaSchedule:
 
             init = lo.paper_init(n, neutral_steps, styled_weight)
             best, _ = lo.optimize_lambdas(edit.loss, init, iterations, learning_rate, on_iteration)
+            if not any(math.isfinite(v) for v in history):
+                raise InputError("the loss was NaN or infinite at every iteration, so nothing was learned: check the "
+                                 "models (a NaN-producing model or VAE) and the float inputs")
             with torch.no_grad():
                 edited_x0 = edit.sample(best)
         if edit.runner.fallback_reason and device.type == "cuda":

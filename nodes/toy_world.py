@@ -25,24 +25,32 @@ import torch
 
 from ..core import factor_world as fw
 from .clip_loss import OPENAI_MEAN, OPENAI_STD, ClipLossModel, import_open_clip
-from .common import CATEGORY, InputError
+from .common import (CATEGORY, PACK_WEIGHTS, InputError, check_config_fits_file, json_metadata, load_safetensors,
+                     read_safetensors_header, shipped_first)
+# PACK_WEIGHTS is re-exported: nodes/__init__.py registers it for the toy world and the DisDiff folders
 
 TOY_WORLD_FOLDER = "toy_world"
-PACK_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
 FORMAT = "comfyui-disentangle/toy-world"
 PARTS = {"unet": "unet_config", "vae": "vae_config", "text_encoder": "text_config"}
 
 
-def read_part(path: str, config_key: str):
-    """(state dict, config, metadata) of one toy-world file, with clear errors for wrong files."""
+def read_part(path: str, config_key: str, shown: str | None = None):
+    """(state dict, config, metadata) of one toy-world file, with clear errors naming the file (by its name,
+    never its server path) for truncated, foreign or crafted files."""
+    shown = shown or os.path.basename(path)
+    header = read_safetensors_header(path, shown)
     try:
-        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-    except Exception as e:  # a truncated or foreign file
-        raise InputError(f"{os.path.basename(path)} is not a readable safetensors file: {e}") from e
-    metadata = metadata or {}
-    if json.loads(metadata.get("format", "null")) != FORMAT or config_key not in metadata:
-        raise InputError(f"{os.path.basename(path)} is not a toy-world file with a {config_key!r} (format {FORMAT})")
-    return sd, json.loads(metadata[config_key]), metadata
+        fmt = json.loads(header.metadata.get("format", "null"))
+    except (ValueError, RecursionError):
+        fmt = None
+    if fmt != FORMAT or config_key not in header.metadata:
+        raise InputError(f"{shown} is not a toy-world file with a {config_key!r} (format {FORMAT})")
+    config = json_metadata(header, config_key, shown)
+    builder = CONFIG_BUILDERS.get(config_key)
+    if builder is not None:
+        check_config_fits_file(lambda: builder(config), header, shown)
+    sd, metadata = load_safetensors(path, shown, header=header)
+    return sd, config, metadata
 
 
 def load_unet(sd: dict, unet_config: dict):
@@ -74,6 +82,30 @@ def load_text_encoder(sd: dict, text_config: dict):
     return clip
 
 
+def _unet_module(unet_config: dict):
+    model_config = comfy.supported_models.SD15(dict(unet_config))
+    model_config.unet_config.update(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    return model_config.get_model({}, "")
+
+
+def _vae_module(vae_config: dict):
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    return AutoencoderKL(**vae_config)
+
+
+def _text_module(text_config: dict):
+    return comfy.sd1_clip.SD1ClipModel(model_options={"clip_l_model_config": dict(text_config)})
+
+
+def _open_clip_module(config: dict):
+    return import_open_clip().CLIP(**config)
+
+
+CONFIG_BUILDERS = {"unet_config": _unet_module, "vae_config": _vae_module, "text_config": _text_module,
+                   "open_clip_config": _open_clip_module}
+
+
 def toy_world_files() -> list[str]:
     return sorted({n[: -len("_unet.safetensors")] for n in folder_paths.get_filename_list(TOY_WORLD_FOLDER)
                    if n.endswith("_unet.safetensors")})
@@ -83,13 +115,21 @@ def load_toy_world(name: str):
     """(MODEL, CLIP, VAE) of the toy world ``name`` (files ``<name>_unet/_vae/_text_encoder.safetensors``)."""
     parts = {}
     for part, key in PARTS.items():
-        path = folder_paths.get_full_path(TOY_WORLD_FOLDER, f"{name}_{part}.safetensors")
-        if path is None:
-            raise InputError(f"checkpoint: {name}_{part}.safetensors is missing from models/{TOY_WORLD_FOLDER} and the pack's weights/")
-        parts[part] = read_part(path, key)
-    model = load_unet(*parts["unet"][:2])
-    vae = load_vae(*parts["vae"])
-    clip = load_text_encoder(*parts["text_encoder"][:2])
+        filename = f"{name}_{part}.safetensors"
+        try:
+            path = shipped_first(TOY_WORLD_FOLDER, filename)
+        except FileNotFoundError:
+            raise InputError(f"checkpoint: {filename} is missing from models/{TOY_WORLD_FOLDER} and the pack's weights/") from None
+        parts[part] = read_part(path, key, filename)
+    try:
+        model = load_unet(*parts["unet"][:2])
+        vae = load_vae(*parts["vae"])
+        clip = load_text_encoder(*parts["text_encoder"][:2])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"checkpoint: the {name} files do not load as a toy world ({type(e).__name__}: "
+                         f"{str(e)[:120]})") from None
     return model, clip, vae
 
 
@@ -151,10 +191,15 @@ class FactorWorldScene:
 def load_clip_loss_model(path: str) -> ClipLossModel:
     """The toy open_clip model from a safetensors file whose metadata holds its open_clip config."""
     open_clip = import_open_clip()
+    shown = os.path.basename(path)
     sd, config, _ = read_part(path, "open_clip_config")
-    model = open_clip.CLIP(**config)
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
-    return ClipLossModel(model.eval(), open_clip.get_tokenizer("ViT-B-32"), config["vision_cfg"]["image_size"],
+    try:
+        model = open_clip.CLIP(**config)
+        model.load_state_dict({k: v.float() for k, v in sd.items()})
+        image_size = int(config["vision_cfg"]["image_size"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise InputError(f"{shown} does not load as the toy CLIP loss model ({type(e).__name__})") from None
+    return ClipLossModel(model.eval(), open_clip.get_tokenizer("ViT-B-32"), image_size,
                          OPENAI_MEAN, OPENAI_STD)
 
 
@@ -170,7 +215,7 @@ class LoadToyClipLossModel:
         return {"required": {"clip_name": (names, {})}}
 
     def load(self, clip_name):
-        return (load_clip_loss_model(folder_paths.get_full_path_or_raise(TOY_WORLD_FOLDER, clip_name)),)
+        return (load_clip_loss_model(shipped_first(TOY_WORLD_FOLDER, clip_name)),)
 
 
 NODE_CLASS_MAPPINGS = {
