@@ -11,7 +11,8 @@ each with the MODEL as loaded (fp16 on a GPU) and with an fp32 copy of it; and t
 (DDIM Inversion → the corrected path with styled = neutral) against the image's latent, in both dtypes.
 
 Each row: the largest difference, relative to the reference's largest value, and in units of the
-dtype's machine ε. Reading it: when optimiser vs replay in fp32 is at the CPU suite's level (≲ 1e-5)
+dtype's machine ε. The fp32 rows run with TF32 off: PyTorch lets cuDNN run float32 convolutions in TF32
+by default (10-bit mantissa, the ε of fp16), so one more row shows the fp32 copy under that default. Reading it: when optimiser vs replay in fp32 is at the CPU suite's level (≲ 1e-5)
 while in fp16 it is a few ε16, of the size of fp16 vs fp32 of one route alone, the gap is rounding of the
 fp16 MODEL: the replay gives the edit the optimiser saw, to the precision the MODEL runs in. A gap that
 stays large in fp32 would be a real difference between the two samplings.
@@ -19,6 +20,7 @@ stays large in fp32 would be a real difference between the two samplings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -50,6 +52,18 @@ def fp32_copy(model):
     base.diffusion_model.dtype = torch.float32
     base.manual_cast_dtype = None
     return comfy.model_patcher.ModelPatcher(base, load_device=model.load_device, offload_device=model.offload_device)
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """float32 matmuls and convolutions in TF32 (PyTorch's default for cuDNN convolutions) or in full fp32."""
+    import torch
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def encode(clip, text):
@@ -139,26 +153,32 @@ def main():
     schedule, node_edit = learn(model, clip, vae, loss_model, steps, cfg, seed, args.iterations)
     values = list(schedule.values)
     print("learned λ: " + ", ".join(f"{v:.3f}" for v in values))
-    ours = {dt: optimiser_sampling(m, clip, vae, loss_model, values, steps, cfg, seed) for dt, m in
-            ((dtype, model), (torch.float32, model32))}
-    replay = {dt: stock_replay(m, clip, schedule, steps, cfg, seed) for dt, m in ((dtype, model), (torch.float32, model32))}
-    real = {dt: real_image(m, clip, vae, loss_model, steps, cfg) for dt, m in ((dtype, model), (torch.float32, model32))}
+    runs = {"model": (model, None), "fp32": (model32, False), "tf32": (model32, True)}
+    ours, replay, real = {}, {}, {}
+    for key, (m, allow_tf32) in runs.items():
+        with tf32(allow_tf32) if allow_tf32 is not None else contextlib.nullcontext():
+            ours[key] = optimiser_sampling(m, clip, vae, loss_model, values, steps, cfg, seed)
+            replay[key] = stock_replay(m, clip, schedule, steps, cfg, seed)
+            real[key] = real_image(m, clip, vae, loss_model, steps, cfg)
 
     name = str(dtype).replace("torch.", "")
     rows = [
-        ["node's edit vs its LambdaEdit re-run (sanity: 0)", name, *gap(node_edit.cpu(), ours[dtype], dtype)],
-        ["optimiser vs stock replay, MODEL as loaded", name, *gap(ours[dtype], replay[dtype], dtype)],
-        ["optimiser vs stock replay, fp32 copy", "float32", *gap(ours[torch.float32], replay[torch.float32], torch.float32)],
-        ["optimiser: MODEL dtype vs fp32", name, *gap(ours[dtype], ours[torch.float32], dtype)],
-        ["stock replay: MODEL dtype vs fp32", name, *gap(replay[dtype], replay[torch.float32], dtype)],
-        ["real image: corrected path vs image latent, MODEL as loaded", name, *gap(*real[dtype], dtype)],
-        ["real image: corrected path vs image latent, fp32 copy", "float32", *gap(*real[torch.float32], torch.float32)],
+        ["node's edit vs its LambdaEdit re-run (sanity: 0)", name, *gap(node_edit.cpu(), ours["model"], dtype)],
+        ["optimiser vs stock replay, MODEL as loaded", name, *gap(ours["model"], replay["model"], dtype)],
+        ["optimiser vs stock replay, fp32 copy", "float32", *gap(ours["fp32"], replay["fp32"], torch.float32)],
+        ["optimiser: MODEL dtype vs fp32", name, *gap(ours["model"], ours["fp32"], dtype)],
+        ["stock replay: MODEL dtype vs fp32", name, *gap(replay["model"], replay["fp32"], dtype)],
+        ["real image: corrected path vs image latent, MODEL as loaded", name, *gap(*real["model"], dtype)],
+        ["real image: corrected path vs image latent, fp32 copy", "float32", *gap(*real["fp32"], torch.float32)],
+        ["optimiser vs stock replay, fp32 copy, TF32 allowed (PyTorch default)", "float32",
+         *gap(ours["tf32"], replay["tf32"], torch.float32)],
+        ["real image, fp32 copy, TF32 allowed", "float32", *gap(*real["tf32"], torch.float32)],
     ]
     print_table("λ replay gap (max |a − b|, relative to max |b|, and in units of the dtype's ε)",
                 ["comparison", "dtype", "max |a−b|", "max |b|", "relative", "in ε"], rows)
-    fp32_gap = float((ours[torch.float32] - replay[torch.float32]).abs().max() / replay[torch.float32].abs().max())
-    half_gap = float((ours[dtype] - replay[dtype]).abs().max() / replay[dtype].abs().max())
-    dtype_effect = float((replay[dtype] - replay[torch.float32]).abs().max() / replay[torch.float32].abs().max())
+    fp32_gap = float((ours["fp32"] - replay["fp32"]).abs().max() / replay["fp32"].abs().max())
+    half_gap = float((ours["model"] - replay["model"]).abs().max() / replay["model"].abs().max())
+    dtype_effect = float((replay["model"] - replay["fp32"]).abs().max() / replay["fp32"].abs().max())
     if dtype == torch.float32:
         verdict = "the MODEL already runs in float32 here: run this on a GPU (DISENTANGLE_HOST_GPU=1) to see the fp16 case"
     elif fp32_gap < 1e-4 and half_gap <= 4 * max(dtype_effect, torch.finfo(dtype).eps):

@@ -112,8 +112,13 @@ def test_learned_schedule_replays_to_float32_precision_when_the_model_runs_in_fl
                     "is this test")
     model32 = fp32_copy(model)
     toy32 = (model32, *toy[1:])
-    (schedule, edited, _), _ = optimize(toy32, iterations=2)
-    replayed = replay(toy32, schedule).to(edited["samples"].device)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default TF32
+    try:  # convolutions have fp16's 10-bit mantissa: float32 means float32 here
+        (schedule, edited, _), _ = optimize(toy32, iterations=2)
+        replayed = replay(toy32, schedule).to(edited["samples"].device)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     scale = float(edited["samples"].abs().max())
     assert torch.allclose(replayed, edited["samples"], atol=1e-4 * scale, rtol=0), float((replayed - edited["samples"]).abs().max() / scale)
 
