@@ -518,6 +518,9 @@ class TrainDisDiff:
                 checkpoint_every=checkpoint_every, resume=resume, log_every=min(10, steps), callback=callback)
         except dd.CheckpointError as e:
             raise InputError(str(e)) from e
+        except OSError as e:  # writing a checkpoint (disk full, permissions): its name, not its server path
+            raise InputError(f"save_name: could not write {os.path.basename(path)} in models/{DISDIFF_FOLDER} "
+                             f"({e.strerror or type(e).__name__})") from None
         except ValueError as e:
             if "do not match" in str(e):
                 raise InputError(str(e)) from e
