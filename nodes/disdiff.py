@@ -23,6 +23,7 @@ import comfy.model_management as mm
 import comfy.model_sampling
 import comfy.utils
 import folder_paths
+from safetensors import SafetensorError
 
 from ..core import disdiff as dd
 from .common import (CATEGORY, PACK_WEIGHTS, InputError, check_conditioning, check_file_name, check_finite,
@@ -518,9 +519,10 @@ class TrainDisDiff:
                 checkpoint_every=checkpoint_every, resume=resume, log_every=min(10, steps), callback=callback)
         except dd.CheckpointError as e:
             raise InputError(str(e)) from e
-        except OSError as e:  # writing a checkpoint (disk full, permissions): its name, not its server path
+        except (OSError, SafetensorError) as e:  # writing a checkpoint (disk full, ...): its name, not its server path
+            reason = getattr(e, "strerror", None) or str(e).split(": ")[-1][:80]
             raise InputError(f"save_name: could not write {os.path.basename(path)} in models/{DISDIFF_FOLDER} "
-                             f"({e.strerror or type(e).__name__})") from None
+                             f"({reason})") from None
         except ValueError as e:
             if "do not match" in str(e):
                 raise InputError(str(e)) from e

@@ -223,6 +223,12 @@ def test_bad_save_names_are_refused_before_training(disdiff_dir, save_name, need
     assert not any(n.startswith("toy_world") for n in os.listdir(disdiff_dir))
 
 
+def test_a_checkpoint_that_cannot_be_written_names_save_name(input_dirs, disdiff_dir):
+    os.makedirs(os.path.join(disdiff_dir, "hardening_blocked.safetensors.tmp"))  # where the checkpoint is written
+    node_error(train_prompt(input_dirs["inside"], save_name="hardening_blocked"), "train", "save_name",
+               "could not write hardening_blocked.safetensors in models/disdiff")
+
+
 def test_a_user_file_never_shadows_a_shipped_disdiff(input_dirs, disdiff_dir):
     """A file named like the pack's toy-world DisDiff in models/disdiff (put there by hand): Load DisDiff, and
     so the shipped workflows, still get the shipped file."""
