@@ -597,7 +597,7 @@ def toy_dir(tmp_path_factory):
     return folder("toy_world", tmp_path_factory)
 
 
-def copy_toy_part(directory: str, world: str, part: str, metadata_update: dict | None = None, cut: bool = False):
+def copy_toy_part(directory: str, world: str, part: str, metadata_update: dict | None = None, cut: str | None = None):
     from safetensors import safe_open
     from safetensors.torch import save_file
     src = os.path.join(comfy_host.PACK_ROOT, "weights", f"toy_world_{part}.safetensors")
@@ -607,20 +607,24 @@ def copy_toy_part(directory: str, world: str, part: str, metadata_update: dict |
         metadata = dict(f.metadata())
     metadata.update(metadata_update or {})
     save_file(tensors, dst, metadata=metadata)
-    if cut:
+    if cut == "truncate":
         with open(dst, "rb") as f:
             data = f.read()
         with open(dst, "wb") as f:
             f.write(data[: len(data) - 1000])
+    elif cut == "huge header":
+        with open(dst, "wb") as f:
+            f.write(struct.pack("<Q", 1 << 40) + b"{}")
     return f"{world}_{part}.safetensors"
 
 
 @pytest.mark.parametrize("world, part, update, cut, needle", [
-    ("cut", "unet", None, True, "truncated"),
-    ("listcfg", "unet", {"unet_config": "[1, 2, 3]"}, False, "must be a JSON dict"),
-    ("strcfg", "vae", {"vae_config": '"a string"'}, False, "must be a JSON dict"),
-    ("badtype", "text_encoder", {"text_config": '{"hidden_size": "wide"}'}, False, "does not describe a model"),
-    ("widecfg", "unet", None, False, "describes"),
+    ("cut", "unet", None, "truncate", "truncated"),
+    ("hugehdr", "vae", None, "huge header", "not a readable safetensors file"),
+    ("listcfg", "unet", {"unet_config": "[1, 2, 3]"}, None, "must be a JSON dict"),
+    ("strcfg", "vae", {"vae_config": '"a string"'}, None, "must be a JSON dict"),
+    ("badtype", "text_encoder", {"text_config": '{"hidden_size": "wide"}'}, None, "does not describe a model"),
+    ("widecfg", "unet", None, None, "describes"),
 ])
 def test_crafted_toy_world_files_name_the_file(toy_dir, world, part, update, cut, needle):
     if world == "widecfg":  # a config 16× wider than the file's tensors: refused before the UNet is built
@@ -628,7 +632,7 @@ def test_crafted_toy_world_files_name_the_file(toy_dir, world, part, update, cut
         with safe_open(os.path.join(comfy_host.PACK_ROOT, "weights", "toy_world_unet.safetensors"), "pt") as f:
             config = json.loads(f.metadata()["unet_config"])
         update = {"unet_config": json.dumps({**config, "model_channels": config["model_channels"] * 16})}
-    names = {p: copy_toy_part(toy_dir, world, p, update if p == part else None, cut and p == part)
+    names = {p: copy_toy_part(toy_dir, world, p, update if p == part else None, cut if p == part else None)
              for p in ("unet", "vae", "text_encoder")}
     node_error({"toy": node("DisentangleLoadToyWorld", checkpoint=world)}, "toy", names[part], needle)
 
