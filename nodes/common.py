@@ -48,7 +48,11 @@ def check_finite(name: str, value, low: float | None = None, high: float | None 
     if isinstance(value, bool) or not math.isfinite(number):
         raise InputError(f"{name} must be a finite number, got {short(value)}")
     if (low is not None and number < low) or (high is not None and number > high):
-        raise InputError(f"{name} must lie in [{low}, {high}], got {number:g}")
+        if high is None:
+            raise InputError(f"{name} must be at least {low:g}, got {number:g}")
+        if low is None:
+            raise InputError(f"{name} must be at most {high:g}, got {number:g}")
+        raise InputError(f"{name} must lie in [{low:g}, {high:g}], got {number:g}")
     return number
 
 

@@ -23,6 +23,7 @@ import comfy.model_management as mm
 import comfy.model_sampling
 import comfy.utils
 import folder_paths
+from safetensors import SafetensorError
 
 from ..core import disdiff as dd
 from ..core.disdiff_train import train_disdiff
@@ -540,6 +541,10 @@ class TrainDisDiff:
             raise InputError(str(e)) from e
         except dd.FeatureMismatchError as e:
             raise InputError(str(e)) from e
+        except (OSError, SafetensorError) as e:  # writing a checkpoint (disk full, ...): its name, not its server path
+            reason = getattr(e, "strerror", None) or str(e).split(": ")[-1][:80]
+            raise InputError(f"save_name: could not write {os.path.basename(path)} in models/{DISDIFF_FOLDER} "
+                             f"({reason})") from None
         history = [h for h in history if "step" in h]
         last = history[-1] if history else {}
         summary = (f"{os.path.basename(path)}: step {steps}, loss {last.get('loss', float('nan')):.4f}, "

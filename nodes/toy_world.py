@@ -25,8 +25,8 @@ import torch
 
 from ..core import factor_world as fw
 from .clip_loss import OPENAI_MEAN, OPENAI_STD, ClipLossModel, import_open_clip
-from .common import (CATEGORY, PACK_WEIGHTS, InputError, check_config_fits_file, json_metadata, load_safetensors,
-                     read_safetensors_header, shipped_first)
+from .common import (CATEGORY, PACK_WEIGHTS, InputError, check_config_fits_file, check_int, json_metadata,
+                     load_safetensors, read_safetensors_header, shipped_first)
 # PACK_WEIGHTS is re-exported: nodes/__init__.py registers it for the toy world and the DisDiff folders
 
 TOY_WORLD_FOLDER = "toy_world"
@@ -175,6 +175,7 @@ class FactorWorldScene:
         }}
 
     def render(self, floor_hue, wall_hue, object_hue, scale, shape, orientation, size):
+        size = check_int("size", size, 64, 1024)  # a linked INT skips the widget's limits
         names = (fw.HUE_NAMES, fw.HUE_NAMES, fw.HUE_NAMES, fw.SCALE_WORDS, fw.SHAPE_NAMES, fw.ORIENTATION_WORDS)
         values = (floor_hue, wall_hue, object_hue, scale, shape, orientation)
         try:

@@ -57,7 +57,12 @@ def test_rho_zero_with_own_singular_values_resumes_to_the_plain_sampling(kind, s
     x, z, start = capture(model, pos, target, neg, sampler=sampler, scheduler=scheduler, width=width)
     assert 1 <= start < STEPS and x["samples"].shape == z["samples"].shape
     y = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.0, k=0, singular_values="x's own (no Φ)")[0]
-    torch.testing.assert_close(y["samples"], x["samples"], atol=1e-4, rtol=1e-4)
+    # ρ = 0 with x's own S rebuilds x from its float32 SVD (core/avi: SVD maths in float32 on every device):
+    # exact up to the SVD's normwise backward error, c·r·ε32·‖x‖₂ per channel (LAPACK on the CPU: c·r ≤ 6,
+    # cuSOLVER rounds differently), so the bound is 8·r·ε32·‖x‖₂, not an elementwise tolerance
+    spectral = torch.linalg.matrix_norm(x["samples"].double(), ord=2).max()
+    bound = 8 * min(x["samples"].shape[-2:]) * torch.finfo(torch.float32).eps * float(spectral)
+    assert float((y["samples"] - x["samples"]).abs().max()) < bound
     edited = resume(model, pos, neg, y, start, sampler, scheduler)
     if sampler in ("ddim", "euler"):
         plain = stock(model, pos, neg, sampler=sampler, scheduler=scheduler, width=width)
