@@ -343,6 +343,7 @@ class TrainDisDiff:
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = (DISDIFF,)
     RETURN_NAMES = ("disdiff",)
+    OUTPUT_TOOLTIPS = ("The trained DisDiff (factor encoder E and gradient fields G^c), for DisDiff Encode and Partial-Condition Sampling.",)
     FUNCTION = "train"
 
     @classmethod
@@ -356,12 +357,12 @@ class TrainDisDiff:
                 "image_folder": ("STRING", {"default": "", "tooltip": "Folder of training images (png/jpg/webp)."}),
                 "size": ("INT", {"default": 128, "min": 64, "max": 1024, "step": 8,
                                  "tooltip": "Images are centre-cropped and resized to this many pixels."}),
-                "num_factors": ("INT", {"default": 6, "min": 1, "max": 64, "tooltip": "N, the number of factor codes."}),
+                "num_factors": ("INT", {"default": 6, "min": 1, "max": 64, "tooltip": "N, the number of factor codes z^1…z^N."}),
                 "code_dim": ("INT", {"default": 32, "min": 1, "max": 512, "tooltip": "Channels of each factor code."}),
-                "steps": ("INT", {"default": 1000, "min": 1, "max": 1000000}),
-                "batch_size": ("INT", {"default": 32, "min": 1, "max": 1024}),
-                "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-7, "max": 1e-1, "step": 1e-5}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
+                "steps": ("INT", {"default": 1000, "min": 1, "max": 1000000, "tooltip": "Adam steps of training."}),
+                "batch_size": ("INT", {"default": 32, "min": 1, "max": 1024, "tooltip": "Images per training step."}),
+                "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-7, "max": 1e-1, "step": 1e-5, "tooltip": "Adam's learning rate."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Initial weights, data order and noise."}),
                 "save_name": ("STRING", {"default": "disdiff", "tooltip": "Checkpoint file in models/disdiff."}),
                 "checkpoint_every": ("INT", {"default": 500, "min": 0, "max": 1000000,
                                              "tooltip": "Save every that many steps (0: only at the end)."}),
@@ -407,6 +408,7 @@ class LoadDisDiff:
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = (DISDIFF,)
     RETURN_NAMES = ("disdiff",)
+    OUTPUT_TOOLTIPS = ("The DisDiff model, for DisDiff Encode and Partial-Condition Sampling.",)
     FUNCTION = "load"
 
     @classmethod
@@ -431,14 +433,15 @@ class DisDiffEncode:
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = (FACTORS,)
     RETURN_NAMES = ("factors",)
+    OUTPUT_TOOLTIPS = ("z^1…z^N of each image (FACTORS), for Swap Factors and Partial-Condition Sampling.",)
     FUNCTION = "encode"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"disdiff": (DISDIFF,)},
+        return {"required": {"disdiff": (DISDIFF, {"tooltip": "Load DisDiff or Train DisDiff output (its encoder E)."})},
                 "optional": {"latent": ("LATENT", {"tooltip": "VAE Encode output of the model's VAE."}),
                              "image": ("IMAGE", {"tooltip": "Alternatively an image, with the vae."}),
-                             "vae": ("VAE",)}}
+                             "vae": ("VAE", {"tooltip": "The model's VAE, to encode the image input."})}}
 
     def encode(self, disdiff, latent=None, image=None, vae=None):
         disdiff = check_disdiff(disdiff)
@@ -461,11 +464,13 @@ class DisDiffSwapFactors:
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = (FACTORS,)
     RETURN_NAMES = ("factors",)
+    OUTPUT_TOOLTIPS = ("The first image's codes with the chosen factors' codes from other.",)
     FUNCTION = "swap"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"factors": (FACTORS,), "other": (FACTORS, {"tooltip": "Gives the swapped factors."}),
+        return {"required": {"factors": (FACTORS, {"tooltip": "The codes to change (DisDiff Encode of the first image)."}),
+                             "other": (FACTORS, {"tooltip": "Gives the swapped factors."}),
                              "swap": ("STRING", {"default": "0", "tooltip": "Factor indices to take from other, e.g. '2' "
                                                                              "or '0,3' or 'all'."})}}
 
@@ -488,11 +493,13 @@ class DisDiffFactorToggles:
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("factor_list",)
+    OUTPUT_TOOLTIPS = ("The switched-on factor indices, e.g. '0,2': connect to condition_on or swap (as an input).",)
     FUNCTION = "select"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {f"factor_{k}": ("BOOLEAN", {"default": k == 0}) for k in range(MAX_TOGGLES)}}
+        return {"required": {f"factor_{k}": ("BOOLEAN", {"default": k == 0, "tooltip": f"Include factor {k} (z^{k}) in the list."})
+                             for k in range(MAX_TOGGLES)}}
 
     def select(self, **toggles):
         on = [k for k in range(MAX_TOGGLES) if toggles.get(f"factor_{k}")]
@@ -507,17 +514,18 @@ class DisDiffPartialCondition:
     )
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A patched clone of the MODEL (the input stays unpatched), for a stock KSampler / SamplerCustom.",)
     FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The frozen model the DisDiff was trained on."}),
-            "disdiff": (DISDIFF,),
+            "disdiff": (DISDIFF, {"tooltip": "The DisDiff model whose gradient fields G^c are imposed."}),
             "factors": (FACTORS, {"tooltip": "Codes from DisDiff Encode (one, or one per image of the batch)."}),
             "condition_on": ("STRING", {"default": "all", "tooltip": "Factor subset S: 'all', '' (none: the unpatched "
                                                                      "model), or indices such as '0,2'."}),
-            "strengths": ("STRING", {"default": "1.0", "tooltip": "w_c: one value, or one per selected factor."}),
+            "strengths": ("STRING", {"default": "1.0", "tooltip": "w_c, the weight of each imposed field: one value, or one per selected factor."}),
         }}
 
     def patch(self, model, disdiff, factors, condition_on, strengths):

@@ -194,6 +194,12 @@ class OptimizeLambdaSchedule:
     CATEGORY = f"{CATEGORY}/lambda"
     RETURN_TYPES = (LAMBDA_SCHEDULE, "LATENT", "LATENT")
     RETURN_NAMES = ("schedule", "edited_latent", "neutral_latent")
+    OUTPUT_TOOLTIPS = (
+        "The learned λ_1..λ_N (the lowest-loss iteration), for Mix Conditioning by λ Schedule or Save λ Schedule; "
+        "with a stock KSampler (ddim, ddim_uniform, same steps) it reproduces the edit.",
+        "X0(λ): the edited image's latent (VAE Decode it).",
+        "X0(0): the neutral prompt's latent (or, with a trajectory, the inverted image), the loss's reference.",
+    )
     OUTPUT_NODE = True
     FUNCTION = "optimize"
 
@@ -201,30 +207,30 @@ class OptimizeLambdaSchedule:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {}),
-                "vae": ("VAE", {}),
-                "clip": ("CLIP", {}),
-                "clip_loss_model": ("CLIP_LOSS_MODEL", {"tooltip": "Image/text model of the directional CLIP loss."}),
-                "neutral_text": ("STRING", {"multiline": True, "default": "a photo of a person"}),
-                "styled_text": ("STRING", {"multiline": True, "default": "a photo of a smiling person"}),
-                "negative_text": ("STRING", {"multiline": True, "default": ""}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
-                "steps": ("INT", {"default": 50, "min": 2, "max": 1000}),
-                "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1}),
-                "iterations": ("INT", {"default": 10, "min": 1, "max": 500}),
-                "learning_rate": ("FLOAT", {"default": 0.05, "min": 0.0001, "max": 1.0, "step": 0.001}),
+                "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x, SD2.x or SDXL; ε or v prediction). It is never patched."}),
+                "vae": ("VAE", {"tooltip": "The model's VAE: the loss looks at decoded images, gradients go through its decoder."}),
+                "clip": ("CLIP", {"tooltip": "The model's text encoder, for the neutral, styled and negative prompts."}),
+                "clip_loss_model": ("CLIP_LOSS_MODEL", {"tooltip": "E_I / E_T, the image/text model of the directional CLIP loss (the paper: OpenAI's ViT-B/32)."}),
+                "neutral_text": ("STRING", {"multiline": True, "default": "a photo of a person", "tooltip": "c0, the neutral prompt."}),
+                "styled_text": ("STRING", {"multiline": True, "default": "a photo of a smiling person", "tooltip": "c1, the styled prompt: the neutral one plus the attribute."}),
+                "negative_text": ("STRING", {"multiline": True, "default": "", "tooltip": "The unconditional prompt of classifier-free guidance (may be empty)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip": "Noise seed, as KSampler's: the same seed gives the same x_T."}),
+                "steps": ("INT", {"default": 50, "min": 2, "max": 1000, "tooltip": "N, the DDIM steps (ddim_uniform); one λ is learned per step (the paper: 50)."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free guidance scale (the paper: 7.5)."}),
+                "iterations": ("INT", {"default": 10, "min": 1, "max": 500, "tooltip": "Adam iterations; each samples, decodes, scores and back-propagates through all steps (the paper: 10)."}),
+                "learning_rate": ("FLOAT", {"default": 0.05, "min": 0.0001, "max": 1.0, "step": 0.001, "tooltip": "Adam's learning rate on λ (the paper's code: 0.05)."}),
                 "beta": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 10.0, "step": 0.005,
-                                   "tooltip": "Weight of the perceptual term (paper: 0.05 people, 0.03 scenes)."}),
+                                   "tooltip": "β, the weight of the perceptual (content) term (the paper: 0.05 for people, 0.03 for scenes)."}),
                 "neutral_steps": ("INT", {"default": 20, "min": 0, "max": 1000,
-                                          "tooltip": "Initial schedule: λ = 0 for this many steps (t*), styled_weight after."}),
-                "styled_weight": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
+                                          "tooltip": "t*: the initial schedule has λ = 0 for the first t* steps, styled_weight after (the paper: 20 generating, 10 for real images)."}),
+                "styled_weight": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "The initial λ after t* (the paper: 1.0 generating, 1.1 for real images)."}),
                 "width": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8,
-                                  "tooltip": "Image size (also SDXL's size conditioning)."}),
-                "height": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8}),
+                                  "tooltip": "Image width in pixels (also SDXL's size conditioning)."}),
+                "height": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8, "tooltip": "Image height in pixels (also SDXL's size conditioning)."}),
             },
             "optional": {
                 "trajectory": (INVERSION_TRAJECTORY, {"tooltip": "Edit a real image: the trajectory of DDIM Inversion (neutral prompt, same steps, scheduler ddim_uniform). Seed, width and height are then ignored; use neutral_steps 10 and styled_weight 1.1 as the paper does."}),
-                "rediffusion_steps": ("INT", {"default": 20, "min": 0, "max": 1000, "tooltip": "With a trajectory: the last steps run free (re-diffusion); the others are corrected to pass through the image's trajectory."}),
+                "rediffusion_steps": ("INT", {"default": 20, "min": 0, "max": 1000, "tooltip": "With a trajectory: the last r steps run free (re-diffusion; the paper: 20 of 50); the others are corrected to pass through the image's trajectory."}),
                 "perceptual_model": ("PERCEPTUAL_MODEL", {"tooltip": "LPIPS for the content term (the paper's choice); without it, the CLIP-image-feature distance."}),
             },
         }
