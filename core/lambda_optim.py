@@ -188,10 +188,11 @@ class GraphedStepRunner(MixedStepRunner):
 class _AdjointSampling(torch.autograd.Function):
     """X0(λ) with a hand-written backward: the forward pass keeps only x_0..x_N; the backward pass
     walks the steps in reverse, g_i = g_{i+1}·∂Φ_i/∂x_i and dL/dλ_i = g_{i+1}·∂Φ_i/∂λ_i, each step
-    recomputed from its stored x_i (one step's activations alive at a time; corrections are constants)."""
+    recomputed from its stored x_i (one step's activations alive at a time; corrections are constants).
+    ``on_step()`` runs after every forward step and every backward step (progress, cancel)."""
 
     @staticmethod
-    def forward(ctx, lambdas, x_T, runner, corrections, callback):
+    def forward(ctx, lambdas, x_T, runner, corrections, callback, on_step):
         xs, x = [x_T], x_T
         for i in range(runner.steps):
             x = runner.forward(i, x, lambdas[i])
@@ -199,8 +200,10 @@ class _AdjointSampling(torch.autograd.Function):
                 x = x + corrections[i]
             if callback is not None:
                 callback(i, x)
+            if on_step is not None:
+                on_step()
             xs.append(x)
-        ctx.runner, ctx.xs = runner, xs
+        ctx.runner, ctx.xs, ctx.on_step = runner, xs, on_step
         ctx.save_for_backward(lambdas)
         return x
 
@@ -210,7 +213,9 @@ class _AdjointSampling(torch.autograd.Function):
         grad_lambdas = torch.zeros_like(lambdas)
         for i in reversed(range(ctx.runner.steps)):
             grad, grad_lambdas[i] = ctx.runner.vjp(i, ctx.xs[i], lambdas[i], grad)
-        return grad_lambdas, grad, None, None, None
+            if ctx.on_step is not None:
+                ctx.on_step()
+        return grad_lambdas, grad, None, None, None, None
 
 
 def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float], c0: Tensor, c1: Tensor,
@@ -218,7 +223,7 @@ def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float],
                  corrections: Optional[Sequence[Optional[Tensor]]] = None, use_checkpoint: bool = True,
                  callback: Optional[Callable[[int, Tensor], None]] = None, y0: Optional[Tensor] = None,
                  y1: Optional[Tensor] = None, y_uncond: Optional[Tensor] = None,
-                 runner: Optional[MixedStepRunner] = None) -> Tensor:
+                 runner: Optional[MixedStepRunner] = None, on_step: Optional[Callable[[], None]] = None) -> Tensor:
     """X0(λ): DDIM sampling along decreasing ``sigmas`` with λ_i at step i, differentiable in λ.
 
     ``lambdas``: [N] (one schedule for the batch) or [N, B] (one schedule per batch item, i.e. B
@@ -228,6 +233,8 @@ def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float],
     gradients on, each step is recomputed in the backward pass instead of being stored (the
     adjoint pass of ``_AdjointSampling``); without it autograd keeps the whole graph. ``runner``
     (built from the other arguments if not given) runs the steps, e.g. replayed from CUDA graphs.
+    ``on_step()`` (if given) runs after every sampler step, and with the adjoint pass after every
+    backward step too: 2N calls for a sample and its gradient (progress ticks, cancel).
     """
     if runner is None:
         runner = MixedStepRunner(denoise, sigmas, c0, c1, uncond, cfg, y0, y1, y_uncond)
@@ -236,7 +243,7 @@ def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float],
         raise ValueError(f"lambdas: need shape [{n}] or [{n}, {x_T.shape[0]}] (steps, batch), "
                          f"got {list(lambdas.shape)}")
     if torch.is_grad_enabled() and use_checkpoint:
-        return _AdjointSampling.apply(lambdas, x_T, runner, corrections, callback)
+        return _AdjointSampling.apply(lambdas, x_T, runner, corrections, callback, on_step)
     x = x_T
     for i in range(n):
         if torch.is_grad_enabled():  # plain autograd: the whole graph is kept
@@ -247,6 +254,8 @@ def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float],
             x = x + corrections[i]
         if callback is not None:
             callback(i, x)
+        if on_step is not None:
+            on_step()
     return x
 
 

@@ -28,6 +28,7 @@ import torch
 
 from ..core import avi as core_avi
 from .common import CATEGORY, InputError, check_conditioning, check_latent, check_steps, free_save_path
+from .plot import draw_loss_curve, image_tensor
 
 AVI_MODEL = "AVI_MODEL"
 AVI_FOLDER = "avi"
@@ -261,9 +262,10 @@ class AVITrain:
         "A Φ works for the latent size it was trained on."
     )
     CATEGORY = AVI_CATEGORY
-    RETURN_TYPES = (AVI_MODEL,)
-    RETURN_NAMES = ("avi_model",)
-    OUTPUT_TOOLTIPS = ("Φ, for AVI Integrate (ρ) or Save AVI Model.",)
+    RETURN_TYPES = (AVI_MODEL, "IMAGE")
+    RETURN_NAMES = ("avi_model", "loss_plot")
+    OUTPUT_TOOLTIPS = ("Φ, for AVI Integrate (ρ) or Save AVI Model.",
+                       "The training loss λ1‖ŷ−z‖² + λ2‖ỹ−x‖² + λ3‖S−S_z‖² + λ4‖S+Δs−S_x‖² per Adam step.")
     FUNCTION = "train"
 
     @classmethod
@@ -319,7 +321,8 @@ class AVITrain:
                 "scheduler": meta["scheduler"]}
         text = (f"Φ ({height}×{width}, k {net.k}, hidden {net.hidden}): {pairs} pair(s) × {n} samples × {epochs} epochs = "
                 f"{len(losses)} Adam steps, loss {losses[0]:.4g} → {losses[-1]:.4g}, {seconds:.1f} s")
-        return {"ui": {"text": [text]}, "result": (AVIModel(net, info),)}
+        plot = image_tensor(draw_loss_curve(losses, "AVI Train Φ: loss per Adam step", "Adam step"))
+        return {"ui": {"text": [text]}, "result": (AVIModel(net, info), plot)}
 
 
 class AVIIntegrate:

@@ -25,6 +25,7 @@ from ..core.lambda_schedule import LambdaSchedule
 from ..core.trajectory import InversionTrajectory
 from .common import (CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError, check_steps, check_vp_model,
                      latent_channels)
+from .plot import draw_loss_curve, image_tensor
 from .schedules import step_progress_for_model
 from .perceptual import PerceptualModel
 from .clip_loss import ClipLossModel
@@ -90,6 +91,29 @@ def preview_of(images: torch.Tensor | None):
     return ("JPEG", Image.fromarray(pixels), latent_preview.MAX_PREVIEW_RESOLUTION)
 
 
+class StepProgress:
+    """One progress tick per sampler step of the whole optimisation, forward and backward, with Cancel;
+    ``show(preview)`` puts the current edit in the progress bar's live preview (kept between ticks)."""
+
+    def __init__(self, total: int):
+        self.total, self.done = int(total), 0
+        self.bar = comfy.utils.ProgressBar(self.total)
+
+    def __call__(self) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        self.done = min(self.done + 1, self.total)
+        self.bar.update_absolute(self.done, self.total)
+
+    def show(self, preview) -> None:
+        self.bar.update_absolute(self.done, self.total, preview)
+
+
+def optimisation_ticks(steps: int, iterations: int, real_image: bool) -> int:
+    """Sampler steps of a whole run: the neutral reference (none for a real image: it is the trajectory's
+    end), a forward and a backward pass per iteration, and the final sampling of the best λ."""
+    return (0 if real_image else steps) + 2 * steps * iterations + steps
+
+
 class LambdaObjective:
     """Wu et al.'s objective for one or more edits, on differentiable copies of the host's models.
 
@@ -139,14 +163,15 @@ class LambdaEdit:
 
     ``start``: x_T in the sampler's space (generation), or an InversionTrajectory (a real image:
     the first N − r steps are corrected to pass through its trajectory, the last r re-diffuse).
-    Build and use it outside inference mode with gradients on.
+    Build and use it outside inference mode with gradients on. ``on_step()`` runs after every sampler
+    step, forward and backward (progress ticks).
     """
 
     def __init__(self, objective: LambdaObjective, sigmas: list[float], cfg: float, conds, adms, start,
                  rediffusion_steps: int = 20, per_item: bool = False, use_checkpoint: bool = True,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, on_step=None):
         device = objective.device
-        self.objective, self.sigmas, self.cfg = objective, sigmas, cfg
+        self.objective, self.sigmas, self.cfg, self.on_step = objective, sigmas, cfg, on_step
         self.per_item, self.use_checkpoint = per_item, use_checkpoint
         self.c0, self.c1, self.uncond = (t.clone().to(device) for t in conds)
         y0, y1, yu = (None if y is None else y.clone().to(device) for y in adms)
@@ -171,7 +196,7 @@ class LambdaEdit:
         """X0(λ); differentiable in λ when gradients are on (each step checkpointed)."""
         return lo.sample_mixed(self.objective.denoise, self.x_T, self.sigmas, self.c0, self.c1,
                                lam.to(self.objective.device), self.uncond, self.cfg, corrections=self.corrections,
-                               use_checkpoint=self.use_checkpoint, runner=self.runner, **self.adm)
+                               use_checkpoint=self.use_checkpoint, runner=self.runner, on_step=self.on_step, **self.adm)
 
     @torch.no_grad()
     def set_reference(self, neutral_texts: list[str], styled_texts: list[str]) -> torch.Tensor:
@@ -192,13 +217,14 @@ class OptimizeLambdaSchedule:
         "through every sampler step (checkpointed) and the VAE decoder."
     )
     CATEGORY = f"{CATEGORY}/lambda"
-    RETURN_TYPES = (LAMBDA_SCHEDULE, "LATENT", "LATENT")
-    RETURN_NAMES = ("schedule", "edited_latent", "neutral_latent")
+    RETURN_TYPES = (LAMBDA_SCHEDULE, "LATENT", "LATENT", "IMAGE")
+    RETURN_NAMES = ("schedule", "edited_latent", "neutral_latent", "loss_plot")
     OUTPUT_TOOLTIPS = (
         "The learned λ_1..λ_N (the lowest-loss iteration), for Mix Conditioning by λ Schedule or Save λ Schedule; "
         "with a stock KSampler (ddim, ddim_uniform, same steps) it reproduces the edit.",
         "X0(λ): the edited image's latent (VAE Decode it).",
         "X0(0): the neutral prompt's latent (or, with a trajectory, the inverted image), the loss's reference.",
+        "L(λ) over the iterations (directional CLIP loss + β × perceptual term), the best one marked.",
     )
     OUTPUT_NODE = True
     FUNCTION = "optimize"
@@ -274,7 +300,7 @@ class OptimizeLambdaSchedule:
                 raise InputError(f"rediffusion_steps must lie in [0, {n}], got {rediffusion_steps}")
 
         mm.load_models_gpu([model])
-        bar = comfy.utils.ProgressBar(iterations + 1)
+        progress = StepProgress(optimisation_ticks(n, iterations, trajectory is not None))
         history = []
         with torch.inference_mode(False), torch.enable_grad():
             objective = LambdaObjective(model, vae, clip_loss_model, beta, perceptual_model)
@@ -285,14 +311,14 @@ class OptimizeLambdaSchedule:
                 start = initial_noise(model, empty, seed, sigmas[0])
             else:
                 start = trajectory
-            edit = LambdaEdit(objective, sigmas, cfg, (c0, c1, uncond), (y0, y1, yu), start, rediffusion_steps)
+            edit = LambdaEdit(objective, sigmas, cfg, (c0, c1, uncond), (y0, y1, yu), start, rediffusion_steps,
+                              on_step=progress)
             neutral_x0 = edit.set_reference([neutral_text], [styled_text])
-            bar.update_absolute(1, iterations + 1)
 
             def on_iteration(i, loss, lam):
                 history.append(loss)
                 mm.throw_exception_if_processing_interrupted()
-                bar.update_absolute(i + 2, iterations + 1, preview_of(objective.last_image))
+                progress.show(preview_of(objective.last_image))
 
             init = lo.paper_init(n, neutral_steps, styled_weight)
             best, _ = lo.optimize_lambdas(edit.loss, init, iterations, learning_rate, on_iteration)
@@ -306,7 +332,8 @@ class OptimizeLambdaSchedule:
         edited = {"samples": model.model.process_latent_out(edited_x0.detach()).to(out)}
         neutral = {"samples": model.model.process_latent_out(neutral_x0.detach()).to(out)}
         summary = "loss per iteration: " + ", ".join(f"{v:.4f}" for v in history)
-        return {"ui": {"text": [summary]}, "result": (schedule, edited, neutral)}
+        plot = image_tensor(draw_loss_curve(history, "Optimize λ: L(λ) per iteration", "iteration"))
+        return {"ui": {"text": [summary]}, "result": (schedule, edited, neutral, plot)}
 
 
 NODE_CLASS_MAPPINGS = {"DisentangleOptimizeLambda": OptimizeLambdaSchedule}
