@@ -11,7 +11,7 @@ from comfyui_disentangle.tests import comfy_host
 from comfyui_disentangle.tests.workflow_builder import render_all
 
 WORKFLOW_DIR = os.path.join(comfy_host.PACK_ROOT, "workflows")
-WORKFLOWS = sorted(f for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json"))
+WORKFLOWS = sorted(f for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json") and f != "index.json")  # index: templates
 
 pytestmark = pytest.mark.usefixtures("host")
 

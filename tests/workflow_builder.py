@@ -685,8 +685,52 @@ WORKFLOWS = {
 }
 
 
+# ComfyUI's template browser, from first steps to advanced: (workflow, title, one-line description, needs SD 1.5).
+# The frontend turns '-' and '_' of a custom template's description into spaces: the descriptions use neither.
+TEMPLATES = (
+    ("toy_world_lambda_mix", "First steps: λ mixing (toy world)",
+     "Start here, offline: mix a neutral and a styled prompt per step (λ), and a red cube turns yellow while the "
+     "scene stays.", False),
+    ("toy_world_inversion", "DDIM inversion (toy world)",
+     "Offline: invert a rendered scene to noise with DDIM Inversion and rebuild it with stock KSamplerAdvanced.", False),
+    ("toy_world_lambda_optimize", "Learn a λ schedule (toy world)",
+     "Offline: learn the per step weights λ with the directional CLIP loss; plot, save and replay them.", False),
+    ("toy_world_real_image_edit", "Edit an image with a learned λ (toy world)",
+     "Offline: edit an existing image, learning λ along its inversion trajectory with rediffusion.", False),
+    ("avi_attribute_edit", "AVI: attribute vector integration (toy world)",
+     "Offline: capture x and z, train Φ, integrate with strength ρ and resume (Wang et al. 2024).", False),
+    ("disdiff_swap_factors", "DisDiff: swap a learned factor (toy world)",
+     "Offline: encode two images into learned DisDiff factors and swap one of them.", False),
+    ("disdiff_partial_condition", "DisDiff: keep chosen factors (toy world)",
+     "Offline: sample new images that keep chosen learned factors of a target image (DisDiff eq. 6).", False),
+    ("lambda_schedule_mix", "λ mixing on SD 1.5 (checkpoint needed)",
+     "Needs a Stable Diffusion 1.5 checkpoint. A house in a field turns snowy by λ mixing, same seed.", True),
+    ("ddim_inversion_reconstruct", "DDIM inversion on SD 1.5 (checkpoint needed)",
+     "Needs a Stable Diffusion 1.5 checkpoint. Invert your own image with DDIM and reconstruct it.", True),
+    ("lambda_real_image_edit", "Edit your photo with λ on SD 1.5 (checkpoint needed)",
+     "Needs a Stable Diffusion 1.5 checkpoint and OpenAI's CLIP ViT B/32. Learn λ that makes the person in your "
+     "photo smile.", True),
+)
+TEMPLATE_CATEGORY = "Disentangle: edit one attribute"
+
+
+def template_index() -> list[dict]:
+    """``workflows/index.json`` in the format of the frontend's own template index (one category).
+    web/js/templates.js shows it in the template browser (moduleName: the pack's folder, set there)."""
+    templates = []
+    for name, title, description, needs_sd in TEMPLATES:
+        templates.append({
+            "name": name, "title": title, "description": description, "mediaType": "image", "mediaSubtype": "jpg",
+            "tags": ["Needs SD 1.5 checkpoint"] if needs_sd else ["Offline", "Toy world"],
+            "models": ["SD1.5"] if needs_sd else ["Toy world"],
+        })
+    return [{"moduleName": "ComfyUI-Disentangle", "title": TEMPLATE_CATEGORY, "type": "image", "templates": templates}]
+
+
 def render_all(node_classes) -> dict[str, str]:
-    return {name: json.dumps(make(node_classes), indent=1, ensure_ascii=False) + "\n" for name, make in WORKFLOWS.items()}
+    files = {name: json.dumps(make(node_classes), indent=1, ensure_ascii=False) + "\n" for name, make in WORKFLOWS.items()}
+    files["index.json"] = json.dumps(template_index(), indent=1, ensure_ascii=False) + "\n"
+    return files
 
 
 if __name__ == "__main__":
