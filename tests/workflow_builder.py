@@ -37,6 +37,12 @@ VIEWS = ((12, 12, 1832, 718), (12, 12, 1532, 978))
 MAX_SCALE, MIN_READABLE_SCALE = 1.0, 8 / 14  # LiteGraph.Canvas.MinFontSizeForLOD 8 px over 14 px text
 ROW_TOLERANCE = 0.9  # a layout in fewer rows wins when its zoom is at least this share of the largest
 
+# Nodes that show a live preview while they run (sampling steps, the λ optimisation's edit): the frontend
+# draws it below their widgets and grows the node to fit, so their boxes keep room for it.
+PREVIEW_NODES = {"KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced", "DisentangleAVICapture",
+                 "DisentangleDDIMInversion", "DisentangleOptimizeLambda", "DisentangleTrainDisDiff"}
+PREVIEW_H = 220  # the frontend grows such a node by 212 for its preview (1.27.10)
+
 STAGE_COLORS = {"input": "#3f789e", "method": "#b58b2a", "output": "#8A8", "note": "#444"}
 
 SD15_CHECKPOINT = {
@@ -101,7 +107,7 @@ def note_height(text: str, width: int) -> int:
     13 px a line, measured in the frontend)."""
     per_line = max(10, int((width - 24) / 6.1))
     lines = sum(max(1, math.ceil(len(par) / per_line)) for par in text.split("\n"))
-    return 30 + 13 * lines
+    return max(30 + 13 * lines, SLOT_H + MULTILINE_H + 14)  # the frontend's least: one row and the text box
 
 
 def group_title_width(title: str) -> int:
@@ -168,6 +174,8 @@ class Workflow:
             raise KeyError(f"{class_type} has no inputs {sorted(inputs)}")
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
         least = frontend_size(cls, title or class_type)
+        if class_type in PREVIEW_NODES:
+            least = (least[0], least[1] + PREVIEW_H)
         size = node_size or (280 if widgets else max(least[0], 170), 0)
         node = {
             "id": node_id,
@@ -218,9 +226,10 @@ class Workflow:
 # Layout
 # --------------------------------------------------------------------------------------------
 
-def _stage_block(w: Workflow, stage: Stage) -> dict:
-    """A stage's nodes in columns by dependency inside the stage (notes first, across the top);
-    returns the block's size and each node's offset from the block's top-left corner."""
+def _stage_block(w: Workflow, stage: Stage, downward: bool = False) -> dict:
+    """A stage's nodes by dependency inside the stage, in columns left to right (or, ``downward``, in rows
+    top to bottom), notes first, across the top; returns the block's size, each node's offset from the
+    block's top-left corner and the notes' sizes."""
     by_id = {n["id"]: n for n in w.nodes}
     sources = {}
     for _, src, _, dst, _, _ in w.links:
@@ -230,27 +239,43 @@ def _stage_block(w: Workflow, stage: Stage) -> dict:
     depth = {}
     for i in members:  # insertion order is a topological order (links point to earlier nodes)
         depth[i] = 1 + max((depth[s] for s in sources.get(i, ()) if s in depth), default=-1)
-    columns = [[i for i in members if depth[i] == d] for d in range(max(depth.values(), default=-1) + 1)]
-    widths = [max(by_id[i]["size"][0] for i in col) for col in columns]
-    content_w = sum(widths) + COLUMN_GAP * max(len(columns) - 1, 0)
-    note_w = max([content_w, 320] if columns else [by_id[i]["size"][0] for i in notes])
+    levels = [[i for i in members if depth[i] == d] for d in range(max(depth.values(), default=-1) + 1)]
+
+    def box(i):
+        return by_id[i]["size"][0], TITLE_H + by_id[i]["size"][1]
+
+    if downward:  # a row per level, its nodes side by side
+        content_w = max((sum(box(i)[0] for i in lv) + COLUMN_GAP * (len(lv) - 1) for lv in levels), default=0)
+    else:  # a column per level, its nodes stacked
+        content_w = sum(max(box(i)[0] for i in lv) for lv in levels) + COLUMN_GAP * max(len(levels) - 1, 0)
+    note_w = max([content_w, 320] if levels else [by_id[i]["size"][0] for i in notes])
     note_w = max(note_w, group_title_width(stage.title))
-    offsets, y = {}, GROUP_TITLE_H
+    offsets, note_sizes, y = {}, {}, GROUP_TITLE_H
     for i in notes:
-        by_id[i]["size"] = [note_w, note_height(by_id[i]["widgets_values"][0], note_w)]
+        note_sizes[i] = [note_w, note_height(by_id[i]["widgets_values"][0], note_w)]
         offsets[i] = (GROUP_PAD, y + TITLE_H)
-        y += TITLE_H + by_id[i]["size"][1] + NODE_GAP
-    top, x, bottom = y, GROUP_PAD, y
-    for col, width in zip(columns, widths):
-        y = top
-        for i in col:
-            offsets[i] = (x, y + TITLE_H)
-            y += TITLE_H + by_id[i]["size"][1] + NODE_GAP
-        bottom = max(bottom, y)
-        x += width + COLUMN_GAP
+        y += TITLE_H + note_sizes[i][1] + NODE_GAP
+    top, bottom = y, y
+    if downward:
+        for lv in levels:
+            x = GROUP_PAD
+            for i in lv:
+                offsets[i] = (x, y + TITLE_H)
+                x += box(i)[0] + COLUMN_GAP
+            y += max(box(i)[1] for i in lv) + NODE_GAP
+        bottom = y
+    else:
+        x = GROUP_PAD
+        for lv in levels:
+            y = top
+            for i in lv:
+                offsets[i] = (x, y + TITLE_H)
+                y += box(i)[1] + NODE_GAP
+            bottom = max(bottom, y)
+            x += max(box(i)[0] for i in lv) + COLUMN_GAP
     width = max(content_w, note_w if notes else 0, group_title_width(stage.title)) + 2 * GROUP_PAD
     height = bottom - NODE_GAP + GROUP_PAD
-    return {"stage": stage, "w": width, "h": height, "offsets": offsets}
+    return {"stage": stage, "w": width, "h": height, "offsets": offsets, "notes": note_sizes, "downward": downward}
 
 
 def _pack(blocks: list[dict], slot_h: float, row_w: float):
@@ -289,30 +314,38 @@ def fit_view(width: float, height: float) -> tuple[float, tuple]:
 
 
 def layout(w: Workflow) -> tuple[list[dict], dict]:
-    """Place every node: stages as groups packed (over all slot heights and row widths) so that the whole
-    graph fits the view at the largest zoom, or, within ROW_TOLERANCE of it and still readable, with the
-    fewest stages below the top row (stages then read left to right); returns the groups and the saved view
-    (``extra.ds``)."""
-    blocks = [_stage_block(w, s) for s in w.stages if s.nodes]
-    heights = {sum(b["h"] for b in blocks[i:j]) + STAGE_GAP * (j - i - 1)
-               for i, j in itertools.combinations(range(len(blocks) + 1), 2)}
-    widths = {sum(b["w"] for b in blocks[i:j]) + STAGE_GAP * (j - i - 1)
-              for i, j in itertools.combinations(range(len(blocks) + 1), 2)}
+    """Place every node: each stage a group laid out left to right or downward, the groups packed (over all
+    slot heights and row widths) so that the whole graph fits the view at the largest zoom, or, within
+    ROW_TOLERANCE of it and still readable, with the fewest stages below the top row (stages then read left
+    to right) and the fewest laid out downward; returns the groups and the saved view (``extra.ds``)."""
+    stages = [s for s in w.stages if s.nodes]
+    options = [(_stage_block(w, s, False), _stage_block(w, s, True)) for s in stages]
     candidates = []
-    for slot_h in sorted(heights):
-        for row_w in sorted(widths):
-            places, total_w, total_h, rows = _pack(blocks, slot_h, row_w)
-            below = sum(1 for _, y in places if y > 0)  # stages not at the top: breaks of the reading order
-            candidates.append((view_scale(total_w, total_h), (below, rows), places, total_w, total_h))
+    for choice in itertools.product((0, 1), repeat=len(stages)):
+        blocks = [options[k][c] for k, c in enumerate(choice)]
+        if any(c and options[k][0]["w"] == options[k][1]["w"] for k, c in enumerate(choice)):
+            continue  # downward changes nothing for this stage
+        heights = {sum(b["h"] for b in blocks[i:j]) + STAGE_GAP * (j - i - 1)
+                   for i, j in itertools.combinations(range(len(blocks) + 1), 2)}
+        widths = {sum(b["w"] for b in blocks[i:j]) + STAGE_GAP * (j - i - 1)
+                  for i, j in itertools.combinations(range(len(blocks) + 1), 2)}
+        for slot_h in sorted(heights):
+            for row_w in sorted(widths):
+                places, total_w, total_h, rows = _pack(blocks, slot_h, row_w)
+                below = sum(1 for _, y in places if y > 0)  # stages not at the top: breaks of the reading order
+                candidates.append((view_scale(total_w, total_h), (below, rows, sum(choice)), blocks, places,
+                                   total_w, total_h))
     top = max(c[0] for c in candidates)
     floor = max(top * ROW_TOLERANCE, MIN_READABLE_SCALE) if top >= MIN_READABLE_SCALE else top
     good = [c for c in candidates if c[0] >= floor]
-    _, _, places, total_w, total_h = min(good, key=lambda c: (c[1], -round(c[0], 3), c[4], c[3]))
+    _, _, blocks, places, total_w, total_h = min(good, key=lambda c: (c[1], -round(c[0], 3), c[5], c[4]))
     by_id = {n["id"]: n for n in w.nodes}
     groups = []
     for k, (b, (x, y)) in enumerate(zip(blocks, places)):
         for i, (dx, dy) in b["offsets"].items():
             by_id[i]["pos"] = [x + dx, y + dy]
+        for i, size in b["notes"].items():
+            by_id[i]["size"] = size
         groups.append({"id": k + 1, "title": b["stage"].title, "bounding": [x, y, b["w"], b["h"]],
                        "color": STAGE_COLORS.get(b["stage"].kind, STAGE_COLORS["method"]), "font_size": 24,
                        "flags": {}})
