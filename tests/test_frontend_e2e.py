@@ -207,6 +207,8 @@ def test_offline_workflow_runs_from_the_run_button(frontend, comfy_server, name)
     assert outputs <= set(entry["outputs"]), f"{name}: outputs {sorted(outputs - set(entry['outputs']))} did not run"
     shown = frontend.js("return app.graph._nodes.filter(n => n.type === 'SaveImage' && n.imgs && n.imgs.length).length")
     assert shown, f"{name}: the Save Image node shows no image (see {shot})"
+    grown = overlaps(frontend.graph()["nodes"])  # live previews and results make nodes grow
+    assert not grown, f"{name}: after the run, overlapping nodes {grown} (see {shot})"
 
 
 def test_template_browser_lists_the_workflows_with_titles_thumbnails_in_order(frontend):
