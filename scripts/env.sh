@@ -37,8 +37,8 @@ find_comfyui() {
   if command -v git >/dev/null 2>&1; then
     say "no ComfyUI found: cloning ComfyUI v$COMFYUI_VERSION into $CACHE/ComfyUI-v$COMFYUI_VERSION ..."
     mkdir -p "$CACHE"
-    if git clone -q --depth 1 --branch "v$COMFYUI_VERSION" https://github.com/comfyanonymous/ComfyUI \
-        "$CACHE/ComfyUI-v$COMFYUI_VERSION.partial" 2>/dev/null; then
+    if GIT_TERMINAL_PROMPT=0 timeout 900 git clone -q --depth 1 --branch "v$COMFYUI_VERSION" \
+        https://github.com/comfyanonymous/ComfyUI "$CACHE/ComfyUI-v$COMFYUI_VERSION.partial" 2>/dev/null; then
       mv "$CACHE/ComfyUI-v$COMFYUI_VERSION.partial" "$CACHE/ComfyUI-v$COMFYUI_VERSION"
       echo "$CACHE/ComfyUI-v$COMFYUI_VERSION"; return 0
     fi
