@@ -29,6 +29,7 @@ import torch
 from ..core import avi as core_avi
 from .common import (CATEGORY, InputError, check_conditioning, check_finite, check_int, check_latent,
                      check_tensors_match, free_save_path, json_metadata, meta_shapes, read_safetensors_header, writing)
+from .plot import draw_loss_curve, image_tensor
 
 AVI_MODEL = "AVI_MODEL"
 AVI_FOLDER = "avi"
@@ -181,17 +182,18 @@ class AVICapture:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {}),
+                "model": ("MODEL", {"tooltip": "The diffusion model; the same one resumes the sampling."}),
                 "positive": ("CONDITIONING", {"tooltip": "The original prompt (x, and the resumed sampling)."}),
                 "target": ("CONDITIONING", {"tooltip": "The target prompt: the original plus or minus the attribute (z)."}),
-                "negative": ("CONDITIONING", {}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt of classifier-free guidance, for x and z."}),
                 "latent_image": ("LATENT", {"tooltip": "Empty Latent Image: size and batch. A batch gives one x/z pair per item "
                                                        "(different noise from the one seed), more pairs for AVI Train."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
-                "steps": ("INT", {"default": 50, "min": 2, "max": 10000}),
-                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "ddim"}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                                 "tooltip": "Noise seed, shared by x and z (as KSampler's)."}),
+                "steps": ("INT", {"default": 50, "min": 2, "max": 10000, "tooltip": "Steps of the whole sampling; use the same in the resuming KSamplerAdvanced."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": "Classifier-free guidance scale."}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "ddim", "tooltip": "Sampler (the same in the resuming KSamplerAdvanced)."}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform", "tooltip": "Scheduler (the same in the resuming KSamplerAdvanced)."}),
                 "t_x": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "T_x as a fraction of diffusion time (1 = pure noise, 0 = clean; the paper: 0.8). "
                                              "x is taken at the step whose σ is nearest to σ(T_x)."}),
@@ -263,8 +265,10 @@ class AVITrain:
         "A Φ works for the latent size it was trained on."
     )
     CATEGORY = AVI_CATEGORY
-    RETURN_TYPES = (AVI_MODEL,)
-    RETURN_NAMES = ("avi_model",)
+    RETURN_TYPES = (AVI_MODEL, "IMAGE")
+    RETURN_NAMES = ("avi_model", "loss_plot")
+    OUTPUT_TOOLTIPS = ("Φ, for AVI Integrate (ρ) or Save AVI Model.",
+                       "The training loss λ1‖ŷ−z‖² + λ2‖ỹ−x‖² + λ3‖S−S_z‖² + λ4‖S+Δs−S_x‖² per Adam step.")
     FUNCTION = "train"
 
     @classmethod
@@ -274,18 +278,18 @@ class AVITrain:
                 "x": ("LATENT", {"tooltip": "AVI Capture's x (one latent per pair)."}),
                 "z": ("LATENT", {"tooltip": "AVI Capture's z."}),
                 "k": ("INT", {"default": 0, "min": 0, "max": 1024,
-                              "tooltip": "Top-k singular vectors of x kept (0 = r/2, the paper's 32 at 64×64; r = min(H, W))."}),
+                              "tooltip": "k: top-k singular vectors of x kept (0 = r/2, the paper's 32 at 64×64; r = min(H, W))."}),
                 "hidden": ("INT", {"default": 0, "min": 0, "max": 16384,
                                    "tooltip": "Width of Φ's three layers (0 = H·W as in the paper, at most 4096)."}),
                 "samples_per_pair": ("INT", {"default": 0, "min": 0, "max": 100000,
                                              "tooltip": "N: draws of each pair per epoch (0 = the paper: 5000 for one pair, 500 from 10 pairs up, 5000/P between)."}),
-                "epochs": ("INT", {"default": 5, "min": 1, "max": 1000, "tooltip": "The paper converges within 5 epochs."}),
-                "batch_size": ("INT", {"default": 256, "min": 1, "max": 65536}),
-                "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6}),
-                "lambda_1": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "Weight of ‖ŷ − z‖² (target)."}),
-                "lambda_2": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "Weight of ‖ỹ − x‖² (original)."}),
-                "lambda_3": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "Weight of ‖S − S_z‖²."}),
-                "lambda_4": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "Weight of ‖S + Δs − S_x‖²."}),
+                "epochs": ("INT", {"default": 5, "min": 1, "max": 1000, "tooltip": "Passes over the pairs (the paper converges within 5 epochs)."}),
+                "batch_size": ("INT", {"default": 256, "min": 1, "max": 65536, "tooltip": "Samples per Adam step (the paper: 256)."}),
+                "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6, "tooltip": "Adam's learning rate (the paper: 1e-3)."}),
+                "lambda_1": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "λ1, the weight of ‖ŷ − z‖² (target; the paper: 3)."}),
+                "lambda_2": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "λ2, the weight of ‖ỹ − x‖² (original; the paper: 10)."}),
+                "lambda_3": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "λ3, the weight of ‖S − S_z‖² (the paper: 10)."}),
+                "lambda_4": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "λ4, the weight of ‖S + Δs − S_x‖² (the paper: 10)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": "Φ's initial weights and the shuffling."}),
             }
         }
@@ -326,7 +330,8 @@ class AVITrain:
                 "scheduler": meta["scheduler"]}
         text = (f"Φ ({height}×{width}, k {net.k}, hidden {net.hidden}): {pairs} pair(s) × {n} samples × {epochs} epochs = "
                 f"{len(losses)} Adam steps, loss {losses[0]:.4g} → {losses[-1]:.4g}, {seconds:.1f} s")
-        return {"ui": {"text": [text]}, "result": (AVIModel(net, info),)}
+        plot = image_tensor(draw_loss_curve(losses, "AVI Train Φ: loss per Adam step", "Adam step"))
+        return {"ui": {"text": [text]}, "result": (AVIModel(net, info), plot)}
 
 
 class AVIIntegrate:
@@ -351,7 +356,7 @@ class AVIIntegrate:
                 "z": ("LATENT", {"tooltip": "AVI Capture's z (one, or one per x)."}),
                 "rho": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "display": "slider",
                                   "tooltip": "ρ: strength of the edit (0 = x's vectors, 1 = the paper's training setting)."}),
-                "k": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "Top-k vectors of x kept (0 = Φ's k, or r/2 without Φ)."}),
+                "k": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "k: top-k singular vectors of x kept (0 = Φ's k, or r/2 without Φ)."}),
                 "singular_values": (list(SINGULAR_VALUES), {"default": SINGULAR_VALUES[0],
                                     "tooltip": "S in ŷ = Û·S·V̂: Φ's S (the paper), Φ's S + Δs, or, without Φ, x's or z's own singular values."}),
             },
@@ -427,7 +432,8 @@ class AVISave:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"avi_model": (AVI_MODEL, {}), "filename_prefix": ("STRING", {"default": "avi"})}}
+        return {"required": {"avi_model": (AVI_MODEL, {"tooltip": "Φ from AVI Train Φ."}),
+                             "filename_prefix": ("STRING", {"default": "avi", "tooltip": f"File name start in models/{AVI_FOLDER}; a counter is appended."})}}
 
     def save(self, avi_model, filename_prefix):
         if not isinstance(avi_model, AVIModel):
@@ -443,6 +449,7 @@ class AVILoad:
     CATEGORY = AVI_CATEGORY
     RETURN_TYPES = (AVI_MODEL,)
     RETURN_NAMES = ("avi_model",)
+    OUTPUT_TOOLTIPS = ("Φ, for AVI Integrate (ρ); it works for the latent size it was trained on.",)
     FUNCTION = "load"
 
     @classmethod

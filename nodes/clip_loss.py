@@ -130,6 +130,7 @@ class LoadClipLossModel:
                    "through open_clip: a safetensors file in models/clip_loss or open_clip's own cache.")
     CATEGORY = f"{CATEGORY}/lambda"
     RETURN_TYPES = ("CLIP_LOSS_MODEL",)
+    OUTPUT_TOOLTIPS = ("E_I / E_T of the directional CLIP loss, for Optimize λ Schedule's clip_loss_model.",)
     FUNCTION = "load"
 
     @classmethod

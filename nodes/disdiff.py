@@ -471,12 +471,13 @@ def train_from_latents(model, positive, latents: torch.Tensor, *, num_factors, c
 class TrainDisDiff:
     DESCRIPTION = (
         "Learns N factor codes (encoder) and one gradient field per factor (decoder) on top of a frozen MODEL "
-        "from a folder of images (DisDiff, Yang et al. 2023). For small jobs; bench/train_disdiff.py runs long "
+        "from a folder of images (DisDiff, Yang et al. 2023). For small jobs; scripts/train_disdiff.py runs long "
         "ones with the same code. Saves safetensors checkpoints to models/disdiff and can resume."
     )
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = (DISDIFF,)
     RETURN_NAMES = ("disdiff",)
+    OUTPUT_TOOLTIPS = ("The trained DisDiff (factor encoder E and gradient fields G^c), for DisDiff Encode and Partial-Condition Sampling.",)
     FUNCTION = "train"
 
     @classmethod
@@ -493,12 +494,12 @@ class TrainDisDiff:
                                f"{MAX_TRAINING_BYTES >> 30} GiB (e.g. {MAX_TRAINING_BYTES // (128 * 128 * 12)} images at 128 px)."}),
                 "size": ("INT", {"default": 128, "min": 64, "max": 1024, "step": 8,
                                  "tooltip": "Images are centre-cropped and resized to this many pixels."}),
-                "num_factors": ("INT", {"default": 6, "min": 1, "max": 64, "tooltip": "N, the number of factor codes."}),
+                "num_factors": ("INT", {"default": 6, "min": 1, "max": 64, "tooltip": "N, the number of factor codes z^1…z^N."}),
                 "code_dim": ("INT", {"default": 32, "min": 1, "max": 512, "tooltip": "Channels of each factor code."}),
-                "steps": ("INT", {"default": 1000, "min": 1, "max": 1000000}),
-                "batch_size": ("INT", {"default": 32, "min": 1, "max": 1024}),
-                "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-7, "max": 1e-1, "step": 1e-5}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
+                "steps": ("INT", {"default": 1000, "min": 1, "max": 1000000, "tooltip": "Adam steps of training."}),
+                "batch_size": ("INT", {"default": 32, "min": 1, "max": 1024, "tooltip": "Images per training step."}),
+                "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-7, "max": 1e-1, "step": 1e-5, "tooltip": "Adam's learning rate."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Initial weights, data order and noise."}),
                 "save_name": ("STRING", {"default": "disdiff", "tooltip": (
                     "Checkpoint file in models/disdiff (a plain name, at most 120 characters). Never overwrites: "
                     "a taken name gets _00001, ... unless resume is on; names of the pack's shipped files are refused.")}),
@@ -557,6 +558,7 @@ class LoadDisDiff:
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = (DISDIFF,)
     RETURN_NAMES = ("disdiff",)
+    OUTPUT_TOOLTIPS = ("The DisDiff model, for DisDiff Encode and Partial-Condition Sampling.",)
     FUNCTION = "load"
 
     @classmethod
@@ -583,14 +585,15 @@ class DisDiffEncode:
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = (FACTORS,)
     RETURN_NAMES = ("factors",)
+    OUTPUT_TOOLTIPS = ("z^1…z^N of each image (FACTORS), for Swap Factors and Partial-Condition Sampling.",)
     FUNCTION = "encode"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"disdiff": (DISDIFF,)},
+        return {"required": {"disdiff": (DISDIFF, {"tooltip": "Load DisDiff or Train DisDiff output (its encoder E)."})},
                 "optional": {"latent": ("LATENT", {"tooltip": "VAE Encode output of the model's VAE."}),
                              "image": ("IMAGE", {"tooltip": "Alternatively an image, with the vae."}),
-                             "vae": ("VAE",)}}
+                             "vae": ("VAE", {"tooltip": "The model's VAE, to encode the image input."})}}
 
     def encode(self, disdiff, latent=None, image=None, vae=None):
         disdiff = check_disdiff(disdiff)
@@ -613,11 +616,13 @@ class DisDiffSwapFactors:
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = (FACTORS,)
     RETURN_NAMES = ("factors",)
+    OUTPUT_TOOLTIPS = ("The first image's codes with the chosen factors' codes from other.",)
     FUNCTION = "swap"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"factors": (FACTORS,), "other": (FACTORS, {"tooltip": "Gives the swapped factors."}),
+        return {"required": {"factors": (FACTORS, {"tooltip": "The codes to change (DisDiff Encode of the first image)."}),
+                             "other": (FACTORS, {"tooltip": "Gives the swapped factors."}),
                              "swap": ("STRING", {"default": "0", "tooltip": "Factor indices to take from other, e.g. '2' "
                                                                              "or '0,3' or 'all'."})}}
 
@@ -640,11 +645,13 @@ class DisDiffFactorToggles:
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("factor_list",)
+    OUTPUT_TOOLTIPS = ("The switched-on factor indices, e.g. '0,2': connect to condition_on or swap (as an input).",)
     FUNCTION = "select"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {f"factor_{k}": ("BOOLEAN", {"default": k == 0}) for k in range(MAX_TOGGLES)}}
+        return {"required": {f"factor_{k}": ("BOOLEAN", {"default": k == 0, "tooltip": f"Include factor {k} (z^{k}) in the list."})
+                             for k in range(MAX_TOGGLES)}}
 
     def select(self, **toggles):
         on = [k for k in range(MAX_TOGGLES) if toggles.get(f"factor_{k}")]
@@ -659,17 +666,18 @@ class DisDiffPartialCondition:
     )
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A patched clone of the MODEL (the input stays unpatched), for a stock KSampler / SamplerCustom.",)
     FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The frozen model the DisDiff was trained on."}),
-            "disdiff": (DISDIFF,),
+            "disdiff": (DISDIFF, {"tooltip": "The DisDiff model whose gradient fields G^c are imposed."}),
             "factors": (FACTORS, {"tooltip": "Codes from DisDiff Encode (one, or one per image of the batch)."}),
             "condition_on": ("STRING", {"default": "all", "tooltip": "Factor subset S: 'all', '' (none: the unpatched "
                                                                      "model), or indices such as '0,2'."}),
-            "strengths": ("STRING", {"default": "1.0", "tooltip": "w_c: one value, or one per selected factor."}),
+            "strengths": ("STRING", {"default": "1.0", "tooltip": "w_c, the weight of each imposed field: one value, or one per selected factor."}),
         }}
 
     def patch(self, model, disdiff, factors, condition_on, strengths):

@@ -137,13 +137,14 @@ class TrajectoryLatent:
     DESCRIPTION = "The latent at one step of a DDIM inversion trajectory (step 0 = x_T, the last step = the image)."
     CATEGORY = f"{CATEGORY}/inversion"
     RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The latent at that step: KSamplerAdvanced resumes from it with add_noise disabled and start_at_step = step.",)
     FUNCTION = "select"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "trajectory": (INVERSION_TRAJECTORY, {}),
+                "trajectory": (INVERSION_TRAJECTORY, {"tooltip": "DDIM Inversion's trajectory output."}),
                 "step": ("INT", {"default": 0, "min": 0, "max": 10000,
                                  "tooltip": "Resume KSamplerAdvanced at start_at_step = this step (add_noise disabled)."}),
                 "expected_steps": ("INT", {"default": 0, "min": 0, "max": 10000,

@@ -84,6 +84,7 @@ class LoadPerceptualLoss:
     DESCRIPTION = "LPIPS-VGG, the perceptual (content-preservation) term of the λ optimisation."
     CATEGORY = f"{CATEGORY}/lambda"
     RETURN_TYPES = ("PERCEPTUAL_MODEL",)
+    OUTPUT_TOOLTIPS = ("LPIPS-VGG, the content term weighted by β in Optimize λ Schedule (its perceptual_model input).",)
     FUNCTION = "load"
 
     @classmethod

@@ -45,7 +45,7 @@ class LambdaScheduleConstant(_ScheduleMaker):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"value": ("FLOAT", {"default": 1.0, **VALUE})}}
+        return {"required": {"value": ("FLOAT", {"default": 1.0, **VALUE, "tooltip": "λ at every step: 1 = the styled prompt alone, 0 = the neutral prompt alone, in between a mix; outside [0, 1] extrapolates."})}}
 
     def make(self, value):
         return _wrap(ls.constant, check_finite("value", value))
@@ -63,8 +63,8 @@ class LambdaScheduleSwitch(_ScheduleMaker):
         return {"required": {
             "steps": ("INT", {"default": 50, "min": 1, "max": MAX_STEPS, "tooltip": "Step count the switch step refers to."}),
             "switch_step": ("INT", {"default": 20, "min": 0, "max": MAX_STEPS, "tooltip": "Number of steps that use value_before."}),
-            "value_before": ("FLOAT", {"default": 0.0, **VALUE}),
-            "value_after": ("FLOAT", {"default": 1.0, **VALUE}),
+            "value_before": ("FLOAT", {"default": 0.0, **VALUE, "tooltip": "λ for the first switch_step steps (0 = the neutral prompt: it lays out the image)."}),
+            "value_after": ("FLOAT", {"default": 1.0, **VALUE, "tooltip": "λ for the remaining steps (1 = the styled prompt: it adds the attribute)."}),
         }}
 
     def make(self, steps, switch_step, value_before, value_after):
@@ -79,11 +79,11 @@ class LambdaScheduleRamp(_ScheduleMaker):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "steps": ("INT", {"default": 50, "min": 1, "max": MAX_STEPS}),
-            "start_value": ("FLOAT", {"default": 0.0, **VALUE}),
-            "end_value": ("FLOAT", {"default": 1.0, **VALUE}),
-            "start_step": ("INT", {"default": 0, "min": 0, "max": MAX_STEPS}),
-            "end_step": ("INT", {"default": -1, "min": -1, "max": MAX_STEPS, "tooltip": "-1 = the last step."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": MAX_STEPS, "tooltip": "Step count start_step and end_step refer to; the ramp stays at the same diffusion time for other step counts."}),
+            "start_value": ("FLOAT", {"default": 0.0, **VALUE, "tooltip": "λ up to start_step."}),
+            "end_value": ("FLOAT", {"default": 1.0, **VALUE, "tooltip": "λ from end_step on."}),
+            "start_step": ("INT", {"default": 0, "min": 0, "max": MAX_STEPS, "tooltip": "Step where the linear ramp from start_value begins."}),
+            "end_step": ("INT", {"default": -1, "min": -1, "max": MAX_STEPS, "tooltip": "Step where the ramp reaches end_value (-1 = the last step)."}),
         }}
 
     def make(self, steps, start_value, end_value, start_step, end_step):
@@ -102,8 +102,7 @@ class LambdaScheduleFromList(_ScheduleMaker):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"values": ("STRING", {"default": "0, 0, 0, 1, 1, 1", "multiline": True,
-                                                   "tooltip": f"At most {MAX_STEPS} values, one per step."})}}
+        return {"required": {"values": ("STRING", {"default": "0, 0, 0, 1, 1, 1", "multiline": True, "tooltip": f"At most {MAX_STEPS} values. λ_1, …, λ_N: one weight of the styled prompt per step, comma-separated (N values = N knots at DDIM-uniform spacing; other step counts read the nearest knot)."})}}
 
     def make(self, values):
         return _wrap(ls.parse_value_list, values)
@@ -175,9 +174,9 @@ class LambdaScheduleSave:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "schedule": (LAMBDA_SCHEDULE, {}),
-            "filename_prefix": ("STRING", {"default": "lambda_schedule"}),
-            "format": (["json", "safetensors"], {"default": "json"}),
+            "schedule": (LAMBDA_SCHEDULE, {"tooltip": "The λ schedule to save."}),
+            "filename_prefix": ("STRING", {"default": "lambda_schedule", "tooltip": f"File name start in models/{LAMBDA_SCHEDULE_FOLDER} (subfolders allowed); a counter is appended."}),
+            "format": (["json", "safetensors"], {"default": "json", "tooltip": "json (readable, editable) or safetensors; Load λ Schedule reads both."}),
         }}
 
     def save(self, schedule, filename_prefix, format):
@@ -198,17 +197,18 @@ class LambdaSchedulePlot:
     )
     CATEGORY = SCHEDULE_CATEGORY
     RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The plot: λ over diffusion progress (noise → clean) with a dot per sampler step.",)
     FUNCTION = "plot"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "schedule": (LAMBDA_SCHEDULE, {}),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform"}),
-                "width": ("INT", {"default": 512, "min": PLOT_WIDTH[0], "max": PLOT_WIDTH[1]}),
-                "height": ("INT", {"default": 256, "min": PLOT_HEIGHT[0], "max": PLOT_HEIGHT[1]}),
+                "schedule": (LAMBDA_SCHEDULE, {"tooltip": "The λ schedule to draw."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Sampler steps to mark with dots."}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform", "tooltip": "Scheduler whose steps the dots mark (the model's σ schedule when a model is connected)."}),
+                "width": ("INT", {"default": 512, "min": PLOT_WIDTH[0], "max": PLOT_WIDTH[1], "tooltip": "Plot width in pixels."}),
+                "height": ("INT", {"default": 256, "min": PLOT_HEIGHT[0], "max": PLOT_HEIGHT[1], "tooltip": "Plot height in pixels."}),
             },
             "optional": {"model": ("MODEL", {"tooltip": "Places the step dots with this model's σ schedule."})},
         }
@@ -286,13 +286,14 @@ class MixConditioningBySchedule:
     )
     CATEGORY = SCHEDULE_CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("c_t = λ_t·c1 + (1−λ_t)·c0 as timestep-ranged entries: the positive input of a stock sampler.",)
     FUNCTION = "mix"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "neutral": ("CONDITIONING", {"tooltip": "c0, e.g. 'a photo of a person'. Only its first entry is used."}),
-            "styled": ("CONDITIONING", {"tooltip": "c1, e.g. 'a photo of a smiling person'."}),
+            "neutral": ("CONDITIONING", {"tooltip": "c0, the neutral prompt, e.g. 'a photo of a person'. Only its first entry is used."}),
+            "styled": ("CONDITIONING", {"tooltip": "c1, the styled prompt (the neutral one plus the attribute), e.g. 'a photo of a smiling person'."}),
             "schedule": (LAMBDA_SCHEDULE, {"tooltip": SCHEDULE_TOOLTIP}),
         }}
 
@@ -311,16 +312,17 @@ class LambdaScheduleToText:
     DESCRIPTION = "The λ each step of a scheduler gets, as text (a comma list you can edit and feed back)."
     CATEGORY = SCHEDULE_CATEGORY
     RETURN_TYPES = ("STRING",)
+    OUTPUT_TOOLTIPS = ("λ of each step, comma-separated: edit it and feed it to λ Schedule (From List).",)
     OUTPUT_NODE = True
     FUNCTION = "resample"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "schedule": (LAMBDA_SCHEDULE, {}),
-            "model": ("MODEL", {}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
-            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform"}),
+            "schedule": (LAMBDA_SCHEDULE, {"tooltip": "The λ schedule to read."}),
+            "model": ("MODEL", {"tooltip": "The model whose σ schedule the steps follow."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Sampler steps."}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform", "tooltip": "Sampler scheduler."}),
         }}
 
     def resample(self, schedule, model, steps, scheduler):

@@ -141,6 +141,11 @@ class LoadToyWorldCheckpoint:
     )
     CATEGORY = f"{CATEGORY}/toy world"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = (
+        "The toy world's text-to-image UNet (ComfyUI's SD1 classes, ε prediction); works at 128×128 pixels.",
+        "Its text encoder (ComfyUI's SD1 tokenizer): prompts like 'a large red cube on a green floor in front of a blue wall'.",
+        "Its 8× KL autoencoder (4-channel latents, as SD1's).",
+    )
     FUNCTION = "load"
 
     @classmethod
@@ -159,17 +164,19 @@ class FactorWorldScene:
     CATEGORY = f"{CATEGORY}/toy world"
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("image", "caption")
+    OUTPUT_TOOLTIPS = ("The rendered scene (IMAGE, size × size).",
+                       "Its full caption in the toy world's words, e.g. for CLIP Text Encode.")
     FUNCTION = "render"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "floor_hue": (list(fw.HUE_NAMES), {"default": "green"}),
-            "wall_hue": (list(fw.HUE_NAMES), {"default": "blue"}),
-            "object_hue": (list(fw.HUE_NAMES), {"default": "red"}),
-            "scale": (list(fw.SCALE_WORDS), {"default": "large"}),
-            "shape": (list(fw.SHAPE_NAMES), {"default": "cube"}),
-            "orientation": (list(fw.ORIENTATION_WORDS), {"default": "facing front"}),
+            "floor_hue": (list(fw.HUE_NAMES), {"default": "green", "tooltip": "Factor 1 of 6: the floor's colour (10 values)."}),
+            "wall_hue": (list(fw.HUE_NAMES), {"default": "blue", "tooltip": "Factor 2 of 6: the wall's colour (10 values)."}),
+            "object_hue": (list(fw.HUE_NAMES), {"default": "red", "tooltip": "Factor 3 of 6: the object's colour (10 values)."}),
+            "scale": (list(fw.SCALE_WORDS), {"default": "large", "tooltip": "Factor 4 of 6: the object's size (8 values)."}),
+            "shape": (list(fw.SHAPE_NAMES), {"default": "cube", "tooltip": "Factor 5 of 6: the object's shape (4 values)."}),
+            "orientation": (list(fw.ORIENTATION_WORDS), {"default": "facing front", "tooltip": "Factor 6 of 6: how far the object is turned (15 values)."}),
             "size": ("INT", {"default": 128, "min": 64, "max": 1024, "step": 64,
                              "tooltip": "Output side in pixels (nearest upscaling of the 64×64 render); the toy world model works at 128."}),
         }}
@@ -208,12 +215,13 @@ class LoadToyClipLossModel:
     DESCRIPTION = "The toy world's small open_clip model (image and text towers) for the directional CLIP loss."
     CATEGORY = f"{CATEGORY}/toy world"
     RETURN_TYPES = ("CLIP_LOSS_MODEL",)
+    OUTPUT_TOOLTIPS = ("E_I / E_T of the directional CLIP loss on the toy world, for Optimize λ Schedule.",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
         names = [n for n in folder_paths.get_filename_list(TOY_WORLD_FOLDER) if n.endswith("_clip.safetensors")]
-        return {"required": {"clip_name": (names, {})}}
+        return {"required": {"clip_name": (names, {"tooltip": f"The toy CLIP model (*_clip.safetensors) in the pack's weights/ or models/{TOY_WORLD_FOLDER}."})}}
 
     def load(self, clip_name):
         return (load_clip_loss_model(shipped_first(TOY_WORLD_FOLDER, clip_name)),)

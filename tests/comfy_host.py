@@ -649,8 +649,11 @@ def _norm_links(workflow) -> dict:
     return links
 
 
-def ui_to_api(workflow: dict) -> dict:
+def ui_to_api(workflow: dict, input_types: dict | None = None) -> dict:
     """Convert a frontend-saved (UI format) workflow to an API prompt {id: {class_type, inputs}}.
+
+    ``input_types``: class_type → its INPUT_TYPES dict (e.g. each node's "input" of a server's
+    /object_info), to convert without starting the host; default: the host's node classes.
 
     Widget values are matched to INPUT_TYPES order (required then optional, link-only types
     skipped), skipping the control_after_generate value stored after seed-like widgets and the
@@ -660,8 +663,12 @@ def ui_to_api(workflow: dict) -> dict:
     source, PrimitiveNode links keep the target's widget value, Note/MarkdownNote are ignored.
     Subgraphs and group nodes are not supported.
     """
-    start_host()
-    import nodes as comfy_nodes
+    if input_types is None:
+        start_host()
+        import nodes as comfy_nodes
+        classes = comfy_nodes.NODE_CLASS_MAPPINGS
+        input_types = {name: cls.INPUT_TYPES() for name, cls in classes.items()
+                       if name in {n.get("type") for n in workflow.get("nodes", [])}}
 
     by_id = {n["id"]: n for n in workflow.get("nodes", [])}
     links = _norm_links(workflow)
@@ -699,10 +706,9 @@ def ui_to_api(workflow: dict) -> dict:
             continue
         if ntype in subgraph_ids:
             raise NotImplementedError(f"node {node['id']}: subgraph nodes are not supported by ui_to_api")
-        cls = comfy_nodes.NODE_CLASS_MAPPINGS.get(ntype)
-        if cls is None:
+        spec = input_types.get(ntype)
+        if spec is None:
             raise KeyError(f"node {node['id']}: unknown node type {ntype!r} (not in nodes.NODE_CLASS_MAPPINGS)")
-        spec = cls.INPUT_TYPES()
         values = node.get("widgets_values", [])
         if values is None:
             values = []

@@ -85,6 +85,19 @@ def host():
     return comfy_host.start_host()
 
 
+@pytest.fixture(scope="session")
+def comfy_server():
+    """ComfyUI's own HTTP server (main.py on 127.0.0.1) with the pack, in a fresh base directory
+    (tests/comfy_server.py); skips loudly when it cannot start here."""
+    from comfyui_disentangle.tests.comfy_server import ComfyServer, server_problem
+    problem = server_problem()
+    if problem:
+        pytest.skip(f"ComfyUI server tests SKIPPED: {problem}")
+    server = ComfyServer().start()
+    yield server
+    server.stop()
+
+
 def pytest_report_header(config):
     problem = comfy_host.host_problem()
     if problem is None:

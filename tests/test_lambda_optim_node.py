@@ -34,7 +34,8 @@ def optimize(toy, **overrides):
     with torch.inference_mode():
         out = node.optimize(**inputs)
     losses = [float(v) for v in re.findall(r"-?\d+\.\d+", out["ui"]["text"][0])]
-    return out["result"], losses
+    optimize.last_plot = out["result"][3]  # the loss_plot IMAGE output
+    return out["result"][:3], losses
 
 
 def compute_dtype(model):
@@ -221,9 +222,9 @@ def test_trajectory_with_other_steps_is_rejected(toy):
         optimize(toy, trajectory=invert_scene(toy)[1], rediffusion_steps=11)
 
 
-def test_progress_reports_every_iteration_with_a_preview(toy):
-    """One progress tick for the reference sampling and one per iteration, each iteration with the
-    decoded edit as a live preview (what ComfyUI shows on the node)."""
+def test_progress_ticks_every_sampler_step_and_previews_every_iteration(toy):
+    """One tick per sampler step: the reference sampling (N), each iteration's forward and backward pass
+    (2N), the final sampling (N); at the end of each iteration the decoded edit as the live preview."""
     import comfy.utils
     seen = []
     previous = comfy.utils.PROGRESS_BAR_HOOK
@@ -232,8 +233,32 @@ def test_progress_reports_every_iteration_with_a_preview(toy):
         optimize(toy, iterations=2)
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
-    assert [(v, t) for v, t, _ in seen] == [(1, 3), (2, 3), (3, 3)]
-    assert seen[0][2] is None
-    for _, _, preview in seen[1:]:
-        kind, image, _ = preview
+    total = STEPS + 2 * 2 * STEPS + STEPS
+    ticks = [(v, t) for v, t, p in seen if p is None]
+    assert ticks == [(k, total) for k in range(1, total + 1)]
+    previews = [(v, p) for v, _, p in seen if p is not None]
+    assert [v for v, _ in previews] == [STEPS + 2 * STEPS, STEPS + 4 * STEPS]
+    for _, (kind, image, _) in previews:
         assert kind == "JPEG" and image.size == (128, 128) and len(set(image.getdata())) > 10
+
+
+def test_real_image_progress_has_no_reference_sampling(toy):
+    import comfy.utils
+    _, trajectory = invert_scene(toy)
+    seen = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: seen.append((value, total)))
+    try:
+        optimize(toy, trajectory=trajectory, rediffusion_steps=3, iterations=1, neutral_steps=2, styled_weight=1.1)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    assert seen[-1] == (3 * STEPS, 3 * STEPS) and len({v for v, _ in seen}) == 3 * STEPS
+
+
+def test_loss_plot_is_an_image_of_the_curve(toy):
+    _, losses = optimize(toy, iterations=3)
+    plot = optimize.last_plot
+    assert plot.shape == (1, 256, 512, 3) and plot.dtype == torch.float32
+    curve = torch.tensor([90, 170, 255]) / 255.0  # nodes/plot.py's CURVE colour
+    on_curve = ((plot[0] - curve).abs().max(dim=-1).values < 0.02).sum()
+    assert on_curve > 200, f"only {int(on_curve)} curve pixels for losses {losses}"
