@@ -30,6 +30,7 @@ from ..core.disdiff_train import train_disdiff
 from .common import (CATEGORY, PACK_WEIGHTS, InputError, check_conditioning, check_file_name, check_finite,
                      check_int, check_tensors_match, json_metadata, meta_shapes, read_safetensors_header,
                      shipped_first, short)
+from .plot import draw_loss_curve, image_tensor
 
 DISDIFF = "DISDIFF"
 FACTORS = "FACTORS"
@@ -475,9 +476,10 @@ class TrainDisDiff:
         "ones with the same code. Saves safetensors checkpoints to models/disdiff and can resume."
     )
     CATEGORY = f"{CATEGORY}/disdiff"
-    RETURN_TYPES = (DISDIFF,)
-    RETURN_NAMES = ("disdiff",)
-    OUTPUT_TOOLTIPS = ("The trained DisDiff (factor encoder E and gradient fields G^c), for DisDiff Encode and Partial-Condition Sampling.",)
+    RETURN_TYPES = (DISDIFF, "IMAGE")
+    RETURN_NAMES = ("disdiff", "loss_plot")
+    OUTPUT_TOOLTIPS = ("The trained DisDiff (factor encoder E and gradient fields G^c), for DisDiff Encode and Partial-Condition Sampling.",
+                       "The training loss (eq. 14) over the steps of this run, one point per log interval.")
     FUNCTION = "train"
 
     @classmethod
@@ -550,7 +552,10 @@ class TrainDisDiff:
         last = history[-1] if history else {}
         summary = (f"{os.path.basename(path)}: step {steps}, loss {last.get('loss', float('nan')):.4f}, "
                    f"reconstruction {last.get('recon', float('nan')):.4f}")
-        return {"ui": {"text": [summary]}, "result": (disdiff,)}
+        every = history[1]["step"] - history[0]["step"] if len(history) > 1 else 1
+        plot = image_tensor(draw_loss_curve([h["loss"] for h in history],
+                                            f"Train DisDiff: loss (eq. 14), one point per {every} steps", "log point"))
+        return {"ui": {"text": [summary]}, "result": (disdiff, plot)}
 
 
 class LoadDisDiff:

@@ -36,6 +36,9 @@ def scene():
     return fw.render_at(factors, 128).movedim(1, -1).contiguous()
 
 
+_LOSS_PLOT = {}
+
+
 @pytest.fixture(scope="module")
 def trained(toy, scene, disdiff_dir):
     """Train DisDiff (the node) for a few steps on one toy-world image."""
@@ -46,6 +49,8 @@ def trained(toy, scene, disdiff_dir):
         out = node.train(model=model, vae=vae, positive=empty, image_folder="", size=128, num_factors=3, code_dim=8,
                          steps=30, batch_size=8, learning_rate=3e-3, seed=0, save_name="one_image",
                          checkpoint_every=10, resume=False, images=scene[:1])
+    assert len(out["result"]) == 2
+    _LOSS_PLOT["trained"] = out["result"][1]
     return out["result"][0], out["ui"]["text"][0]
 
 
@@ -58,6 +63,8 @@ def sample(model, positive, latent, seed=5, steps=4, cfg=1.0, denoise=1.0, negat
 def test_train_node_writes_a_checkpoint_that_loads(trained, disdiff_dir, toy, scene):
     disdiff, summary = trained
     assert "one_image.safetensors" in summary and "step 30" in summary
+    plot = _LOSS_PLOT["trained"]   # the loss_plot IMAGE: a drawn curve, not a blank
+    assert plot.ndim == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3 and plot.std() > 0.01
     assert os.path.isfile(os.path.join(disdiff_dir, "one_image.safetensors"))
     loaded = call("DisentangleLoadDisDiff", disdiff_name="one_image.safetensors")[0]
     assert loaded.step == 30 and loaded.config == disdiff.config
