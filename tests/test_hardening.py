@@ -11,6 +11,7 @@ import os
 import struct
 import threading
 import time
+import uuid
 
 import pytest
 import torch
@@ -20,6 +21,11 @@ from comfyui_disentangle.tests import comfy_host
 pytestmark = pytest.mark.usefixtures("host")
 
 NAN, INF = float("nan"), float("inf")
+RUN = uuid.uuid4().hex[:8]  # checkpoint names of this run: no file left anywhere by another run can collide
+
+
+def unique(name: str) -> str:
+    return f"{name}_{RUN}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,9 +119,14 @@ def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def input_dirs(tmp_path_factory):
+def disdiff_dir(tmp_path_factory):
+    return folder("disdiff", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def input_dirs(tmp_path_factory, disdiff_dir):
     """images/ (two PNGs) and empty/ inside ComfyUI's input folder; outside/ (images) elsewhere; a link
-    inside the input folder that leads outside it."""
+    inside the input folder that leads outside it. Training writes into the test's own disdiff folder."""
     import folder_paths
     root = folder_paths.get_input_directory()
     inside = os.path.join(root, "hardening_images")
@@ -131,7 +142,8 @@ def input_dirs(tmp_path_factory):
     return {"inside": "hardening_images", "empty": "hardening_empty", "outside": outside, "link": "hardening_link"}
 
 
-def train_prompt(image_folder, save_name="hardening", steps=1, **extra):
+def train_prompt(image_folder, save_name=None, steps=1, **extra):
+    save_name = save_name or unique("hardening")
     prompt = {**toy(), "empty": node("CLIPTextEncode", clip=["toy", 1], text=""),
               "train": node("DisentangleTrainDisDiff", model=["toy", 0], vae=["toy", 2], positive=["empty", 0],
                             image_folder=image_folder, size=128, num_factors=2, code_dim=4, steps=steps, batch_size=2,
@@ -174,13 +186,13 @@ def test_every_image_folder_refusal_reads_the_same(input_dirs):
     assert empty.strip() == messages.pop()
 
 
-def test_too_many_images_are_refused_before_loading(tmp_path_factory):
+def test_too_many_images_are_refused_before_loading(input_dirs):
     """171 images at 1024 px would take 2 GiB as float32: refused from the file count, before any is read."""
     import folder_paths
     name = "hardening_many"
     for k in range(171):
         write_png(os.path.join(folder_paths.get_input_directory(), name, f"{k:03}.png"), 8, k)
-    prompt = train_prompt(name, save_name="hardening_many")
+    prompt = train_prompt(name)
     prompt["train"]["inputs"]["size"] = 1024
     t0 = time.perf_counter()
     node_error(prompt, "train", "image_folder", "171 images", "GiB")
@@ -191,50 +203,47 @@ def test_too_many_images_are_refused_before_loading(tmp_path_factory):
 # 3. Train DisDiff never overwrites, never shadows a shipped name, checks save_name first
 # --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def disdiff_dir(tmp_path_factory):
-    return folder("disdiff", tmp_path_factory)
-
 
 def test_training_twice_with_one_name_keeps_both_checkpoints(input_dirs, disdiff_dir):
-    """Through the executor from an input subfolder: the second run writes hardening_twice_00001, the first
-    file is untouched."""
-    comfy_host.run_prompt(train_prompt(input_dirs["inside"], save_name="hardening_twice"), outputs=["train"])
-    first = os.path.join(disdiff_dir, "hardening_twice.safetensors")
+    """Through the executor from an input subfolder: the second run writes <name>_00001, the first file is
+    untouched."""
+    name = unique("twice")
+    comfy_host.run_prompt(train_prompt(input_dirs["inside"], save_name=name), outputs=["train"])
+    first = os.path.join(disdiff_dir, f"{name}.safetensors")
     with open(first, "rb") as f:
         before = f.read()
-    comfy_host.run_prompt(train_prompt(input_dirs["inside"], save_name="hardening_twice", seed=1), outputs=["train"])
+    comfy_host.run_prompt(train_prompt(input_dirs["inside"], save_name=name, seed=1), outputs=["train"])
     with open(first, "rb") as f:
         assert f.read() == before
-    second = os.path.join(disdiff_dir, "hardening_twice_00001.safetensors")
-    assert os.path.isfile(second)
-    out = comfy_host.last_outputs()["train"][0]
-    assert out.name == "hardening_twice_00001.safetensors"
+    assert os.path.isfile(os.path.join(disdiff_dir, f"{name}_00001.safetensors"))
+    assert comfy_host.last_outputs()["train"][0].name == f"{name}_00001.safetensors"
 
 
 @pytest.mark.parametrize("save_name, needle", [
     ("toy_world_disdiff", "shipped"), ("toy_world_mine", "reserved"), ("a\x00b", "control characters"),
     ("x" * 300, "at most 120 characters"), ("../escape", "plain file name"), (".hidden", "plain file name")])
-def test_bad_save_names_are_refused_before_training(disdiff_dir, save_name, needle):
+def test_bad_save_names_are_refused_before_training(input_dirs, disdiff_dir, save_name, needle):
     """The save_name error comes first, although image_folder is also unusable: save_name is checked before
     the images are read and before any training step."""
-    message = node_error(train_prompt("hardening_empty", save_name=save_name), "train", "save_name", needle)
+    message = node_error(train_prompt(input_dirs["empty"], save_name=save_name), "train", "save_name", needle)
     assert "image_folder" not in message
     assert not any(n.startswith("toy_world") for n in os.listdir(disdiff_dir))
 
 
 def test_a_checkpoint_that_cannot_be_written_names_save_name(input_dirs, disdiff_dir):
-    os.makedirs(os.path.join(disdiff_dir, "hardening_blocked.safetensors.tmp"))  # where the checkpoint is written
-    node_error(train_prompt(input_dirs["inside"], save_name="hardening_blocked"), "train", "save_name",
-               "could not write hardening_blocked.safetensors in models/disdiff")
+    name = unique("blocked")
+    os.makedirs(os.path.join(disdiff_dir, f"{name}.safetensors.tmp"))  # where the checkpoint is written
+    node_error(train_prompt(input_dirs["inside"], save_name=name), "train", "save_name",
+               f"could not write {name}.safetensors in models/disdiff")
 
 
 def test_a_user_file_never_shadows_a_shipped_disdiff(input_dirs, disdiff_dir):
     """A file named like the pack's toy-world DisDiff in models/disdiff (put there by hand): Load DisDiff, and
     so the shipped workflows, still get the shipped file."""
     import shutil
-    comfy_host.run_prompt(train_prompt(input_dirs["inside"], save_name="hardening_shadow"), outputs=["train"])
-    shutil.copy(os.path.join(disdiff_dir, "hardening_shadow.safetensors"),
+    name = unique("shadow")
+    comfy_host.run_prompt(train_prompt(input_dirs["inside"], save_name=name), outputs=["train"])
+    shutil.copy(os.path.join(disdiff_dir, f"{name}.safetensors"),
                 os.path.join(disdiff_dir, "toy_world_disdiff.safetensors"))
     try:
         out = comfy_host.run_prompt_outputs({"load": node("DisentangleLoadDisDiff", disdiff_name="toy_world_disdiff.safetensors")},
