@@ -1,0 +1,96 @@
+"""What a trained DisDiff's G does at all (issue 11): per noise level, how much of the frozen model's
+x̂0 error the full field Σ_c G^c removes, and how factor-specific each G^c's change of x̂0 is.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/disdiff_diagnose.py [--checkpoint weights/toy_world_disdiff.safetensors]
+
+Rows per t: ‖x0 − x̂0_θ‖ (the frozen, unconditioned model's error: what G must close for the codes to
+steer sampling), ‖x0 − x̂0_ψ‖ with all factors (eq. 6, S = all), the share of the error removed,
+‖Δx̂0‖ = ‖x̂0_ψ − x̂0_θ‖, and ‖Δx̂0^c‖ of one factor's field alone relative to the full change. If G
+removes little of the error where x̂0_θ is far from x0 (large t), sampling from the seed with all
+factors imposed cannot reconstruct the source, whatever the codes hold. Two more columns: the mean
+cosine between different factors' fields G^c, G^c' of one scene (1: every factor's field is the same,
+so no factor can be singled out), and how much ΣG changes when each scene gets another scene's codes
+(0: G ignores the codes). Last line: how far codes spread across scenes, relative to their norm.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_name, print_table, start_comfy  # noqa: E402
+
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=os.path.join(PACK_ROOT, "weights", "toy_world_disdiff.safetensors"))
+    p.add_argument("--scenes", type=int, default=64)
+    p.add_argument("--ts", type=int, nargs="+", default=[50, 150, 300, 500, 700, 850, 950])
+    p.add_argument("--cpu", action="store_true")
+    args = p.parse_args()
+    start_comfy(cpu=args.cpu)
+    import torch
+    import nodes as comfy_nodes
+    import comfy.model_management as mm
+    from comfyui_disentangle.core import disdiff as dd
+    from comfyui_disentangle.core import factor_world as fw
+    from comfyui_disentangle.nodes import disdiff as node
+    from comfyui_disentangle.nodes.toy_world import load_toy_world
+
+    sys.path.insert(0, os.path.join(PACK_ROOT, "scripts"))
+    from train_disdiff import render_and_encode
+
+    with torch.inference_mode():
+        model, clip, vae = load_toy_world("toy_world")
+        empty = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
+        factors = fw.sample_factors(args.scenes, generator=torch.Generator().manual_seed(4242))
+        x0 = render_and_encode(fw, vae, model, factors)
+        node.load_frozen(model)
+        frozen = node.make_frozen(model, empty)
+        device = mm.get_torch_device()
+        net = dd.load_checkpoint(args.checkpoint).model.to(device).float().eval()
+        ab_all = node.alphas_cumprod(model).to(device)
+        x0 = x0.to(device)
+        n = net.config.num_factors
+        rows = []
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        for t_int in args.ts:
+            t = torch.full((x0.shape[0],), t_int, device=device, dtype=torch.long)
+            ab = ab_all[t].float().view(-1, 1, 1, 1)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+            out = frozen(x_t, t)
+            z = net.encode(x0)
+            g = net.gradients(out, z, torch.arange(n, device=device)).float()   # [B, N, C, H, W]
+            x0_theta = dd.predicted_x0(x_t, out.eps.float(), ab)
+            x0_psi = dd.predicted_x0(x_t, dd.partial_condition_eps(out.eps.float(), g, ab, [1.0] * n), ab)
+
+            def norm(v):
+                return v.flatten(1).norm(dim=1).mean().item()
+            err_theta, err_psi, full = norm(x0 - x0_theta), norm(x0 - x0_psi), norm(x0_psi - x0_theta)
+            per = []
+            for c in range(n):
+                x0_c = dd.predicted_x0(x_t, dd.partial_condition_eps(out.eps.float(), g[:, c:c + 1], ab, [1.0]), ab)
+                per.append(norm(x0_c - x0_theta) / max(full, 1e-12))
+            perm = torch.roll(torch.arange(x0.shape[0], device=device), 1)
+            g_swapped = net.gradients(out, z[perm], torch.arange(n, device=device)).float()
+            code_use = norm((g_swapped - g).sum(1)) / max(norm(g.sum(1)), 1e-12)
+            flat = g.flatten(2)
+            cos = torch.nn.functional.cosine_similarity(flat[:, :, None], flat[:, None, :], dim=-1)
+            off = cos[:, ~torch.eye(n, dtype=torch.bool, device=device)].mean().item()
+            rows.append([t_int, f"{err_theta:.3f}", f"{err_psi:.3f}", f"{1 - err_psi / err_theta:+.1%}", f"{full:.3f}",
+                         " ".join(f"{v:.2f}" for v in per), f"{off:.3f}", f"{code_use:.3f}"])
+    print_table(f"DisDiff field diagnosis, {os.path.basename(args.checkpoint)}, {args.scenes} held-out scenes, "
+                f"{device_name()}", ["t", "‖x0−x̂0_θ‖", "‖x0−x̂0_ψ‖ (all factors)", "error removed", "‖Δx̂0‖",
+                 "‖Δx̂0^c‖/‖Δx̂0‖ per factor", "cos(G^c, G^c')", "‖ΣG(other scene's z) − ΣG‖/‖ΣG‖"], rows)
+    z = z.float()
+    spread = (z - z.mean(0)).flatten(1).norm(dim=1).mean().item() / z.flatten(1).norm(dim=1).mean().item()
+    per_factor = [((z[:, c] - z[:, c].mean(0)).norm(dim=1).mean() / z[:, c].norm(dim=1).mean()).item() for c in range(n)]
+    print(f"codes: spread across scenes / norm = {spread:.4f} (per factor " + " ".join(f"{v:.4f}" for v in per_factor) + ")")
+
+
+if __name__ == "__main__":
+    main()
