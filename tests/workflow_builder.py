@@ -306,42 +306,43 @@ def avi_attribute_edit(node_classes) -> dict:
     neg = w.add("CLIPTextEncode", (380, 420), title="Negative prompt", clip=(toy, 1), text="")
     latent = w.add("EmptyLatentImage", (380, 620), width=128, height=128, batch_size=1)
     sampling = dict(steps=50, cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform")
+    # T_x 0.2: the toy model commits the object's colour late (bench/avi_premises.py, README); z is the default
+    # "target's x̂0 at x (fast)", at x's own step (Δτ unused)
     cap = w.add("DisentangleAVICapture", (740, 20), node_size=(340, 400), model=(toy, 0), positive=(pos, 0),
-                target=(target, 0), negative=(neg, 0), latent_image=(latent, 0), seed=7, t_x=0.8, delta_tau=-0.3,
-                z_source="seed (paper)", **sampling)
-    train = w.add("DisentangleAVITrain", (740, 460), node_size=(340, 420), x=(cap, 0), z=(cap, 1), k=0, hidden=0,
-                  samples_per_pair=0, epochs=5, batch_size=256, learning_rate=0.001, lambda_1=3.0, lambda_2=10.0,
-                  lambda_3=10.0, lambda_4=10.0, seed=0)
-    w.add("DisentangleAVISave", (740, 920), avi_model=(train, 0), filename_prefix="toy_red_to_yellow")
+                target=(target, 0), negative=(neg, 0), latent_image=(latent, 0), seed=7, t_x=0.2, delta_tau=-0.3,
+                z_source="target's x̂0 at x (fast)", **sampling)
     edits = []
     for row, rho in enumerate((0.5, 1.0)):
-        y = w.add("DisentangleAVIIntegrate", (1120, 20 + 330 * row), title=f"AVI Integrate (ρ = {rho})", x=(cap, 0),
-                  z=(cap, 1), rho=rho, k=0, singular_values="Φ: S (paper)", avi_model=(train, 0))
-        res = w.add("KSamplerAdvanced", (1400, 20 + 330 * row), title=f"Resume (ρ = {rho})", node_size=(320, 300),
+        y = w.add("DisentangleAVIIntegrate", (1120, 20 + 330 * row), node_size=(340, 260), title=f"AVI Integrate (ρ = {rho})",
+                  x=(cap, 0), z=(cap, 1), rho=rho, k=0, singular_values="x's own (no Φ)",
+                  integration="x + top-k directions of z − x", gain=3.0)
+        res = w.add("KSamplerAdvanced", (1500, 20 + 330 * row), title=f"Resume (ρ = {rho})", node_size=(320, 300),
                     model=(toy, 0), positive=(pos, 0), negative=(neg, 0), latent_image=(y, 0), add_noise="disable",
                     noise_seed=0, start_at_step=(cap, 2), end_at_step=10000, return_with_leftover_noise="disable",
                     **sampling)
-        edits.append(w.add("VAEDecode", (1760, 20 + 330 * row), samples=(res, 0), vae=(toy, 2)))
+        edits.append(w.add("VAEDecode", (1860, 20 + 330 * row), samples=(res, 0), vae=(toy, 2)))
     plain = w.add("KSampler", (1120, 700), title="Original (same seed)", node_size=(320, 270), model=(toy, 0), seed=7,
                   positive=(pos, 0), negative=(neg, 0), latent_image=(latent, 0), denoise=1.0, **sampling)
-    dec = w.add("VAEDecode", (1760, 700), samples=(plain, 0), vae=(toy, 2))
+    dec = w.add("VAEDecode", (1860, 700), samples=(plain, 0), vae=(toy, 2))
     naive = w.add("KSampler", (1120, 1010), title="Target prompt outright (same seed)", node_size=(320, 270),
                   model=(toy, 0), seed=7, positive=(target, 0), negative=(neg, 0), latent_image=(latent, 0), denoise=1.0,
                   **sampling)
-    dec_naive = w.add("VAEDecode", (1760, 1010), samples=(naive, 0), vae=(toy, 2))
-    both = w.add("ImageBatch", (2000, 20), image1=(dec, 0), image2=(edits[0], 0))
-    three = w.add("ImageBatch", (2000, 160), image1=(both, 0), image2=(edits[1], 0))
-    four = w.add("ImageBatch", (2000, 300), image1=(three, 0), image2=(dec_naive, 0))
-    w.add("SaveImage", (2240, 20), node_size=(560, 300), images=(four, 0), filename_prefix="disentangle/avi_attribute_edit")
-    w.note("Attribute Vector Integration (Wang et al. 2024), offline on the toy world: x (red cube prompt, T_x = 0.8T) "
-           "and z (yellow cube prompt, same seed, 0.5T) are captured, Φ is trained on the pair (5000 samples × 5 "
-           "epochs) and saved to models/avi (Load AVI Model reuses it; swap it in for AVI Train Φ), and ŷ resumes with "
-           "the ORIGINAL prompt in stock KSamplerAdvanced from AVI Capture's resume step. Saved left to right: the "
-           "original, ρ = 0.5, ρ = 1, and the target prompt outright (same seed) to compare. Move the ρ slider and queue "
-           "again: only Integrate and the resume re-run. z_source 'one step from x (fast)' makes the whole edit cost "
-           "one sampling + 1 step. On the toy world the prompt decides the colour after T_x, so the edit stays close "
-           "to the original (README, bench/avi_diagnose.py); with SD use your checkpoint and prompts.", (20, 760),
-           node_size=(560, 260))
+    dec_naive = w.add("VAEDecode", (1860, 1010), samples=(naive, 0), vae=(toy, 2))
+    both = w.add("ImageBatch", (2100, 20), image1=(dec, 0), image2=(edits[0], 0))
+    three = w.add("ImageBatch", (2100, 160), image1=(both, 0), image2=(edits[1], 0))
+    four = w.add("ImageBatch", (2100, 300), image1=(three, 0), image2=(dec_naive, 0))
+    w.add("SaveImage", (2340, 20), node_size=(560, 300), images=(four, 0), filename_prefix="disentangle/avi_attribute_edit")
+    w.note("Attribute Vector Integration, offline on the toy world: AVI Capture takes x (red cube prompt) at T_x = 0.2T "
+           "and z, x with the yellow cube prompt's clean-image estimate (one extra UNet step). AVI Integrate adds to x "
+           "ρ·γ times the strongest singular direction of z − x per latent channel, and ŷ resumes with the ORIGINAL prompt "
+           "in stock KSamplerAdvanced from the resume step. ρ is the strength: 0 gives the original back, 0.5 half the "
+           "change, 1 the full edit; γ = 3 amplifies it, because the original prompt pulls the colour back during the "
+           "resume. Saved left to right: the original, ρ = 0.5, ρ = 1, and the target prompt outright (same seed). Move "
+           "ρ and queue again: only Integrate and the resume re-run. T_x must come after the model has laid out the "
+           "scene and before it commits the edited attribute: on the toy world 0.2T for the object's colour, 0.76T with "
+           "z from the seed (Δτ = 0) for the floor or wall (README). The paper's Algorithm 1 (with AVI Train Φ) is the "
+           "integration option 'Algorithm 1 (paper)'; on the toy world it does not change the image visibly.",
+           (20, 760), node_size=(560, 300))
     return w.to_dict("avi_attribute_edit")
 
 
