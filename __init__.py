@@ -6,6 +6,6 @@ relative imports. ``core/`` holds the algorithms (plain torch), ``nodes/`` the C
 """
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-WEB_DIRECTORY = None
+WEB_DIRECTORY = "./web"  # web/js/templates.js: the template browser shows workflows/index.json
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -265,7 +265,7 @@ def mobility(edits: list[Edits], out: str, s_x: int, s_z: int):
             rows.append([e.factor, step, rel, float(share[:4].sum()), float(share[8:].sum()), float(share.sum()),
                          float(top)])
     line_plot(os.path.join(out, "p3_difference_spectrum.png"),
-              f"Premise 3: share of ||target − original||² on the target's component i (step {s_z}, same seed)",
+              f"Premise 3: share of ||target - original||² on the target's component i (step {s_z}, same seed)",
               "component i of the target latent (0 = strongest)", "share", spectra)
     # the difference across the AVI pair, per factor: energy of z − x on z's components
     pair_spectra = {}
@@ -275,7 +275,7 @@ def mobility(edits: list[Edits], out: str, s_x: int, s_z: int):
         c2 = core.spectrum_coefficients(d, u, vh).pow(2)
         pair_spectra[e.factor] = (list(range(r)), (c2 / d.pow(2).sum((-2, -1)).unsqueeze(-1)).mean((0, 1)).tolist())
     line_plot(os.path.join(out, "p3_pair_difference_spectrum.png"),
-              f"Premise 3: share of ||z − x||² on z's component i (AVI's pair: x step {s_x}, z step {s_z})",
+              f"Premise 3: share of ||z - x||² on z's component i (AVI's pair: x step {s_x}, z step {s_z})",
               "component i of z (0 = strongest)", "share", pair_spectra)
     print_table("Premise 3, where the attribute lives: D = target − original latent at the same step (same seed). "
                 "‖D‖/‖target‖; share of ‖D‖² on the target's components 0–3 and 8–15 (the half Algorithm 1 takes from z "

@@ -30,22 +30,9 @@ from common import (PACK_ROOT, conditioning, device_name, median_ratio, print_ta
 
 def random_disdiff(node, dd, model, positive, latent_shape, num_factors=6, code_dim=32, decoder_width=1.0, seed=0):
     """A DisDiff with random weights (zero-initialised layers too) fitting ``model``'s UNet features."""
-    import torch
-    import comfy.model_management as mm
-    mm.load_models_gpu([model])
-    frozen = node.make_frozen(model, positive)
-    device = model.load_device
-    torch.manual_seed(seed)
-    with torch.inference_mode(False):
-        x = torch.randn(1, *latent_shape, device=device)
-        cfg = dd.make_config(x, frozen, num_factors=num_factors, code_dim=code_dim, decoder_width=decoder_width,
-                             extra={"latent_format": type(model.get_model_object("latent_format")).__name__})
-        net = dd.DisDiff(cfg)
-        with torch.no_grad():
-            for p in net.parameters():
-                if p.ndim > 1 and p.abs().max() == 0:
-                    p.normal_(0, 0.02)
-    return node.DisDiffModel(net, "random")
+    from comfyui_disentangle.tests import comfy_host
+    return comfy_host.random_disdiff(model, positive, latent_shape, num_factors=num_factors, code_dim=code_dim,
+                                     encoder_width=128, decoder_width=decoder_width, seed=seed, init_std=0.02)
 
 
 class Counter:

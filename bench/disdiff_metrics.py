@@ -18,22 +18,10 @@ from disentangle_metrics import COLUMNS, dm, print_summary, summary_row  # noqa:
 
 
 def score_codes(path: str, seed: int, device=None) -> dict:
-    import torch
     from safetensors.torch import load_file
     data = load_file(path)
-    codes, factors = data["codes"].float(), data["factors"].long()
-    pca = dm.fit_group_pca(codes)
-    scalars = pca.transform(codes)
-    if device is not None:
-        scalars = scalars.to(device)
-    table = dm.CodeTable(scalars, factors)
-    fv = dm.factor_vae_score(table, seed=seed, **dm.FACTOR_VAE_DEFAULTS)
-    d = dm.dci_scores(table, seed=seed, **dm.DCI_DEFAULTS)
-    return {"file": os.path.basename(path), "rows": int(codes.shape[0]), "factor_vae": fv["score"],
-            "dci_disentanglement": d["disentanglement"], "dci_completeness": d["completeness"],
-            "dci_informativeness": d["informativeness"],
-            "pca_explained_variance": [round(float(v), 3) for v in pca.explained_variance_ratio],
-            "importance": d["importance"].tolist() if isinstance(d.get("importance"), torch.Tensor) else None}
+    scores = dm.score_group_codes(data["codes"], data["factors"], seed=seed, device=device)
+    return {"file": os.path.basename(path), "rows": int(data["codes"].shape[0]), **scores}
 
 
 def main():

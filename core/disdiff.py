@@ -12,7 +12,7 @@ Pieces, each named after the paper's equation:
   (eq. 13) with stop-gradient, total (eq. 14). The disentangling loss reaches G only: the code
   encoder inside it is a detached copy of E (the paper's "detach"; without it the method collapses).
 * :func:`partial_condition_eps` / :func:`partial_condition_denoised`: eq. 6 for a factor subset S.
-* :func:`train_disdiff`: one training loop (callback, cancel, safetensors checkpoints, resume).
+* Checkpoints (safetensors); the training loop is ``core/disdiff_train.py``.
 
 The frozen DPM enters as one callable ``frozen(x_t, t) → FrozenOutput(eps, features, emb)`` in the
 VP parametrisation (``x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε``, integer timesteps ``t`` indexing
@@ -55,6 +55,10 @@ Frozen = Callable[[Tensor, Tensor], FrozenOutput]
 
 class CheckpointError(ValueError):
     """A DisDiff checkpoint cannot be read or does not fit (the message says why)."""
+
+
+class FeatureMismatchError(ValueError):
+    """A frozen model's UNet features do not fit the decoder of a DisDiff model (the message says why)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +197,7 @@ class _SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)  # [b, heads, hw, c/heads]
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
@@ -222,6 +226,24 @@ class _Stage(nn.Module):
         if self.up is not None:
             h = self.up(h)
         return h
+
+
+def expm_skew(m: Tensor, squarings: int = 10, degree: int = 14) -> Tensor:
+    """exp(M) by scaling and squaring with a fixed Taylor degree: exp(M) = (Σ_{k≤degree} (M/2^s)^k/k!)^(2^s).
+
+    The same operations for every M (no norm-dependent branch, so no host synchronisation: it can be
+    captured in a CUDA graph, unlike ``torch.linalg.matrix_exp``). For ‖M‖₂ ≤ 2^s = 1024 the
+    truncation error is below (‖M‖/2^s)^(degree+1)/(degree+1)! ≈ 8e-13; run it in float64 so that the
+    s squarings keep the rounding error near 2^s·1e-16."""
+    x = m / (2 ** squarings)
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    result, term = eye + x, x
+    for k in range(2, degree + 1):
+        term = term @ x / k
+        result = result + term
+    for _ in range(squarings):
+        result = result @ result
+    return result
 
 
 class GradientDecoder(nn.Module):
@@ -257,12 +279,13 @@ class GradientDecoder(nn.Module):
             ch = out
         self.stages = nn.ModuleList(stages)
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, config.latent_channels, 3, padding=1)))
+        self.channels_last = False   # set by DisDiff.use_channels_last (a run-time layout, not part of the model)
 
     def positional_embeddings(self) -> Tensor:
-        """The orthogonal matrix exp(A − Aᵀ) (fp32); row c is p^c."""
-        a = self.part_latents.float()
+        """The orthogonal matrix exp(A − Aᵀ) (computed in fp64, returned in the weights' dtype); row c is p^c."""
+        a = self.part_latents
         with torch.autocast(device_type=a.device.type, enabled=False):
-            return torch.linalg.matrix_exp(a - a.t())
+            return expm_skew(a.double() - a.double().t()).to(a.dtype)
 
     def forward(self, features: Sequence[Tensor], emb: Tensor, codes: Tensor, factor_index: Tensor) -> Tensor:
         """features: per-row frozen features; emb [B, E]; codes [B, D] (z^c of each row);
@@ -270,6 +293,8 @@ class GradientDecoder(nn.Module):
         if not torch.is_autocast_enabled(emb.device.type):  # frozen outputs may be fp16/bf16
             dtype = self.repre_embed.weight.dtype
             features, emb, codes = [f.to(dtype) for f in features], emb.to(dtype), codes.to(dtype)
+        if self.channels_last:
+            features = [f.contiguous(memory_format=torch.channels_last) for f in features]
         p = self.positional_embeddings()[factor_index]
         t_emb = emb + self.part_emb(p)
         z_emb = self.repre_embed(codes)
@@ -294,14 +319,24 @@ class DisDiff(nn.Module):
     def encode(self, x0: Tensor) -> Tensor:
         return self.encoder(x0)
 
+    def use_channels_last(self, enabled: bool = True) -> "DisDiff":
+        """Run G's convolutions in the NHWC layout (weights and feature maps), which cuDNN's reduced-
+        precision kernels prefer on recent GPUs; the same function either way."""
+        self.decoder.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self.decoder.channels_last = enabled
+        return self
+
     def gradients(self, frozen_out: FrozenOutput, codes: Tensor, factors: Sequence[int]) -> Tensor:
-        """G^c for every c in ``factors``: [B, |S|, C, H, W], one batched decoder pass of B·|S| rows.
-        ``codes`` is [B, N, D] (or [1, N, D], broadcast)."""
+        """G^c for every c in ``factors`` (a list, or a LongTensor on the device): [B, |S|, C, H, W], one
+        batched decoder pass of B·|S| rows. ``codes`` is [B, N, D] (or [1, N, D], broadcast)."""
         b = frozen_out.emb.shape[0]
-        s = len(factors)
+        if isinstance(factors, Tensor):   # already on the device (no host-to-device copy: graph-safe)
+            idx = factors.to(device=frozen_out.emb.device, dtype=torch.long)
+        else:
+            idx = torch.as_tensor(list(factors), device=frozen_out.emb.device, dtype=torch.long)
+        s = idx.numel()
         if s == 0:
             raise ValueError("factors is empty")
-        idx = torch.as_tensor(list(factors), device=frozen_out.emb.device, dtype=torch.long)
         if codes.shape[0] == 1 and b > 1:
             codes = codes.expand(b, -1, -1)
         if codes.shape[0] != b:
@@ -354,27 +389,55 @@ def reconstruction_loss(noise: Tensor, eps_frozen: Tensor, g_sum: Tensor, coef: 
     return err.flatten(1).mean(1)
 
 
-def invariant_loss(z_uncond: Tensor, z_cond: Tensor, c: Tensor) -> Tensor:
+WEIGHTINGS = ("paper", "normalized", "constant")
+LOGITS = ("distance", "scale_free")
+
+
+def code_logits(distances: Tensor, z_true: Tensor, logits: str = "distance") -> Tensor:
+    """Logits of eq. 10 / 12 from per-factor code distances [B, N]. ``"distance"``: the distances
+    themselves (the paper). ``"scale_free"``: divided by the mean code norm ‖z^k‖ of each row and
+    multiplied by 10, so that the softmax does not depend on the scale the encoder happens to use
+    (an option tested in issue 11; the distances are otherwise 0.3–3 % of the code norms)."""
+    if logits == "distance":
+        return distances
+    if logits == "scale_free":
+        scale = z_true.detach().float().norm(dim=-1).mean(-1, keepdim=True).clamp_min(1e-6)
+        return 10.0 * distances / scale
+    raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
+
+
+def invariant_loss(z_uncond: Tensor, z_cond: Tensor, c: Tensor, z_true: Optional[Tensor] = None,
+                   logits: str = "distance") -> Tensor:
     """Eq. 9–10 per sample: d_k = ‖E^k(x̂0) − E^k(x̂0^c)‖ over the N factors, CrossEntropy(d, c):
     imposing G^c may move code c of the prediction, the others stay. (The paper's eq. 9 writes
     E^k(x0) for the first term; the reference implementation compares with the unconditioned
     prediction x̂0, which this follows.)"""
     d = (z_uncond.float() - z_cond.float()).norm(dim=-1)
-    return F.cross_entropy(d, c, reduction="none")
+    return F.cross_entropy(code_logits(d, z_true if z_true is not None else z_uncond, logits), c, reduction="none")
 
 
-def variant_loss(z_uncond: Tensor, z_cond: Tensor, z_true: Tensor, c: Tensor) -> Tensor:
+def variant_loss(z_uncond: Tensor, z_cond: Tensor, z_true: Tensor, c: Tensor, logits: str = "distance") -> Tensor:
     """Eq. 11–12 per sample: d^n_k = ‖E^k(x̂0) − z_k‖, d^p_k = ‖E^k(x̂0^c) − z_k‖ (z = E(x0),
     detached), CrossEntropy(d^n − d^p, c): G^c brings code c closer to the truth, and only it."""
     z_true = z_true.detach().float()
     d_n = (z_uncond.float() - z_true).norm(dim=-1)
     d_p = (z_cond.float() - z_true).norm(dim=-1)
-    return F.cross_entropy(d_n - d_p, c, reduction="none")
+    return F.cross_entropy(code_logits(d_n - d_p, z_true, logits), c, reduction="none")
 
 
-def disentangle_weight(x0_uncond: Tensor, x0_cond: Tensor, lam: float) -> Tensor:
-    """Eq. 13 per sample: γ_d = λ·‖x̂0 − x̂0^c‖² (mean over elements), with stop-gradient."""
-    return lam * (x0_uncond.detach().float() - x0_cond.detach().float()).pow(2).flatten(1).mean(1)
+def disentangle_weight(x0_uncond: Tensor, x0_cond: Tensor, lam: float, weighting: str = "paper") -> Tensor:
+    """Eq. 13 per sample: γ_d = λ·‖x̂0 − x̂0^c‖² (mean over elements), with stop-gradient (``"paper"``).
+    Options measured in issue 11: ``"normalized"``, the same divided by its batch mean (so the mean γ_d
+    is λ whatever the scale of G's fields; the time-step profile of eq. 13 stays); ``"constant"``,
+    γ_d = λ (the paper's "constant weighting" ablation)."""
+    mse = (x0_uncond.detach().float() - x0_cond.detach().float()).pow(2).flatten(1).mean(1)
+    if weighting == "paper":
+        return lam * mse
+    if weighting == "normalized":
+        return lam * mse / mse.mean().clamp_min(1e-12)
+    if weighting == "constant":
+        return torch.full_like(mse, lam)
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
 def _detached_encode(encoder: nn.Module, x: Tensor) -> Tensor:
@@ -391,6 +454,8 @@ class LossTerms(NamedTuple):
     variant: Tensor      # scalar mean of L_va (unweighted)
     weight: Tensor       # scalar mean of γ_d
     codes: Tensor        # z = E(x0) [B, N, D] (not a loss: for inspection and tests)
+    weighted_invariant: Optional[Tensor] = None   # scalar mean of γ_d·L_in (for gradient shares)
+    weighted_variant: Optional[Tensor] = None     # scalar mean of γ_d·L_va
 
     def scalars(self) -> Tensor:
         return torch.stack([v.detach().float() for v in self[:5]])
@@ -398,16 +463,18 @@ class LossTerms(NamedTuple):
 
 def disdiff_losses(model: DisDiff, frozen: Frozen, x0: Tensor, t: Tensor, noise: Tensor, c: Tensor,
                    alphas_cumprod: Tensor, dis_weight: float = 0.05, loss_type: str = "l1",
-                   disentangle: bool = True, detach_codes: bool = False) -> LossTerms:
+                   disentangle: bool = True, detach_codes: bool = False, weighting: str = "paper",
+                   logits: str = "distance") -> LossTerms:
     """Eq. 14: L = L_r + mean(γ_d·(L_in + L_va)) for one batch. ``t`` integer timesteps, ``c`` the
-    sampled factor of each row. The frozen pass runs without gradient.
+    sampled factor of each row. The frozen pass runs without gradient. ``alphas_cumprod`` should live
+    on the batch's device (then nothing here copies from the host: a step can be a CUDA graph).
 
     Detach (the paper's ablation "wo detach"): the encoder that reads the predictions x̂0, x̂0^c in
     the disentangling loss is a copy of E whose weights get no gradient (the reference's
     ``eval_encoder``), and the target codes are detached. As in the reference, the codes z^c that
     condition G^c keep their gradient, so E still learns which information each code must carry
     for its field; ``detach_codes=True`` cuts that path too (the disentangling loss then reaches G
-    only, in every path)."""
+    only, in every path). ``weighting`` and ``logits``: see :func:`disentangle_weight`, :func:`code_logits`."""
     ab = _gather(alphas_cumprod, t, x0.ndim)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     with torch.no_grad():
@@ -415,11 +482,11 @@ def disdiff_losses(model: DisDiff, frozen: Frozen, x0: Tensor, t: Tensor, noise:
     out = FrozenOutput(out.eps.detach(), [f.detach() for f in out.features], out.emb.detach())
     z = model.encode(x0)                                     # [B, N, D], trained by L_r only
     n = model.config.num_factors
-    g = model.gradients(out, z, range(n))                    # [B, N, C, H, W]
+    g = model.gradients(out, z, torch.arange(n, device=x0.device))   # [B, N, C, H, W]
     recon = reconstruction_loss(noise, out.eps, g.sum(1), reconstruction_coefficient(alphas_cumprod, t), loss_type)
     zero = recon.new_zeros(())
     if not disentangle:
-        return LossTerms(recon.mean(), recon.mean(), zero, zero, zero, z)
+        return LossTerms(recon.mean(), recon.mean(), zero, zero, zero, z, zero, zero)
     rows = torch.arange(g.shape[0], device=g.device)
     if detach_codes:   # G^c evaluated again on detached codes (one more single-factor pass)
         g_c = model.decoder(out.features, out.emb, z.detach()[rows, c], c)
@@ -431,11 +498,12 @@ def disdiff_losses(model: DisDiff, frozen: Frozen, x0: Tensor, t: Tensor, noise:
         z_hat = _detached_encode(model.encoder, x0_hat)
     x0_hat_c = predicted_x0(x_t, eps_c, ab)                             # eq. 7, S = {c}
     z_hat_c = _detached_encode(model.encoder, x0_hat_c)
-    l_in = invariant_loss(z_hat, z_hat_c, c)
-    l_va = variant_loss(z_hat, z_hat_c, z, c)
-    gamma = disentangle_weight(x0_hat, x0_hat_c, dis_weight)
-    total = recon.mean() + (gamma * (l_in + l_va)).mean()
-    return LossTerms(total, recon.mean(), l_in.mean(), l_va.mean(), gamma.mean(), z)
+    l_in = invariant_loss(z_hat, z_hat_c, c, z, logits)
+    l_va = variant_loss(z_hat, z_hat_c, z, c, logits)
+    gamma = disentangle_weight(x0_hat, x0_hat_c, dis_weight, weighting)
+    w_in, w_va = (gamma * l_in).mean(), (gamma * l_va).mean()
+    total = recon.mean() + w_in + w_va
+    return LossTerms(total, recon.mean(), l_in.mean(), l_va.mean(), gamma.mean(), z, w_in, w_va)
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,11 +535,11 @@ def partial_condition_denoised(denoised: Tensor, sigma: Tensor, g: Tensor, stren
 
 def save_checkpoint(path: str, model: DisDiff, optimizer: Optional[torch.optim.Optimizer] = None,
                     step: int = 0, info: Optional[dict] = None, rng_state: Optional[Tensor] = None,
-                    dtype: torch.dtype = torch.float32) -> None:
+                    dtype: Optional[torch.dtype] = None) -> None:
     """Write model (and optimizer, data-order RNG) tensors with the config in the metadata;
     atomic (tmp + rename). ``dtype`` float16 halves a release file (loading gives float32)."""
     from safetensors.torch import save_file
-    tensors = {f"model.{k}": v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     if rng_state is not None:
         tensors["rng_state"] = rng_state.contiguous().cpu()
     opt_meta = None
@@ -484,7 +552,9 @@ def save_checkpoint(path: str, model: DisDiff, optimizer: Optional[torch.optim.O
                     tensors[f"optimizer.{pid}.{k}"] = v.detach().contiguous().cpu()
                 else:
                     scalars[f"{pid}.{k}"] = v
-        opt_meta = {"param_groups": sd["param_groups"], "scalars": scalars}
+        groups = [{k: (v.item() if torch.is_tensor(v) and v.numel() == 1 else v) for k, v in g.items()}
+                  for g in sd["param_groups"]]   # a capturable optimizer keeps lr as a tensor
+        opt_meta = {"param_groups": groups, "scalars": scalars}
     metadata = {"format": json.dumps(FORMAT), "version": str(VERSION), "config": model.config.to_json(),
                 "step": str(int(step)), "info": json.dumps(info or {})}
     if opt_meta is not None:
@@ -533,7 +603,9 @@ def load_checkpoint(path: str, device="cpu") -> LoadedCheckpoint:
     if missing or unexpected or wrong:
         raise CheckpointError(f"{name}: tensors do not match its config (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]}, wrong shape {wrong[:3]})")
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    if state and all(v.dtype == torch.float64 for v in state.values()):
+        model = model.double()   # a float64 run (tests) resumes in float64; float16 release files load as float32
+    model.load_state_dict({k: (v if v.dtype == torch.float64 else v.float()) for k, v in state.items()})
     optimizer_state = None
     if "optimizer" in metadata:
         meta = json.loads(metadata["optimizer"])
@@ -551,7 +623,7 @@ def load_checkpoint(path: str, device="cpu") -> LoadedCheckpoint:
 
 
 # --------------------------------------------------------------------------------------------
-# Training
+# A model for a frozen DPM
 # --------------------------------------------------------------------------------------------
 
 def make_config(latents: Tensor, frozen: Frozen, num_factors: int = 6, code_dim: int = 32, **kw) -> DisDiffConfig:
@@ -567,102 +639,5 @@ def check_features(config: DisDiffConfig, out: FrozenOutput) -> None:
     got = describe_features(out)
     want = {"feature_channels": config.feature_channels, "feature_sizes": config.feature_sizes, "emb_dim": config.emb_dim}
     if got != want:
-        raise ValueError(f"the model's UNet features {got} do not match the DisDiff model's {want}: "
-                         "use the model (and latent size) it was trained on")
-
-
-def train_disdiff(latents: Tensor, frozen: Frozen, alphas_cumprod: Tensor, *, config: Optional[DisDiffConfig] = None,
-                  model: Optional[DisDiff] = None, steps: int = 1000, batch_size: int = 128, lr: float = 2e-4,
-                  warmup: int = 100, dis_weight: float = 0.05, loss_type: str = "l1", seed: int = 0,
-                  device=None, autocast_dtype: Optional[torch.dtype] = None, log_every: int = 50,
-                  checkpoint_path: Optional[str] = None, checkpoint_every: int = 0, resume: bool = False,
-                  callback: Optional[Callable[[int, int, dict], None]] = None, info: Optional[dict] = None,
-                  detach_codes: bool = False):
-    """Train E_φ and G_ψ on ``latents`` [M, C, H, W] (the model's latent space, already scaled as
-    its UNet expects) on top of ``frozen``. Returns ``(model, history)``; history holds one dict
-    per log point (step, losses, images/s).
-
-    ``callback(step, steps, logs)`` runs every ``log_every`` steps and at the end (progress; raise
-    from it to cancel: the last periodic checkpoint stays; return True to stop there, with a
-    checkpoint). ``checkpoint_every`` > 0 writes
-    ``checkpoint_path`` every that many steps (it is always written at the end when given);
-    ``resume`` continues from it (model, optimizer, step and the data order). Per step there is no
-    host synchronisation except at log points. ``autocast_dtype`` (e.g. torch.bfloat16 on CUDA)
-    runs the forward passes under autocast; weights and optimizer stay fp32. Keep the frozen
-    model's weights out of the optimizer: only E and G are trained.
-    """
-    import time
-    device = torch.device(device) if device is not None else latents.device
-    latents = latents.to(device)
-    alphas_cumprod = alphas_cumprod.to(device).float()
-    start = 0
-    opt_state = rng_state = None
-    if resume and checkpoint_path and os.path.exists(checkpoint_path):
-        loaded = load_checkpoint(checkpoint_path, device)
-        model, start, opt_state, rng_state = loaded.model, loaded.step, loaded.optimizer_state, loaded.rng_state
-        if config is not None and config.to_json() != model.config.to_json():
-            raise CheckpointError(f"{os.path.basename(checkpoint_path)} was trained with another configuration "
-                                  f"({model.config.to_json()}); cannot resume with {config.to_json()}")
-    if model is None:
-        torch.manual_seed(seed)
-        model = DisDiff(config if config is not None else make_config(latents, frozen))
-    model = model.to(device).train()
-    with torch.no_grad():
-        check_features(model.config, frozen(latents[:1], torch.zeros(1, dtype=torch.long, device=device)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
-        for group in optimizer.param_groups:
-            group["initial_lr"] = lr
-    gen = torch.Generator(device=device).manual_seed(seed)
-    if rng_state is not None:
-        try:
-            gen.set_state(rng_state)
-        except RuntimeError:  # saved on another device type: continue with a step-derived seed
-            gen.manual_seed(seed * 1_000_003 + start)
-    n, T = model.config.num_factors, alphas_cumprod.shape[0]
-    use_autocast = autocast_dtype is not None and device.type in ("cuda", "cpu")
-    sums = torch.zeros(5, device=device)
-    count, history = 0, []
-    t0 = time.perf_counter()
-    seen = 0
-
-    def log(step):
-        nonlocal count, t0, seen
-        values = (sums / max(1, count)).tolist()
-        elapsed = time.perf_counter() - t0
-        entry = {"step": step, "loss": values[0], "recon": values[1], "invariant": values[2], "variant": values[3],
-                 "weight": values[4], "images_per_s": seen / elapsed if elapsed > 0 else float("nan")}
-        history.append(entry)
-        sums.zero_()
-        count, seen, t0 = 0, 0, time.perf_counter()
-        return entry
-
-    step = start
-    for step in range(start + 1, steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, step / max(1, warmup))
-        idx = torch.randint(latents.shape[0], (batch_size,), generator=gen, device=device)
-        x0 = latents[idx]
-        t = torch.randint(T, (batch_size,), generator=gen, device=device)
-        noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
-        c = torch.randint(n, (batch_size,), generator=gen, device=device)
-        with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=use_autocast):
-            terms = disdiff_losses(model, frozen, x0, t, noise, c, alphas_cumprod, dis_weight, loss_type,
-                                   detach_codes=detach_codes)
-        optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
-        optimizer.step()
-        sums += terms.scalars()
-        count += 1
-        seen += batch_size
-        stop = False
-        if step % log_every == 0 or step == steps:
-            entry = log(step)
-            if callback is not None:
-                stop = callback(step, steps, entry) is True   # True: stop here (e.g. a time budget)
-        if checkpoint_path and ((checkpoint_every > 0 and step % checkpoint_every == 0) or step == steps or stop):
-            save_checkpoint(checkpoint_path, model, optimizer, step, info, gen.get_state())
-        if stop:
-            break
-    return model.eval(), history
+        raise FeatureMismatchError(f"the model's UNet features {got} do not match the DisDiff model's {want}: "
+                                   "use the model (and latent size) it was trained on")

@@ -578,3 +578,21 @@ def evaluate_encoder(encode_images: Callable[[Tensor], Tensor], seed: int = 0, *
         "seconds_metrics": time.perf_counter() - t0 - t_encode,
         "factor_vae_details": fv, "dci_details": {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in d.items()},
     }
+
+
+def score_group_codes(codes: Tensor, factors: Tensor, seed: int = 0, device=None) -> dict:
+    """DisDiff's protocol on vector codes [M, N, D] of scenes with factor rows [M, F]: the PCA step,
+    then FactorVAE and DCI with disentanglement_lib's settings. Returns the four scores, the PCA's
+    explained variance per code and the DCI importance matrix."""
+    pca = fit_group_pca(codes.float())
+    scalars = pca.transform(codes.float())
+    if device is not None:
+        scalars = scalars.to(device)
+    table = CodeTable(scalars, factors.long())
+    fv = factor_vae_score(table, seed=seed, **FACTOR_VAE_DEFAULTS)
+    d = dci_scores(table, seed=seed, **DCI_DEFAULTS)
+    return {"factor_vae": fv["score"], "dci_disentanglement": d["disentanglement"],
+            "dci_completeness": d["completeness"], "dci_informativeness": d["informativeness"],
+            "pca_explained_variance": [round(float(v), 3) for v in pca.explained_variance_ratio],
+            "importance": d["importance"].tolist()}
+

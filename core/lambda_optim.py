@@ -26,6 +26,14 @@ from torch import Tensor
 from .conditioning import match_token_length
 from .ddim import ddim_step_sigma
 
+StepHook = Callable[[int, int], None]
+"""``on_step(done, total)``, called on the host after every sampler step of :func:`sample_mixed` (and of
+:func:`trajectory_corrections`): ``done`` steps of ``total`` have run. Sampling with gradients through the
+adjoint pass (``use_checkpoint``, gradients on) counts its backward steps after the forward ones: done =
+1..N during sampling and N+1..2N during ``loss.backward()``, total = 2N; any other pass has total = N.
+It costs no device synchronisation; raising from it (ComfyUI's Cancel) stops the pass after that step,
+forward or backward. For progress bars and cancellation."""
+
 ContextDenoiser = Callable[..., Tensor]
 """``denoise(x, sigma, context, y=None) → x̂0`` for a batch of contexts (one per batch item); ``y`` is
 an optional per-prompt vector such as SDXL's ADM input (pooled text embedding + size embedding),
@@ -191,16 +199,18 @@ class _AdjointSampling(torch.autograd.Function):
     recomputed from its stored x_i (one step's activations alive at a time; corrections are constants)."""
 
     @staticmethod
-    def forward(ctx, lambdas, x_T, runner, corrections, callback):
-        xs, x = [x_T], x_T
-        for i in range(runner.steps):
+    def forward(ctx, lambdas, x_T, runner, corrections, callback, on_step):
+        xs, x, n = [x_T], x_T, runner.steps
+        for i in range(n):
             x = runner.forward(i, x, lambdas[i])
             if corrections is not None and corrections[i] is not None:
                 x = x + corrections[i]
             if callback is not None:
                 callback(i, x)
             xs.append(x)
-        ctx.runner, ctx.xs = runner, xs
+            if on_step is not None:
+                on_step(i + 1, 2 * n)
+        ctx.runner, ctx.xs, ctx.on_step = runner, xs, on_step
         ctx.save_for_backward(lambdas)
         return x
 
@@ -208,9 +218,12 @@ class _AdjointSampling(torch.autograd.Function):
     def backward(ctx, grad):
         lambdas, = ctx.saved_tensors
         grad_lambdas = torch.zeros_like(lambdas)
-        for i in reversed(range(ctx.runner.steps)):
+        n = ctx.runner.steps
+        for k, i in enumerate(reversed(range(n)), 1):
             grad, grad_lambdas[i] = ctx.runner.vjp(i, ctx.xs[i], lambdas[i], grad)
-        return grad_lambdas, grad, None, None, None
+            if ctx.on_step is not None:
+                ctx.on_step(n + k, 2 * n)
+        return grad_lambdas, grad, None, None, None, None
 
 
 def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float], c0: Tensor, c1: Tensor,
@@ -218,7 +231,7 @@ def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float],
                  corrections: Optional[Sequence[Optional[Tensor]]] = None, use_checkpoint: bool = True,
                  callback: Optional[Callable[[int, Tensor], None]] = None, y0: Optional[Tensor] = None,
                  y1: Optional[Tensor] = None, y_uncond: Optional[Tensor] = None,
-                 runner: Optional[MixedStepRunner] = None) -> Tensor:
+                 runner: Optional[MixedStepRunner] = None, on_step: Optional[StepHook] = None) -> Tensor:
     """X0(λ): DDIM sampling along decreasing ``sigmas`` with λ_i at step i, differentiable in λ.
 
     ``lambdas``: [N] (one schedule for the batch) or [N, B] (one schedule per batch item, i.e. B
@@ -228,6 +241,7 @@ def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float],
     gradients on, each step is recomputed in the backward pass instead of being stored (the
     adjoint pass of ``_AdjointSampling``); without it autograd keeps the whole graph. ``runner``
     (built from the other arguments if not given) runs the steps, e.g. replayed from CUDA graphs.
+    ``on_step(done, total)`` after every step, forward and (adjoint) backward: see :data:`StepHook`.
     """
     if runner is None:
         runner = MixedStepRunner(denoise, sigmas, c0, c1, uncond, cfg, y0, y1, y_uncond)
@@ -236,7 +250,7 @@ def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float],
         raise ValueError(f"lambdas: need shape [{n}] or [{n}, {x_T.shape[0]}] (steps, batch), "
                          f"got {list(lambdas.shape)}")
     if torch.is_grad_enabled() and use_checkpoint:
-        return _AdjointSampling.apply(lambdas, x_T, runner, corrections, callback)
+        return _AdjointSampling.apply(lambdas, x_T, runner, corrections, callback, on_step)
     x = x_T
     for i in range(n):
         if torch.is_grad_enabled():  # plain autograd: the whole graph is kept
@@ -247,6 +261,8 @@ def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float],
             x = x + corrections[i]
         if callback is not None:
             callback(i, x)
+        if on_step is not None:
+            on_step(i + 1, n)
     return x
 
 
@@ -254,10 +270,11 @@ def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float],
 def trajectory_corrections(denoise: ContextDenoiser, trajectory: Sequence[Tensor], sigmas: Sequence[float],
                            c0: Tensor, uncond: Optional[Tensor] = None, cfg: float = 1.0,
                            rediffusion_steps: int = 0, y0: Optional[Tensor] = None,
-                           y_uncond: Optional[Tensor] = None) -> list[Optional[Tensor]]:
+                           y_uncond: Optional[Tensor] = None, on_step: Optional[StepHook] = None) -> list[Optional[Tensor]]:
     """δ_i = x*_{i+1} − step(x*_i; c0) for the first N − r steps, None for the last r (re-diffusion).
 
     With these, sampling from x*_0 with λ = 0 passes through every x*_i of the first N − r steps.
+    ``on_step(done, N − r)`` after each corrected step (:data:`StepHook`).
     """
     n = len(sigmas) - 1
     if len(trajectory) != n + 1:
@@ -273,6 +290,8 @@ def trajectory_corrections(denoise: ContextDenoiser, trajectory: Sequence[Tensor
         predicted = mixed_step(denoise, trajectory[i], float(sigmas[i]), float(sigmas[i + 1]), c0, c0, zero, uncond, cfg,
                                y0, y0, y_uncond)
         out.append(trajectory[i + 1] - predicted)
+        if on_step is not None:
+            on_step(i + 1, n - rediffusion_steps)
     return out
 
 

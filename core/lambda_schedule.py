@@ -24,6 +24,10 @@ import torch
 NUM_TRAIN_TIMESTEPS = 1000
 FORMAT_NAME = "comfyui-disentangle/lambda-schedule"
 FORMAT_VERSION = 1
+MAX_KNOTS = NUM_TRAIN_TIMESTEPS        # one knot per timestep of the model is the finest a schedule can be
+MAX_STEP_VALUES = NUM_TRAIN_TIMESTEPS - 1
+"""Most values a per-step schedule can hold: DDIM uniform spacing of N steps puts distinct knots on the
+T = 1000 training timesteps only for N ≤ T − 1 (from N = T on, the two noisiest steps share t = T − 1)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class LambdaSchedule:
         p, v = tuple(float(x) for x in self.progress), tuple(float(x) for x in self.values)
         if len(v) == 0:
             raise ValueError("LAMBDA_SCHEDULE is empty: it needs at least one value")
+        if len(v) > MAX_KNOTS:
+            raise ValueError(f"LAMBDA_SCHEDULE has {len(v)} values; at most {MAX_KNOTS} (one per model timestep)")
         if len(p) != len(v):
             raise ValueError(f"LAMBDA_SCHEDULE has {len(p)} positions but {len(v)} values")
         if not all(math.isfinite(x) for x in v):
@@ -117,9 +123,12 @@ class LambdaSchedule:
     def from_dict(cls, data: dict) -> "LambdaSchedule":
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise ValueError(f"not a λ schedule file (expected format {FORMAT_NAME!r})")
-        if int(data.get("version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"λ schedule file version {data['version']} is newer than this pack supports ({FORMAT_VERSION})")
-        return cls(tuple(data["progress"]), tuple(data["values"]))
+        version = data.get("version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"'version' must be a whole number, got {type(version).__name__}")
+        if version > FORMAT_VERSION:
+            raise ValueError(f"λ schedule file version {version} is newer than this pack supports ({FORMAT_VERSION})")
+        return cls(_number_list(data, "progress"), _number_list(data, "values"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -130,6 +139,8 @@ class LambdaSchedule:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"λ schedule file is not valid JSON: {e}") from e
+        except RecursionError:
+            raise ValueError("λ schedule file is not valid JSON: nested too deeply") from None
         return cls.from_dict(data)
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -144,7 +155,24 @@ class LambdaSchedule:
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> "LambdaSchedule":
         if (metadata or {}).get("format") != FORMAT_NAME or not {"progress", "values"} <= set(tensors):
             raise ValueError(f"not a λ schedule file (expected format {FORMAT_NAME!r} with 'progress' and 'values')")
+        for key in ("progress", "values"):
+            t = tensors[key]
+            if t.ndim != 1 or not t.is_floating_point() or t.numel() > MAX_KNOTS:
+                raise ValueError(f"'{key}' must be a 1-D float tensor of at most {MAX_KNOTS} values, got "
+                                 f"{t.dtype} {list(t.shape)}")
         return cls(tuple(tensors["progress"].double().tolist()), tuple(tensors["values"].double().tolist()))
+
+
+def _number_list(data: dict, key: str) -> tuple[float, ...]:
+    """``data[key]`` as numbers: a JSON list of at most MAX_KNOTS numbers (no null, no nesting, no bool)."""
+    value = data.get(key)
+    if not isinstance(value, list):
+        raise ValueError(f"'{key}' must be a list of numbers, got {type(value).__name__}")
+    if len(value) > MAX_KNOTS:
+        raise ValueError(f"'{key}' has {len(value)} entries; at most {MAX_KNOTS} (one per model timestep)")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+        raise ValueError(f"'{key}' must hold numbers only (no null, lists or text)")
+    return tuple(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,6 +196,9 @@ def from_step_values(values: Sequence[float]) -> LambdaSchedule:
     values = [float(v) for v in values]
     if not values:
         raise ValueError("LAMBDA_SCHEDULE is empty: it needs at least one value")
+    if len(values) > MAX_STEP_VALUES:
+        raise ValueError(f"at most {MAX_STEP_VALUES} steps (DDIM steps on the model's {NUM_TRAIN_TIMESTEPS} "
+                         f"timesteps stay distinct up to {MAX_STEP_VALUES}), got {len(values)}")
     return LambdaSchedule(tuple(step_progress(len(values))), tuple(values))
 
 
@@ -204,8 +235,13 @@ def parse_value_list(text: str) -> LambdaSchedule:
     tokens = [t for t in text.replace(",", " ").split() if t]
     if not tokens:
         raise ValueError("values: the list is empty; write one number per step, e.g. '0, 0, 1, 1'")
+    if len(tokens) > MAX_STEP_VALUES:
+        raise ValueError(f"values: at most {MAX_STEP_VALUES} values, one per step (DDIM steps on the model's "
+                         f"{NUM_TRAIN_TIMESTEPS} timesteps stay distinct up to {MAX_STEP_VALUES}), got {len(tokens)}")
     try:
         values = [float(t) for t in tokens]
     except ValueError as e:
-        raise ValueError(f"values: could not read a number in {text!r} ({e})") from e
+        raise ValueError(f"values: could not read a number in {text[:80]!r} ({e})") from e
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("values: every value must be a finite number (no nan or inf)")
     return from_step_values(values)

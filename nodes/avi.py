@@ -27,7 +27,9 @@ import latent_preview
 import torch
 
 from ..core import avi as core_avi
-from .common import CATEGORY, InputError, check_conditioning, check_latent, check_steps, free_save_path
+from .common import (CATEGORY, InputError, check_conditioning, check_finite, check_int, check_latent, short,
+                     check_tensors_match, free_save_path, json_metadata, meta_shapes, read_safetensors_header, writing)
+from .plot import draw_loss_curve, image_tensor
 
 AVI_MODEL = "AVI_MODEL"
 AVI_FOLDER = "avi"
@@ -48,6 +50,7 @@ INTEGRATIONS = tuple(INTEGRATION_KEYS)
 DEFAULT_INTEGRATION = "x + top-k directions of z − x"
 DIFFERENCE_K = 1      # k = 0 with the difference integration (measured: bench/avi_quality.py)
 DEFAULT_GAIN = 3.0    # γ (measured: bench/avi_quality.py)
+MAX_GAIN = 10.0
 DEFAULT_T_X = 0.2     # T_x (measured: bench/avi_premises.py, bench/avi_quality.py; the paper: 0.8)
 
 
@@ -223,17 +226,18 @@ class AVICapture:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {}),
+                "model": ("MODEL", {"tooltip": "The diffusion model; the same one resumes the sampling."}),
                 "positive": ("CONDITIONING", {"tooltip": "The original prompt (x, and the resumed sampling)."}),
                 "target": ("CONDITIONING", {"tooltip": "The target prompt: the original plus or minus the attribute (z)."}),
-                "negative": ("CONDITIONING", {}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt of classifier-free guidance, for x and z."}),
                 "latent_image": ("LATENT", {"tooltip": "Empty Latent Image: size and batch. A batch gives one x/z pair per item "
                                                        "(different noise from the one seed), more pairs for AVI Train."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
-                "steps": ("INT", {"default": 50, "min": 2, "max": 10000}),
-                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "ddim"}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                                 "tooltip": "Noise seed, shared by x and z (as KSampler's)."}),
+                "steps": ("INT", {"default": 50, "min": 2, "max": 10000, "tooltip": "Steps of the whole sampling; use the same in the resuming KSamplerAdvanced."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": "Classifier-free guidance scale."}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "ddim", "tooltip": "Sampler (the same in the resuming KSamplerAdvanced)."}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform", "tooltip": "Scheduler (the same in the resuming KSamplerAdvanced)."}),
                 "t_x": ("FLOAT", {"default": DEFAULT_T_X, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "T_x as a fraction of diffusion time (1 = pure noise, 0 = clean; the paper: 0.8). "
                                              "x is taken at the step whose σ is nearest to σ(T_x). Take x after the "
@@ -252,10 +256,12 @@ class AVICapture:
 
     def capture(self, model, positive, target, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 t_x, delta_tau, z_source):
-        check_steps(steps)
+        steps = check_int("steps", steps, 2, 10000)  # x needs a step strictly between the first and the last
+        cfg = check_finite("cfg", cfg, 0.0, 100.0)
+        t_x, delta_tau = check_finite("t_x", t_x, 0.0, 1.0), check_finite("delta_tau", delta_tau, -1.0, 0.0)
         for cond, name in ((positive, "positive"), (target, "target"), (negative, "negative")):
             check_conditioning(cond, name)
-        if z_source not in Z_SOURCE_KEYS:
+        if z_source not in Z_SOURCES:
             raise InputError(f"z_source must be one of {Z_SOURCES}, got {z_source!r}")
         source = Z_SOURCE_KEYS[z_source]
         if source != "repredict" and not 0.0 <= t_x + delta_tau <= 1.0:
@@ -322,8 +328,10 @@ class AVITrain:
         "A Φ works for the latent size it was trained on."
     )
     CATEGORY = AVI_CATEGORY
-    RETURN_TYPES = (AVI_MODEL,)
-    RETURN_NAMES = ("avi_model",)
+    RETURN_TYPES = (AVI_MODEL, "IMAGE")
+    RETURN_NAMES = ("avi_model", "loss_plot")
+    OUTPUT_TOOLTIPS = ("Φ, for AVI Integrate (ρ) or Save AVI Model.",
+                       "The training loss λ1‖ŷ−z‖² + λ2‖ỹ−x‖² + λ3‖S−S_z‖² + λ4‖S+Δs−S_x‖² per Adam step.")
     FUNCTION = "train"
 
     @classmethod
@@ -333,24 +341,30 @@ class AVITrain:
                 "x": ("LATENT", {"tooltip": "AVI Capture's x (one latent per pair)."}),
                 "z": ("LATENT", {"tooltip": "AVI Capture's z."}),
                 "k": ("INT", {"default": 0, "min": 0, "max": 1024,
-                              "tooltip": "Top-k singular vectors of x kept (0 = r/2, the paper's 32 at 64×64; r = min(H, W))."}),
+                              "tooltip": "k: top-k singular vectors of x kept (0 = r/2, the paper's 32 at 64×64; r = min(H, W))."}),
                 "hidden": ("INT", {"default": 0, "min": 0, "max": 16384,
                                    "tooltip": "Width of Φ's three layers (0 = H·W as in the paper, at most 4096)."}),
                 "samples_per_pair": ("INT", {"default": 0, "min": 0, "max": 100000,
                                              "tooltip": "N: draws of each pair per epoch (0 = the paper: 5000 for one pair, 500 from 10 pairs up, 5000/P between)."}),
-                "epochs": ("INT", {"default": 5, "min": 1, "max": 1000, "tooltip": "The paper converges within 5 epochs."}),
-                "batch_size": ("INT", {"default": 256, "min": 1, "max": 65536}),
-                "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6}),
-                "lambda_1": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "Weight of ‖ŷ − z‖² (target)."}),
-                "lambda_2": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "Weight of ‖ỹ − x‖² (original)."}),
-                "lambda_3": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "Weight of ‖S − S_z‖²."}),
-                "lambda_4": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "Weight of ‖S + Δs − S_x‖²."}),
+                "epochs": ("INT", {"default": 5, "min": 1, "max": 1000, "tooltip": "Passes over the pairs (the paper converges within 5 epochs)."}),
+                "batch_size": ("INT", {"default": 256, "min": 1, "max": 65536, "tooltip": "Samples per Adam step (the paper: 256)."}),
+                "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6, "tooltip": "Adam's learning rate (the paper: 1e-3)."}),
+                "lambda_1": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "λ1, the weight of ‖ŷ − z‖² (target; the paper: 3)."}),
+                "lambda_2": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "λ2, the weight of ‖ỹ − x‖² (original; the paper: 10)."}),
+                "lambda_3": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "λ3, the weight of ‖S − S_z‖² (the paper: 10)."}),
+                "lambda_4": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "λ4, the weight of ‖S + Δs − S_x‖² (the paper: 10)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": "Φ's initial weights and the shuffling."}),
             }
         }
 
     def train(self, x, z, k, hidden, samples_per_pair, epochs, batch_size, learning_rate, lambda_1, lambda_2,
               lambda_3, lambda_4, seed):
+        k, hidden = check_int("k", k, 0, 1024), check_int("hidden", hidden, 0, 16384)
+        samples_per_pair = check_int("samples_per_pair", samples_per_pair, 0, 100000)
+        epochs, batch_size = check_int("epochs", epochs, 1, 1000), check_int("batch_size", batch_size, 1, 65536)
+        learning_rate = check_finite("learning_rate", learning_rate, 0.0, 1.0)
+        lambda_1, lambda_2, lambda_3, lambda_4 = (check_finite(f"lambda_{i}", v, 0.0, 1000.0)
+                                                  for i, v in enumerate((lambda_1, lambda_2, lambda_3, lambda_4), 1))
         xp, zp, meta = paired(x, z)
         height, width = xp.shape[-2:]
         rank = core_avi.rank_of(height, width)
@@ -379,7 +393,8 @@ class AVITrain:
                 "scheduler": meta["scheduler"]}
         text = (f"Φ ({height}×{width}, k {net.k}, hidden {net.hidden}): {pairs} pair(s) × {n} samples × {epochs} epochs = "
                 f"{len(losses)} Adam steps, loss {losses[0]:.4g} → {losses[-1]:.4g}, {seconds:.1f} s")
-        return {"ui": {"text": [text]}, "result": (AVIModel(net, info),)}
+        plot = image_tensor(draw_loss_curve(losses, "AVI Train Φ: loss per Adam step", "Adam step"))
+        return {"ui": {"text": [text]}, "result": (AVIModel(net, info), plot)}
 
 
 INTEGRATION_TOOLTIP = (
@@ -434,22 +449,18 @@ class AVIIntegrate:
                 "avi_model": (AVI_MODEL, {"tooltip": "Φ from AVI Train or Load AVI Model (needed for the Φ choices of "
                                                      "Algorithm 1)."}),
                 "integration": (list(INTEGRATIONS), {"default": DEFAULT_INTEGRATION, "tooltip": INTEGRATION_TOOLTIP}),
-                "gain": ("FLOAT", {"default": DEFAULT_GAIN, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": GAIN_TOOLTIP}),
+                "gain": ("FLOAT", {"default": DEFAULT_GAIN, "min": 0.0, "max": MAX_GAIN, "step": 0.05, "tooltip": GAIN_TOOLTIP}),
             },
         }
 
     def integrate(self, x, z, rho, k, singular_values, avi_model=None, integration=DEFAULT_INTEGRATION,
                   gain=DEFAULT_GAIN):
-        if not 0.0 <= float(rho) <= 1.0:
-            raise InputError(f"rho must lie in [0, 1], got {rho}")
-        if integration not in INTEGRATION_KEYS:
-            raise InputError(f"integration must be one of {INTEGRATIONS}, got {integration!r}")
-        if singular_values not in SINGULAR_VALUE_KEYS:
-            raise InputError(f"singular_values must be one of {SINGULAR_VALUES}, got {singular_values!r}")
-        try:
-            gain = core_avi.check_gain(gain)
-        except (TypeError, ValueError) as e:
-            raise InputError(f"gain: {e}") from e
+        rho, k = check_finite("rho", rho, 0.0, 1.0), check_int("k", k, 0, 1024)
+        gain = check_finite("gain", gain, 0.0, MAX_GAIN)
+        if integration not in INTEGRATIONS:
+            raise InputError(f"integration must be one of {INTEGRATIONS}, got {short(integration)}")
+        if singular_values not in SINGULAR_VALUES:
+            raise InputError(f"singular_values must be one of {SINGULAR_VALUES}, got {short(singular_values)}")
         mode = INTEGRATION_KEYS[integration]
         source, which = SINGULAR_VALUE_KEYS[singular_values]
         xp, zp, _ = paired(x, z)
@@ -459,7 +470,7 @@ class AVIIntegrate:
         uses_phi = mode != "difference" and source == "phi"
         net = None
         if uses_phi:
-            if avi_model is None:
+            if not isinstance(avi_model, AVIModel):
                 raise InputError("avi_model: connect AVI Train or Load AVI Model, or choose x's / z's own singular values")
             net = avi_model.net
             try:
@@ -485,6 +496,29 @@ class AVIIntegrate:
         return (out,)
 
 
+AVI_CONFIG_LIMITS = {"height": (2, 1024), "width": (2, 1024), "k": (1, 1023), "hidden": (1, 65536)}
+
+
+def check_avi_file(path: str, shown: str) -> None:
+    """Refuse a foreign or crafted Φ file with a message naming it, before anything is allocated: the header,
+    the metadata (config a JSON object of whole numbers in range, info a JSON object), and Φ's tensors as the
+    config describes them (built on the meta device) against the tensors the file holds."""
+    header = read_safetensors_header(path, shown, "avi_name")
+    label = f"avi_name: {shown}"
+    if header.metadata.get("format") != core_avi.FORMAT_NAME:
+        raise InputError(f"{label} is not an AVI model file (no {core_avi.FORMAT_NAME!r} format in its metadata)")
+    config = json_metadata(header, "config", label)
+    json_metadata(header, "info", label, default={})
+    for key, (low, high) in AVI_CONFIG_LIMITS.items():
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise InputError(f"{label}: its config's {key!r} must be a whole number in [{low}, {high}], "
+                             f"got {str(value)[:20]}")
+    expected = meta_shapes(lambda: core_avi.AVINet(config["height"], config["width"], config["k"], config["hidden"]),
+                           label)
+    check_tensors_match(expected, header, label)
+
+
 def _avi_files():
     return folder_paths.get_filename_list(AVI_FOLDER)
 
@@ -498,11 +532,15 @@ class AVISave:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"avi_model": (AVI_MODEL, {}), "filename_prefix": ("STRING", {"default": "avi"})}}
+        return {"required": {"avi_model": (AVI_MODEL, {"tooltip": "Φ from AVI Train Φ."}),
+                             "filename_prefix": ("STRING", {"default": "avi", "tooltip": f"File name start in models/{AVI_FOLDER}; a counter is appended."})}}
 
     def save(self, avi_model, filename_prefix):
+        if not isinstance(avi_model, AVIModel):
+            raise InputError("avi_model: not an AVI_MODEL (connect AVI Train or Load AVI Model)")
         path, saved = free_save_path(AVI_FOLDER, filename_prefix, "safetensors")
-        core_avi.save_avi_net(avi_model.net, path, avi_model.info)
+        with writing("filename_prefix", saved):
+            core_avi.save_avi_net(avi_model.net, path, avi_model.info)
         return {"ui": {"text": [f"saved {saved}"]}, "result": ()}
 
 
@@ -511,6 +549,7 @@ class AVILoad:
     CATEGORY = AVI_CATEGORY
     RETURN_TYPES = (AVI_MODEL,)
     RETURN_NAMES = ("avi_model",)
+    OUTPUT_TOOLTIPS = ("Φ, for AVI Integrate (ρ); it works for the latent size it was trained on.",)
     FUNCTION = "load"
 
     @classmethod
@@ -519,10 +558,11 @@ class AVILoad:
 
     def load(self, avi_name):
         path = folder_paths.get_full_path_or_raise(AVI_FOLDER, avi_name)
+        check_avi_file(path, avi_name)
         try:
             net, info = core_avi.load_avi_net(path)
-        except (ValueError, KeyError, OSError, RuntimeError) as e:
-            raise InputError(f"avi_name: {avi_name} is not a readable AVI model: {e}") from e
+        except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
+            raise InputError(f"avi_name: {avi_name} is not a readable AVI model: {str(e).replace(path, avi_name)}") from None
         return (AVIModel(net, info),)
 
 

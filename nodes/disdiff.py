@@ -13,6 +13,8 @@ decoder pass (B·|S| rows) per model call.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import torch
@@ -21,15 +23,25 @@ import comfy.model_management as mm
 import comfy.model_sampling
 import comfy.utils
 import folder_paths
+from safetensors import SafetensorError
 
 from ..core import disdiff as dd
-from .common import CATEGORY, InputError, check_conditioning
+from ..core.disdiff_train import train_disdiff
+from .common import (CATEGORY, PACK_WEIGHTS, InputError, check_conditioning, check_file_name, check_finite,
+                     check_int, check_tensors_match, json_metadata, meta_shapes, read_safetensors_header,
+                     shipped_first, short)
+from .plot import draw_loss_curve, image_tensor
 
 DISDIFF = "DISDIFF"
 FACTORS = "FACTORS"
 DISDIFF_FOLDER = "disdiff"
 MAX_TOGGLES = 10
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+NO_FOLDER = "(none: use the images input)"
+MAX_FOLDER_DEPTH = 3            # subfolders of ComfyUI's input folder listed for image_folder
+MAX_LISTED_FOLDERS = 1000
+MAX_TRAINING_BYTES = 2 << 30    # float32 pixels Train DisDiff holds in memory (images × size² × 3 × 4 bytes)
+RESERVED_PREFIX = "toy_world_"  # the pack's shipped files; a user's checkpoint never takes such a name
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,6 +92,14 @@ def alphas_cumprod(model) -> torch.Tensor:
     return 1.0 / (1.0 + sigmas ** 2)
 
 
+def load_frozen(model) -> None:
+    """Load the MODEL onto its device in inference mode, whatever mode the caller is in: ComfyUI
+    wraps weights it moves in new Parameters, and Parameters made from the (inference-mode) loaded
+    weights outside inference mode fail on the GPU ("Inference tensors do not track version counter")."""
+    with torch.inference_mode():
+        mm.load_models_gpu([model])
+
+
 def make_frozen(model, positive) -> dd.Frozen:
     """``frozen(x_t, t)`` for core: one call of the loaded model with the fixed CONDITIONING's text
     context, at σ_t of its own schedule. Models that need extra conditioning vectors (SDXL's ADM)
@@ -90,15 +110,19 @@ def make_frozen(model, positive) -> dd.Frozen:
                          "the toy world); SDXL-type models need ADM vectors")
     sigmas = model.get_model_object("model_sampling").sigmas.float()
     context = positive[0][0]
+    on_device: dict = {}   # σ table and text context per device, copied once (then a call never syncs)
 
     def frozen(x_t, t):
         device = x_t.device
-        sigma = sigmas.to(device)[t]
+        if device not in on_device:
+            on_device[device] = (sigmas.to(device), context.to(device))
+        sigma_table, ctx = on_device[device]
+        sigma = sigma_table[t]
         s = sigma.view(-1, 1, 1, 1)
         x = x_t.float() * (1 + s * s).sqrt()
         capture = FeatureCapture()
-        ctx = context.to(device).expand(x.shape[0], -1, -1)
-        denoised = base.apply_model(x, sigma, c_crossattn=ctx, transformer_options=capture.attach({}))
+        denoised = base.apply_model(x, sigma, c_crossattn=ctx.expand(x.shape[0], -1, -1),
+                                    transformer_options=capture.attach({}))
         return capture.output((x - denoised.float()) / s)
 
     return frozen
@@ -171,7 +195,9 @@ def parse_strengths(text: str, count: int, name: str = "strengths") -> list[floa
     try:
         values = [float(v) for v in (text or "1.0").replace(";", ",").split(",") if v.strip()]
     except ValueError as e:
-        raise InputError(f"{name}: expected numbers separated by commas, got {text!r}") from e
+        raise InputError(f"{name}: expected numbers separated by commas, got {short(text)}") from e
+    if not all(math.isfinite(v) for v in values):
+        raise InputError(f"{name}: every strength must be a finite number, got {short(text)}")
     if len(values) == 1:
         return values * count
     if len(values) != count:
@@ -198,12 +224,15 @@ def encode_codes(disdiff: DisDiffModel, model_space_latents: torch.Tensor) -> to
 class PartialConditionWrapper:
     """ComfyUI ``model_function_wrapper``: x̂0 ← x̂0 + σ·√(1−ᾱ)·Σ_{c∈S} w_c·G^c (eq. 6 in σ-space).
 
-    Each model call runs the UNet once (features recorded by the capture patches) and G once, on
-    all rows of the call and all factors of S together. With cfg, the cond and uncond halves each
-    get G computed from their own features, so the guided prediction is shifted by
-    −√(1−ᾱ)·[G_u + cfg·(G_c − G_u)]; this is eq. 6 exactly when both halves give G the same
-    features (the same prompt, or cfg 1, the paper's unconditional setting). An empty S is an exact
-    no-op. An existing wrapper on the MODEL is kept (called inside)."""
+    Each model call runs the UNet once (features recorded by the capture patches) and G once. G is
+    evaluated on the rows of ONE chunk of the call, the unconditional one when the call has it (the
+    empty prompt, i.e. the frozen model DisDiff was trained on), else the first, and the same shift is
+    added to every chunk. With cfg the guided prediction u + w·(c − u) then moves by exactly
+    −√(1−ᾱ)·Σ w_c·G^c: eq. 6 for the guided model, for any cfg, at the cost of one decoder pass of
+    batch·|S| rows (half of what both halves would cost). An empty S is an exact no-op. An existing
+    wrapper on the MODEL is kept (called inside)."""
+
+    UNCOND = 1   # ComfyUI's cond_or_uncond code of the negative / unconditional chunk
 
     def __init__(self, disdiff: DisDiffModel, codes: torch.Tensor, factors: list[int], strengths: list[float],
                  inner=None):
@@ -231,21 +260,24 @@ class PartialConditionWrapper:
         out = capture.output()
         try:
             dd.check_features(self.disdiff.config, out)
-        except ValueError as e:
+        except dd.FeatureMismatchError as e:
             raise InputError(str(e)) from e
-        chunks = max(1, len(args.get("cond_or_uncond") or [1]))
+        kinds = list(args.get("cond_or_uncond") or [0])
+        chunks = len(kinds)
         per = x.shape[0] // chunks
         codes = self.codes
-        if codes.shape[0] != 1:
-            if codes.shape[0] != per:
-                raise InputError(f"factors: {codes.shape[0]} codes for a batch of {per}: give one code or one per image")
-            codes = codes.repeat(chunks, 1, 1)
+        if codes.shape[0] not in (1, per):
+            raise InputError(f"factors: {codes.shape[0]} codes for a batch of {per}: give one code or one per image")
+        k = kinds.index(self.UNCOND) if self.UNCOND in kinds else 0
+        rows = slice(k * per, (k + 1) * per)
+        chunk = dd.FrozenOutput(None, [f[rows] for f in out.features], out.emb[rows])
         device = out.emb.device
         half = out.features[0].dtype in (torch.float16, torch.bfloat16) and device.type == "cuda"
         model = self.disdiff.on(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=out.features[0].dtype, enabled=half):
-            g = model.gradients(out, codes.to(device), self.factors)
-        return dd.partial_condition_denoised(denoised, sigma.to(device), g.float(), self.strengths)
+            g = model.gradients(chunk, codes.to(device), self.factors)
+        g = g.float().repeat(chunks, *([1] * (g.ndim - 1)))
+        return dd.partial_condition_denoised(denoised, sigma.to(device), g, self.strengths)
 
 
 def patch_model(model, disdiff: DisDiffModel, codes: torch.Tensor, factors: list[int], strengths: list[float]):
@@ -260,26 +292,79 @@ def patch_model(model, disdiff: DisDiffModel, codes: torch.Tensor, factors: list
 # Data and training
 # --------------------------------------------------------------------------------------------
 
-def load_image_folder(folder: str, size: int, limit: int = 0) -> torch.Tensor:
-    """IMAGE batch [B, size, size, 3] of the images in ``folder`` (centre-cropped, resized)."""
+def _inside(path: str, root: str) -> bool:
+    real, root = os.path.realpath(path), os.path.realpath(root)
+    return real == root or real.startswith(root + os.sep)
+
+
+def image_folders() -> list[str]:
+    """Subfolders of ComfyUI's input folder (relative, '/'-separated, at most MAX_FOLDER_DEPTH deep), the
+    choices of Train DisDiff's image_folder; links that lead outside the input folder are left out."""
+    root = folder_paths.get_input_directory()
+    found = []
+    for current, dirs, _ in os.walk(root):
+        rel = os.path.relpath(current, root)
+        depth = 0 if rel == "." else rel.count(os.sep) + 1
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and _inside(os.path.join(current, d), root))
+        if depth >= MAX_FOLDER_DEPTH:
+            dirs[:] = []
+        for d in dirs:
+            found.append(os.path.join(rel, d).replace(os.sep, "/") if depth else d)
+            if len(found) >= MAX_LISTED_FOLDERS:
+                return found
+    return found
+
+
+def folder_images(image_folder: str) -> list[str]:
+    """Paths of the images in ``image_folder``, one of :func:`image_folders`. Every refusal (not in the
+    list, outside the input folder, no images) gets the same message, which does not echo the value: a prompt
+    cannot probe the disk."""
+    refusal = InputError(f"image_folder: not a folder of images ({', '.join(IMAGE_EXTS)}) inside ComfyUI's input "
+                         "folder; choose one from the list, or connect images")
+    root = folder_paths.get_input_directory()
+    if not isinstance(image_folder, str) or image_folder not in image_folders():
+        raise refusal
+    folder = os.path.join(root, *image_folder.split("/"))
+    if not (os.path.isdir(folder) and _inside(folder, root)):
+        raise refusal
+    paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.lower().endswith(IMAGE_EXTS)]
+    paths = [p for p in paths if os.path.isfile(p) and _inside(p, root)]
+    if not paths:
+        raise refusal
+    return paths
+
+
+def check_training_size(count: int, size: int) -> None:
+    """Refuse before loading when the images would not fit the memory budget as float32."""
+    per_image = int(size) * int(size) * 3 * 4
+    if count * per_image > MAX_TRAINING_BYTES:
+        raise InputError(f"image_folder: {count} images at {size} px take {count * per_image / 2**30:.1f} GiB as float32; "
+                         f"Train DisDiff holds at most {MAX_TRAINING_BYTES >> 30} GiB ({MAX_TRAINING_BYTES // per_image} "
+                         "images at this size): use fewer or smaller images, or bench/train_disdiff.py")
+
+
+def load_image_folder(image_folder: str, size: int, limit: int = 0) -> torch.Tensor:
+    """IMAGE batch [B, size, size, 3] of the images in ``image_folder``, a subfolder of ComfyUI's input folder
+    (centre-cropped, resized)."""
     from PIL import Image
     import numpy as np
-    if not folder or not os.path.isdir(folder):
-        raise InputError(f"image_folder: {folder!r} is not a folder")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS))
+    paths = folder_images(image_folder)
     if limit > 0:
-        names = names[:limit]
-    if not names:
-        raise InputError(f"image_folder: no images ({', '.join(IMAGE_EXTS)}) in {folder}")
+        paths = paths[:limit]
+    check_training_size(len(paths), size)
     images = []
-    for n in names:
-        with Image.open(os.path.join(folder, n)) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            side = min(w, h)
-            im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-            im = im.resize((size, size), Image.BICUBIC)
-            images.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0))
+    for path in paths:
+        mm.throw_exception_if_processing_interrupted()
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                side = min(w, h)
+                im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+                im = im.resize((size, size), Image.BICUBIC)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            raise InputError(f"image_folder: {image_folder}/{os.path.basename(path)} is not a readable image") from None
+        images.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0))
     return torch.stack(images)
 
 
@@ -292,24 +377,74 @@ def encode_images(model, vae, images: torch.Tensor, batch: int = 32) -> torch.Te
     return model.model.process_latent_in(torch.cat(chunks))
 
 
-def default_checkpoint_path(save_name: str) -> str:
-    name = save_name.strip() or "disdiff"
-    if os.path.sep in name or (os.path.altsep and os.path.altsep in name) or name.startswith("."):
-        raise InputError(f"save_name: a plain file name, got {save_name!r}")
+def checkpoint_name(save_name: str) -> str:
+    """``save_name`` as a checkpoint file name, checked before any work: a plain name (no folder, NUL or
+    control character, at most 120 characters) that is no shipped file's name."""
+    name = (save_name.strip() if isinstance(save_name, str) else save_name) or "disdiff"
+    name = check_file_name("save_name", name)
     if not name.endswith(".safetensors"):
         name += ".safetensors"
-    return os.path.join(folder_paths.get_folder_paths(DISDIFF_FOLDER)[0], name)
+    shipped = os.path.isfile(os.path.join(PACK_WEIGHTS, name))
+    if name.startswith(RESERVED_PREFIX) or shipped:
+        raise InputError(f"save_name: {name} is a name of the pack's shipped files (names starting with "
+                         f"{RESERVED_PREFIX!r} are reserved); choose another")
+    return name
+
+
+def default_checkpoint_path(save_name: str, resume: bool = False) -> str:
+    """Where Train DisDiff writes: ``models/disdiff/<save_name>.safetensors``, or with ``resume`` off and that
+    file taken, the first free ``<save_name>_NNNNN.safetensors``: training never overwrites another run. A name
+    that another registered disdiff folder already holds is refused (it would shadow, or be shadowed by, it)."""
+    name = checkpoint_name(save_name)
+    folders = folder_paths.get_folder_paths(DISDIFF_FOLDER)
+    target = folders[0]
+    for other in folders[1:]:
+        if os.path.isfile(os.path.join(other, name)) and os.path.realpath(other) != os.path.realpath(target):
+            raise InputError(f"save_name: another models folder already holds {name}; choose another name")
+    path = os.path.join(target, name)
+    if resume or not os.path.exists(path):
+        return path
+    stem = name[: -len(".safetensors")]
+    counter = 1
+    while os.path.exists(os.path.join(target, f"{stem}_{counter:05}.safetensors")):
+        counter += 1
+    return os.path.join(target, f"{stem}_{counter:05}.safetensors")
+
+
+def check_checkpoint_file(path: str, shown: str) -> None:
+    """Refuse a crafted or foreign DisDiff file with a message naming it, before any tensor is allocated:
+    the header, the metadata's JSON, ``step``, and the networks its config describes (built on the meta
+    device) against the tensors the file holds."""
+    header = read_safetensors_header(path, shown)
+    try:
+        fmt = json.loads(header.metadata.get("format", "null"))
+    except (ValueError, RecursionError):
+        fmt = None
+    if fmt != dd.FORMAT or "config" not in header.metadata:
+        raise InputError(f"{shown} is not a DisDiff checkpoint (no {dd.FORMAT!r} format in its metadata)")
+    json_metadata(header, "config", shown)
+    json_metadata(header, "info", shown, default={})
+    optimizer = json_metadata(header, "optimizer", shown, default={"param_groups": [], "scalars": {}})
+    if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("scalars"), dict):
+        raise InputError(f"{shown}: its 'optimizer' metadata has no param_groups list and scalars table")
+    if not header.metadata.get("step", "0").strip().isdigit():
+        raise InputError(f"{shown}: its 'step' metadata must be a whole number, got {short(header.metadata['step'])}")
+    try:
+        config = dd.DisDiffConfig.from_json(header.metadata["config"])
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
+        raise InputError(f"{shown}: unreadable DisDiff config ({type(e).__name__})") from None
+    check_tensors_match(meta_shapes(lambda: dd.DisDiff(config), shown), header, shown, prefix="model.")
 
 
 def train_from_latents(model, positive, latents: torch.Tensor, *, num_factors, code_dim, steps, batch_size,
                        learning_rate, seed, checkpoint_path, checkpoint_every, resume, log_every=10,
-                       callback=None, train_kw: dict | None = None, **kw):
+                       callback=None, on_step=None, train_kw: dict | None = None, **kw):
     """Train on model-space ``latents`` on top of the loaded MODEL (the node's and the CLI's path).
     ``kw`` goes to the config (encoder_width, decoder_width, ...), ``train_kw`` to core's
-    train_disdiff (dis_weight, warmup, loss_type, ...)."""
+    train_disdiff (dis_weight, warmup, loss_type, weighting, cuda_graph, ...)."""
     check_unet_model(model)
     check_conditioning(positive, "positive")
-    mm.load_models_gpu([model])
+    load_frozen(model)
     device = model.load_device
     frozen = make_frozen(model, positive)
     autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -321,11 +456,11 @@ def train_from_latents(model, positive, latents: torch.Tensor, *, num_factors, c
             extra = {"latent_format": type(model.get_model_object("latent_format")).__name__,
                      "model": type(model.model).__name__}
             config = dd.make_config(data, frozen, num_factors=num_factors, code_dim=code_dim, extra=extra, **kw)
-        net, history = dd.train_disdiff(data, frozen, ab, config=config, steps=steps, batch_size=batch_size,
-                                        lr=learning_rate, seed=seed, device=device, autocast_dtype=autocast,
-                                        log_every=log_every, checkpoint_path=checkpoint_path,
-                                        checkpoint_every=checkpoint_every, resume=resume, callback=callback,
-                                        **(train_kw or {}))
+        net, history = train_disdiff(data, frozen, ab, config=config, steps=steps, batch_size=batch_size,
+                                     lr=learning_rate, seed=seed, device=device, autocast_dtype=autocast,
+                                     log_every=log_every, checkpoint_path=checkpoint_path,
+                                     checkpoint_every=checkpoint_every, resume=resume, callback=callback,
+                                     on_step=on_step, **(train_kw or {}))
     net = net.float().cpu().eval()
     return DisDiffModel(net, os.path.basename(checkpoint_path or ""), steps), history
 
@@ -337,12 +472,14 @@ def train_from_latents(model, positive, latents: torch.Tensor, *, num_factors, c
 class TrainDisDiff:
     DESCRIPTION = (
         "Learns N factor codes (encoder) and one gradient field per factor (decoder) on top of a frozen MODEL "
-        "from a folder of images (DisDiff, Yang et al. 2023). For small jobs; bench/train_disdiff.py runs long "
+        "from a folder of images (DisDiff, Yang et al. 2023). For small jobs; scripts/train_disdiff.py runs long "
         "ones with the same code. Saves safetensors checkpoints to models/disdiff and can resume."
     )
     CATEGORY = f"{CATEGORY}/disdiff"
-    RETURN_TYPES = (DISDIFF,)
-    RETURN_NAMES = ("disdiff",)
+    RETURN_TYPES = (DISDIFF, "IMAGE")
+    RETURN_NAMES = ("disdiff", "loss_plot")
+    OUTPUT_TOOLTIPS = ("The trained DisDiff (factor encoder E and gradient fields G^c), for DisDiff Encode and Partial-Condition Sampling.",
+                       "The training loss (eq. 14) over the steps of this run, one point per log interval.")
     FUNCTION = "train"
 
     @classmethod
@@ -353,16 +490,21 @@ class TrainDisDiff:
                 "vae": ("VAE", {"tooltip": "Encodes the training images into the model's latent space."}),
                 "positive": ("CONDITIONING", {"tooltip": "The fixed prompt of the frozen model (the empty prompt = its "
                                                          "unconditional model, the paper's setting)."}),
-                "image_folder": ("STRING", {"default": "", "tooltip": "Folder of training images (png/jpg/webp)."}),
+                "image_folder": ([NO_FOLDER, *image_folders()], {
+                    "tooltip": "A subfolder of ComfyUI's input folder holding the training images (png/jpg/webp/bmp), "
+                               f"or none with the images input. All images are held as float32: at most "
+                               f"{MAX_TRAINING_BYTES >> 30} GiB (e.g. {MAX_TRAINING_BYTES // (128 * 128 * 12)} images at 128 px)."}),
                 "size": ("INT", {"default": 128, "min": 64, "max": 1024, "step": 8,
                                  "tooltip": "Images are centre-cropped and resized to this many pixels."}),
-                "num_factors": ("INT", {"default": 6, "min": 1, "max": 64, "tooltip": "N, the number of factor codes."}),
+                "num_factors": ("INT", {"default": 6, "min": 1, "max": 64, "tooltip": "N, the number of factor codes z^1…z^N."}),
                 "code_dim": ("INT", {"default": 32, "min": 1, "max": 512, "tooltip": "Channels of each factor code."}),
-                "steps": ("INT", {"default": 1000, "min": 1, "max": 1000000}),
-                "batch_size": ("INT", {"default": 32, "min": 1, "max": 1024}),
-                "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-7, "max": 1e-1, "step": 1e-5}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
-                "save_name": ("STRING", {"default": "disdiff", "tooltip": "Checkpoint file in models/disdiff."}),
+                "steps": ("INT", {"default": 1000, "min": 1, "max": 1000000, "tooltip": "Adam steps of training."}),
+                "batch_size": ("INT", {"default": 32, "min": 1, "max": 1024, "tooltip": "Images per training step."}),
+                "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-7, "max": 1e-1, "step": 1e-5, "tooltip": "Adam's learning rate."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Initial weights, data order and noise."}),
+                "save_name": ("STRING", {"default": "disdiff", "tooltip": (
+                    "Checkpoint file in models/disdiff (a plain name, at most 120 characters). Never overwrites: "
+                    "a taken name gets _00001, ... unless resume is on; names of the pack's shipped files are refused.")}),
                 "checkpoint_every": ("INT", {"default": 500, "min": 0, "max": 1000000,
                                              "tooltip": "Save every that many steps (0: only at the end)."}),
                 "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue from the checkpoint of that name."}),
@@ -375,13 +517,20 @@ class TrainDisDiff:
     def train(self, model, vae, positive, image_folder, size, num_factors, code_dim, steps, batch_size,
               learning_rate, seed, save_name, checkpoint_every, resume, images=None):
         check_unet_model(model)
+        size, num_factors, code_dim = (check_int(n, v, lo, hi) for n, v, lo, hi in (
+            ("size", size, 8, 1024), ("num_factors", num_factors, 1, 64), ("code_dim", code_dim, 1, 512)))
+        steps, batch_size, checkpoint_every = (check_int(n, v, lo) for n, v, lo in (
+            ("steps", steps, 1), ("batch_size", batch_size, 1), ("checkpoint_every", checkpoint_every, 0)))
+        learning_rate = check_finite("learning_rate", learning_rate, 0.0)
+        path = default_checkpoint_path(save_name, resume)  # checked before any work, never overwriting
+        if resume and os.path.exists(path):
+            check_checkpoint_file(path, os.path.basename(path))
         if images is None:
             images = load_image_folder(image_folder, size)
         latents = encode_images(model, vae, images)
-        path = default_checkpoint_path(save_name)
         bar = comfy.utils.ProgressBar(steps)
 
-        def callback(step, total, logs):
+        def on_step(step, total):   # every step, host only: progress and cancel
             mm.throw_exception_if_processing_interrupted()
             bar.update_absolute(step, total)
 
@@ -389,17 +538,24 @@ class TrainDisDiff:
             disdiff, history = train_from_latents(
                 model, positive, latents, num_factors=num_factors, code_dim=code_dim, steps=steps,
                 batch_size=batch_size, learning_rate=learning_rate, seed=seed, checkpoint_path=path,
-                checkpoint_every=checkpoint_every, resume=resume, log_every=min(10, steps), callback=callback)
+                checkpoint_every=checkpoint_every, resume=resume, log_every=max(1, min(50, steps // 20)),
+                on_step=on_step)
         except dd.CheckpointError as e:
             raise InputError(str(e)) from e
-        except ValueError as e:
-            if "do not match" in str(e):
-                raise InputError(str(e)) from e
-            raise
+        except dd.FeatureMismatchError as e:
+            raise InputError(str(e)) from e
+        except (OSError, SafetensorError) as e:  # writing a checkpoint (disk full, ...): its name, not its server path
+            reason = getattr(e, "strerror", None) or str(e).split(": ")[-1][:80]
+            raise InputError(f"save_name: could not write {os.path.basename(path)} in models/{DISDIFF_FOLDER} "
+                             f"({reason})") from None
+        history = [h for h in history if "step" in h]
         last = history[-1] if history else {}
         summary = (f"{os.path.basename(path)}: step {steps}, loss {last.get('loss', float('nan')):.4f}, "
                    f"reconstruction {last.get('recon', float('nan')):.4f}")
-        return {"ui": {"text": [summary]}, "result": (disdiff,)}
+        every = history[1]["step"] - history[0]["step"] if len(history) > 1 else 1
+        plot = image_tensor(draw_loss_curve([h["loss"] for h in history],
+                                            f"Train DisDiff: loss (eq. 14), one point per {every} steps", "log point"))
+        return {"ui": {"text": [summary]}, "result": (disdiff, plot)}
 
 
 class LoadDisDiff:
@@ -407,6 +563,7 @@ class LoadDisDiff:
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = (DISDIFF,)
     RETURN_NAMES = ("disdiff",)
+    OUTPUT_TOOLTIPS = ("The DisDiff model, for DisDiff Encode and Partial-Condition Sampling.",)
     FUNCTION = "load"
 
     @classmethod
@@ -418,11 +575,13 @@ class LoadDisDiff:
                                               {"tooltip": "A .safetensors file written by Train DisDiff."})}}
 
     def load(self, disdiff_name):
-        path = folder_paths.get_full_path_or_raise(DISDIFF_FOLDER, disdiff_name)
+        path = shipped_first(DISDIFF_FOLDER, disdiff_name)
+        check_checkpoint_file(path, disdiff_name)
         try:
             loaded = dd.load_checkpoint(path)
-        except dd.CheckpointError as e:
-            raise InputError(str(e)) from e
+        except (ValueError, TypeError, KeyError) as e:  # CheckpointError, or what the checks above did not foresee
+            raise InputError(f"disdiff_name: {disdiff_name} is not a readable DisDiff checkpoint "
+                             f"({str(e).replace(path, disdiff_name)})") from None
         return (DisDiffModel(loaded.model, disdiff_name, loaded.step),)
 
 
@@ -431,14 +590,15 @@ class DisDiffEncode:
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = (FACTORS,)
     RETURN_NAMES = ("factors",)
+    OUTPUT_TOOLTIPS = ("z^1…z^N of each image (FACTORS), for Swap Factors and Partial-Condition Sampling.",)
     FUNCTION = "encode"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"disdiff": (DISDIFF,)},
+        return {"required": {"disdiff": (DISDIFF, {"tooltip": "Load DisDiff or Train DisDiff output (its encoder E)."})},
                 "optional": {"latent": ("LATENT", {"tooltip": "VAE Encode output of the model's VAE."}),
                              "image": ("IMAGE", {"tooltip": "Alternatively an image, with the vae."}),
-                             "vae": ("VAE",)}}
+                             "vae": ("VAE", {"tooltip": "The model's VAE, to encode the image input."})}}
 
     def encode(self, disdiff, latent=None, image=None, vae=None):
         disdiff = check_disdiff(disdiff)
@@ -461,11 +621,13 @@ class DisDiffSwapFactors:
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = (FACTORS,)
     RETURN_NAMES = ("factors",)
+    OUTPUT_TOOLTIPS = ("The first image's codes with the chosen factors' codes from other.",)
     FUNCTION = "swap"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"factors": (FACTORS,), "other": (FACTORS, {"tooltip": "Gives the swapped factors."}),
+        return {"required": {"factors": (FACTORS, {"tooltip": "The codes to change (DisDiff Encode of the first image)."}),
+                             "other": (FACTORS, {"tooltip": "Gives the swapped factors."}),
                              "swap": ("STRING", {"default": "0", "tooltip": "Factor indices to take from other, e.g. '2' "
                                                                              "or '0,3' or 'all'."})}}
 
@@ -488,11 +650,13 @@ class DisDiffFactorToggles:
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("factor_list",)
+    OUTPUT_TOOLTIPS = ("The switched-on factor indices, e.g. '0,2': connect to condition_on or swap (as an input).",)
     FUNCTION = "select"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {f"factor_{k}": ("BOOLEAN", {"default": k == 0}) for k in range(MAX_TOGGLES)}}
+        return {"required": {f"factor_{k}": ("BOOLEAN", {"default": k == 0, "tooltip": f"Include factor {k} (z^{k}) in the list."})
+                             for k in range(MAX_TOGGLES)}}
 
     def select(self, **toggles):
         on = [k for k in range(MAX_TOGGLES) if toggles.get(f"factor_{k}")]
@@ -507,17 +671,18 @@ class DisDiffPartialCondition:
     )
     CATEGORY = f"{CATEGORY}/disdiff"
     RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A patched clone of the MODEL (the input stays unpatched), for a stock KSampler / SamplerCustom.",)
     FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The frozen model the DisDiff was trained on."}),
-            "disdiff": (DISDIFF,),
+            "disdiff": (DISDIFF, {"tooltip": "The DisDiff model whose gradient fields G^c are imposed."}),
             "factors": (FACTORS, {"tooltip": "Codes from DisDiff Encode (one, or one per image of the batch)."}),
             "condition_on": ("STRING", {"default": "all", "tooltip": "Factor subset S: 'all', '' (none: the unpatched "
                                                                      "model), or indices such as '0,2'."}),
-            "strengths": ("STRING", {"default": "1.0", "tooltip": "w_c: one value, or one per selected factor."}),
+            "strengths": ("STRING", {"default": "1.0", "tooltip": "w_c, the weight of each imposed field: one value, or one per selected factor."}),
         }}
 
     def patch(self, model, disdiff, factors, condition_on, strengths):

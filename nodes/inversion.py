@@ -21,8 +21,9 @@ from .common import (
     INVERSION_TRAJECTORY,
     InputError,
     check_conditioning,
+    check_finite,
+    check_int,
     check_latent,
-    check_steps,
     check_vp_model,
 )
 
@@ -88,11 +89,10 @@ class DDIMInversion:
         }
 
     def invert(self, model, positive, latent, steps, cfg, scheduler, refine_iterations, negative=None):
-        check_steps(steps)
+        steps, refine_iterations = check_int("steps", steps, 1, 10000), check_int("refine_iterations", refine_iterations, 0, 100)
+        cfg = check_finite("cfg", cfg, 0.0, 100.0)
         check_conditioning(positive, "positive")
         check_vp_model(model, "DDIM inversion")
-        if refine_iterations < 0:
-            raise InputError(f"refine_iterations must be ≥ 0, got {refine_iterations}")
         if negative is None:
             if abs(cfg - 1.0) > 1e-6:
                 raise InputError(f"negative: cfg is {cfg}, so a negative conditioning is needed (or set cfg to 1.0)")
@@ -117,7 +117,9 @@ class DDIMInversion:
         result = results[-1]
         device = comfy.model_management.intermediate_device()
         process_out = model.model.process_latent_out
-        latents = torch.stack([process_out(x.to(device)) for x in result.trajectory])
+        # as comfy.samplers does for the sampler's output (process_latent_out on the sampling device, then the
+        # move): latents[0] is then noised_latent bit for bit, on a GPU too
+        latents = torch.stack([process_out(x.to(torch.float32)).to(device) for x in result.trajectory])
         trajectory = InversionTrajectory(
             latents=latents,
             sigmas=result.sigmas_sampling,
@@ -135,13 +137,14 @@ class TrajectoryLatent:
     DESCRIPTION = "The latent at one step of a DDIM inversion trajectory (step 0 = x_T, the last step = the image)."
     CATEGORY = f"{CATEGORY}/inversion"
     RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The latent at that step: KSamplerAdvanced resumes from it with add_noise disabled and start_at_step = step.",)
     FUNCTION = "select"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "trajectory": (INVERSION_TRAJECTORY, {}),
+                "trajectory": (INVERSION_TRAJECTORY, {"tooltip": "DDIM Inversion's trajectory output."}),
                 "step": ("INT", {"default": 0, "min": 0, "max": 10000,
                                  "tooltip": "Resume KSamplerAdvanced at start_at_step = this step (add_noise disabled)."}),
                 "expected_steps": ("INT", {"default": 0, "min": 0, "max": 10000,
@@ -150,6 +153,7 @@ class TrajectoryLatent:
         }
 
     def select(self, trajectory, step, expected_steps):
+        step, expected_steps = check_int("step", step, 0), check_int("expected_steps", expected_steps, 0)
         if not isinstance(trajectory, InversionTrajectory):
             raise InputError("trajectory: not an INVERSION_TRAJECTORY")
         try:

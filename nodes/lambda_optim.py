@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from ..core import lambda_optim as lo
 from ..core.lambda_schedule import LambdaSchedule
 from ..core.trajectory import InversionTrajectory
-from .common import (CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError, check_steps, check_vp_model,
-                     latent_channels)
+from .common import (CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError, check_finite, check_int,
+                     check_vp_model, latent_channels)
+from .plot import draw_loss_curve, image_tensor
 from .schedules import step_progress_for_model
 from .perceptual import PerceptualModel
 from .clip_loss import ClipLossModel
@@ -59,7 +60,7 @@ def adm_inputs(model, pooled: list, width: int, height: int) -> list:
 def unet_denoiser(model, unet):
     """D(x, σ, context, y) = x̂0, the computation of BaseModel.apply_model (y: SDXL's ADM vector)."""
     sampling = model.get_model_object("model_sampling")
-    dtype = model.model.get_dtype()
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()  # as BaseModel._apply_model picks it
 
     def denoise(x, sigma, context, y=None):
         xc = sampling.calculate_input(sigma, x)
@@ -88,6 +89,29 @@ def preview_of(images: torch.Tensor | None):
     import latent_preview
     pixels = (images[0].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return ("JPEG", Image.fromarray(pixels), latent_preview.MAX_PREVIEW_RESOLUTION)
+
+
+class StepProgress:
+    """One progress tick per sampler step of the whole optimisation, forward and backward, with Cancel;
+    ``show(preview)`` puts the current edit in the progress bar's live preview (kept between ticks)."""
+
+    def __init__(self, total: int):
+        self.total, self.done = int(total), 0
+        self.bar = comfy.utils.ProgressBar(self.total)
+
+    def __call__(self, done=None, total=None) -> None:   # core's StepHook: on_step(done, total) of one pass
+        mm.throw_exception_if_processing_interrupted()
+        self.done = min(self.done + 1, self.total)
+        self.bar.update_absolute(self.done, self.total)
+
+    def show(self, preview) -> None:
+        self.bar.update_absolute(self.done, self.total, preview)
+
+
+def optimisation_ticks(steps: int, iterations: int, real_image: bool) -> int:
+    """Sampler steps of a whole run: the neutral reference (none for a real image: it is the trajectory's
+    end), a forward and a backward pass per iteration, and the final sampling of the best λ."""
+    return (0 if real_image else steps) + 2 * steps * iterations + steps
 
 
 class LambdaObjective:
@@ -139,15 +163,17 @@ class LambdaEdit:
 
     ``start``: x_T in the sampler's space (generation), or an InversionTrajectory (a real image:
     the first N − r steps are corrected to pass through its trajectory, the last r re-diffuse).
-    Build and use it outside inference mode with gradients on.
+    Build and use it outside inference mode with gradients on. ``on_step(done, total)`` runs after every
+    sampler step (forward, adjoint backward, trajectory corrections; see ``core.lambda_optim.StepHook``):
+    the node cancels there, and a progress bar can tick there.
     """
 
     def __init__(self, objective: LambdaObjective, sigmas: list[float], cfg: float, conds, adms, start,
                  rediffusion_steps: int = 20, per_item: bool = False, use_checkpoint: bool = True,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, on_step: lo.StepHook | None = None):
         device = objective.device
         self.objective, self.sigmas, self.cfg = objective, sigmas, cfg
-        self.per_item, self.use_checkpoint = per_item, use_checkpoint
+        self.per_item, self.use_checkpoint, self.on_step = per_item, use_checkpoint, on_step
         self.c0, self.c1, self.uncond = (t.clone().to(device) for t in conds)
         y0, y1, yu = (None if y is None else y.clone().to(device) for y in adms)
         self.adm = {"y0": y0, "y1": y1, "y_uncond": yu}
@@ -157,7 +183,7 @@ class LambdaEdit:
             self.path = [model.model.process_latent_in(x.clone()).to(device) for x in start.latents]
             self.x_T = self.path[0]
             self.corrections = lo.trajectory_corrections(objective.denoise, self.path, sigmas, self.c0, self.uncond, cfg,
-                                                         rediffusion_steps, y0=y0, y_uncond=yu)
+                                                         rediffusion_steps, y0=y0, y_uncond=yu, on_step=on_step)
         else:
             self.x_T = start.clone().to(device)
         runner = lo.GraphedStepRunner if cuda_graphs else lo.MixedStepRunner
@@ -171,7 +197,8 @@ class LambdaEdit:
         """X0(λ); differentiable in λ when gradients are on (each step checkpointed)."""
         return lo.sample_mixed(self.objective.denoise, self.x_T, self.sigmas, self.c0, self.c1,
                                lam.to(self.objective.device), self.uncond, self.cfg, corrections=self.corrections,
-                               use_checkpoint=self.use_checkpoint, runner=self.runner, **self.adm)
+                               use_checkpoint=self.use_checkpoint, runner=self.runner, on_step=self.on_step,
+                               **self.adm)
 
     @torch.no_grad()
     def set_reference(self, neutral_texts: list[str], styled_texts: list[str]) -> torch.Tensor:
@@ -192,8 +219,15 @@ class OptimizeLambdaSchedule:
         "through every sampler step (checkpointed) and the VAE decoder."
     )
     CATEGORY = f"{CATEGORY}/lambda"
-    RETURN_TYPES = (LAMBDA_SCHEDULE, "LATENT", "LATENT")
-    RETURN_NAMES = ("schedule", "edited_latent", "neutral_latent")
+    RETURN_TYPES = (LAMBDA_SCHEDULE, "LATENT", "LATENT", "IMAGE")
+    RETURN_NAMES = ("schedule", "edited_latent", "neutral_latent", "loss_plot")
+    OUTPUT_TOOLTIPS = (
+        "The learned λ_1..λ_N (the lowest-loss iteration), for Mix Conditioning by λ Schedule or Save λ Schedule; "
+        "with a stock KSampler (ddim, ddim_uniform, same steps) it reproduces the edit.",
+        "X0(λ): the edited image's latent (VAE Decode it).",
+        "X0(0): the neutral prompt's latent (or, with a trajectory, the inverted image), the loss's reference.",
+        "L(λ) over the iterations (directional CLIP loss + β × perceptual term), the best one marked.",
+    )
     OUTPUT_NODE = True
     FUNCTION = "optimize"
 
@@ -201,30 +235,30 @@ class OptimizeLambdaSchedule:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {}),
-                "vae": ("VAE", {}),
-                "clip": ("CLIP", {}),
-                "clip_loss_model": ("CLIP_LOSS_MODEL", {"tooltip": "Image/text model of the directional CLIP loss."}),
-                "neutral_text": ("STRING", {"multiline": True, "default": "a photo of a person"}),
-                "styled_text": ("STRING", {"multiline": True, "default": "a photo of a smiling person"}),
-                "negative_text": ("STRING", {"multiline": True, "default": ""}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
-                "steps": ("INT", {"default": 50, "min": 2, "max": 1000}),
-                "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1}),
-                "iterations": ("INT", {"default": 10, "min": 1, "max": 500}),
-                "learning_rate": ("FLOAT", {"default": 0.05, "min": 0.0001, "max": 1.0, "step": 0.001}),
+                "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x, SD2.x or SDXL; ε or v prediction). It is never patched."}),
+                "vae": ("VAE", {"tooltip": "The model's VAE: the loss looks at decoded images, gradients go through its decoder."}),
+                "clip": ("CLIP", {"tooltip": "The model's text encoder, for the neutral, styled and negative prompts."}),
+                "clip_loss_model": ("CLIP_LOSS_MODEL", {"tooltip": "E_I / E_T, the image/text model of the directional CLIP loss (the paper: OpenAI's ViT-B/32)."}),
+                "neutral_text": ("STRING", {"multiline": True, "default": "a photo of a person", "tooltip": "c0, the neutral prompt."}),
+                "styled_text": ("STRING", {"multiline": True, "default": "a photo of a smiling person", "tooltip": "c1, the styled prompt: the neutral one plus the attribute."}),
+                "negative_text": ("STRING", {"multiline": True, "default": "", "tooltip": "The unconditional prompt of classifier-free guidance (may be empty)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip": "Noise seed, as KSampler's: the same seed gives the same x_T."}),
+                "steps": ("INT", {"default": 50, "min": 2, "max": 1000, "tooltip": "N, the DDIM steps (ddim_uniform); one λ is learned per step (the paper: 50)."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free guidance scale (the paper: 7.5)."}),
+                "iterations": ("INT", {"default": 10, "min": 1, "max": 500, "tooltip": "Adam iterations; each samples, decodes, scores and back-propagates through all steps (the paper: 10)."}),
+                "learning_rate": ("FLOAT", {"default": 0.05, "min": 0.0001, "max": 1.0, "step": 0.001, "tooltip": "Adam's learning rate on λ (the paper's code: 0.05)."}),
                 "beta": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 10.0, "step": 0.005,
-                                   "tooltip": "Weight of the perceptual term (paper: 0.05 people, 0.03 scenes)."}),
+                                   "tooltip": "β, the weight of the perceptual (content) term (the paper: 0.05 for people, 0.03 for scenes)."}),
                 "neutral_steps": ("INT", {"default": 20, "min": 0, "max": 1000,
-                                          "tooltip": "Initial schedule: λ = 0 for this many steps (t*), styled_weight after."}),
-                "styled_weight": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
+                                          "tooltip": "t*: the initial schedule has λ = 0 for the first t* steps, styled_weight after (the paper: 20 generating, 10 for real images)."}),
+                "styled_weight": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "The initial λ after t* (the paper: 1.0 generating, 1.1 for real images)."}),
                 "width": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8,
-                                  "tooltip": "Image size (also SDXL's size conditioning)."}),
-                "height": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8}),
+                                  "tooltip": "Image width in pixels (also SDXL's size conditioning)."}),
+                "height": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8, "tooltip": "Image height in pixels (also SDXL's size conditioning)."}),
             },
             "optional": {
                 "trajectory": (INVERSION_TRAJECTORY, {"tooltip": "Edit a real image: the trajectory of DDIM Inversion (neutral prompt, same steps, scheduler ddim_uniform). Seed, width and height are then ignored; use neutral_steps 10 and styled_weight 1.1 as the paper does."}),
-                "rediffusion_steps": ("INT", {"default": 20, "min": 0, "max": 1000, "tooltip": "With a trajectory: the last steps run free (re-diffusion); the others are corrected to pass through the image's trajectory."}),
+                "rediffusion_steps": ("INT", {"default": 20, "min": 0, "max": 1000, "tooltip": "With a trajectory: the last r steps run free (re-diffusion; the paper: 20 of 50); the others are corrected to pass through the image's trajectory."}),
                 "perceptual_model": ("PERCEPTUAL_MODEL", {"tooltip": "LPIPS for the content term (the paper's choice); without it, the CLIP-image-feature distance."}),
             },
         }
@@ -232,9 +266,14 @@ class OptimizeLambdaSchedule:
     def optimize(self, model, vae, clip, clip_loss_model, neutral_text, styled_text, negative_text, seed, steps, cfg,
                  iterations, learning_rate, beta, neutral_steps, styled_weight, width, height, trajectory=None,
                  rediffusion_steps=20, perceptual_model=None):
-        check_steps(steps)
-        if iterations < 1:
-            raise InputError(f"iterations must be at least 1, got {iterations}")
+        steps, iterations = check_int("steps", steps, 2, 1000), check_int("iterations", iterations, 1, 500)
+        cfg, beta = check_finite("cfg", cfg, 0.0, 100.0), check_finite("beta", beta, 0.0, 100.0)
+        learning_rate = check_finite("learning_rate", learning_rate, 0.0, 10.0)
+        styled_weight = check_finite("styled_weight", styled_weight, -10.0, 10.0)
+        width, height = check_int("width", width, 16, 8192), check_int("height", height, 16, 8192)
+        neutral_steps = check_int("neutral_steps", neutral_steps)
+        rediffusion_steps = check_int("rediffusion_steps", rediffusion_steps)
+        check_int("seed", seed, 0)
         check_vp_model(model, "λ optimisation")
         if not isinstance(clip_loss_model, ClipLossModel):
             raise InputError("clip_loss_model: not a CLIP_LOSS_MODEL (use a CLIP loss loader node)")
@@ -268,7 +307,7 @@ class OptimizeLambdaSchedule:
                 raise InputError(f"rediffusion_steps must lie in [0, {n}], got {rediffusion_steps}")
 
         mm.load_models_gpu([model])
-        bar = comfy.utils.ProgressBar(iterations + 1)
+        progress = StepProgress(optimisation_ticks(n, iterations, trajectory is not None))
         history = []
         with torch.inference_mode(False), torch.enable_grad():
             objective = LambdaObjective(model, vae, clip_loss_model, beta, perceptual_model)
@@ -279,17 +318,20 @@ class OptimizeLambdaSchedule:
                 start = initial_noise(model, empty, seed, sigmas[0])
             else:
                 start = trajectory
-            edit = LambdaEdit(objective, sigmas, cfg, (c0, c1, uncond), (y0, y1, yu), start, rediffusion_steps)
+            edit = LambdaEdit(objective, sigmas, cfg, (c0, c1, uncond), (y0, y1, yu), start, rediffusion_steps,
+                              on_step=progress)
             neutral_x0 = edit.set_reference([neutral_text], [styled_text])
-            bar.update_absolute(1, iterations + 1)
 
             def on_iteration(i, loss, lam):
                 history.append(loss)
                 mm.throw_exception_if_processing_interrupted()
-                bar.update_absolute(i + 2, iterations + 1, preview_of(objective.last_image))
+                progress.show(preview_of(objective.last_image))
 
             init = lo.paper_init(n, neutral_steps, styled_weight)
             best, _ = lo.optimize_lambdas(edit.loss, init, iterations, learning_rate, on_iteration)
+            if not any(math.isfinite(v) for v in history):
+                raise InputError("the loss was NaN or infinite at every iteration, so nothing was learned: check the "
+                                 "models (a NaN-producing model or VAE) and the float inputs")
             with torch.no_grad():
                 edited_x0 = edit.sample(best)
         if edit.runner.fallback_reason and device.type == "cuda":
@@ -300,7 +342,8 @@ class OptimizeLambdaSchedule:
         edited = {"samples": model.model.process_latent_out(edited_x0.detach()).to(out)}
         neutral = {"samples": model.model.process_latent_out(neutral_x0.detach()).to(out)}
         summary = "loss per iteration: " + ", ".join(f"{v:.4f}" for v in history)
-        return {"ui": {"text": [summary]}, "result": (schedule, edited, neutral)}
+        plot = image_tensor(draw_loss_curve(history, "Optimize λ: L(λ) per iteration", "iteration"))
+        return {"ui": {"text": [summary]}, "result": (schedule, edited, neutral, plot)}
 
 
 NODE_CLASS_MAPPINGS = {"DisentangleOptimizeLambda": OptimizeLambdaSchedule}

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 
-import comfy.utils
 import folder_paths
 import torch
 
-from .common import CATEGORY, InputError
+from .common import CATEGORY, InputError, load_safetensors
 
 LPIPS_FOLDER = "lpips"
 TORCHVISION_CACHE = "torchvision cache (downloads if missing)"
@@ -47,21 +46,37 @@ class PerceptualModel:
         return d if per_item else d.mean()
 
 
-def load_lpips(weights_path: str | None) -> PerceptualModel:
+def torchvision_vgg16_cached() -> bool:
+    """Whether torchvision's own cache holds its VGG-16 weights (what lpips would otherwise download)."""
+    from torchvision.models import VGG16_Weights
+    name = os.path.basename(VGG16_Weights.IMAGENET1K_V1.url)
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", name))
+
+
+def load_lpips(weights_path: str | None, shown: str | None = None) -> PerceptualModel:
     try:
         import lpips  # optional: only the λ optimisation needs it
     except ImportError as e:
         raise InputError("the perceptual loss needs the lpips package: pip install lpips") from e
+    if weights_path is not None:  # the file is checked before the network is built
+        shown = shown or os.path.basename(weights_path)
+        tensors, _ = load_safetensors(weights_path, shown, "vgg_weights")
+    elif not torchvision_vgg16_cached():
+        raise InputError(f"vgg_weights: VGG-16 weights are not in torchvision's cache, and this node never downloads; "
+                         f"put a vgg16 state dict as safetensors in models/{LPIPS_FOLDER}")
     try:
         net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=weights_path is not None, verbose=False)
     except Exception as e:  # torchvision could not fetch the backbone
-        raise InputError(f"VGG-16 weights are not in torchvision's cache and cannot be downloaded ({e}); "
+        raise InputError(f"vgg_weights: torchvision could not build VGG-16 ({type(e).__name__}); "
                          f"put a vgg16 state dict as safetensors in models/{LPIPS_FOLDER}") from e
     if weights_path is not None:
-        mapped = vgg_features_to_lpips(comfy.utils.load_torch_file(weights_path, safe_load=True))
-        missing, _ = net.net.load_state_dict(mapped, strict=False)
+        try:
+            mapped = vgg_features_to_lpips(tensors)
+            missing, _ = net.net.load_state_dict(mapped, strict=False)
+        except (ValueError, RuntimeError):  # a features.<not a number> key, or shapes of another network
+            missing = ["features.*"]
         if missing:
-            raise InputError(f"{os.path.basename(weights_path)} is not a VGG-16 state dict (missing {missing[:3]})")
+            raise InputError(f"vgg_weights: {shown} is not a VGG-16 state dict (missing {missing[:3]})")
     return PerceptualModel(net.eval())
 
 
@@ -69,17 +84,19 @@ class LoadPerceptualLoss:
     DESCRIPTION = "LPIPS-VGG, the perceptual (content-preservation) term of the λ optimisation."
     CATEGORY = f"{CATEGORY}/lambda"
     RETURN_TYPES = ("PERCEPTUAL_MODEL",)
+    OUTPUT_TOOLTIPS = ("LPIPS-VGG, the content term weighted by β in Optimize λ Schedule (its perceptual_model input).",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
         files = folder_paths.get_filename_list(LPIPS_FOLDER)
         return {"required": {"vgg_weights": (files + [TORCHVISION_CACHE], {
-            "tooltip": f"A torchvision vgg16 state dict (safetensors) in models/{LPIPS_FOLDER}, or torchvision's own cache."})}}
+            "tooltip": f"A torchvision vgg16 state dict (safetensors) in models/{LPIPS_FOLDER}, or torchvision's own cache "
+                       "when it already holds VGG-16 (this node never downloads, whatever the label says)."})}}
 
     def load(self, vgg_weights):
         path = None if vgg_weights == TORCHVISION_CACHE else folder_paths.get_full_path_or_raise(LPIPS_FOLDER, vgg_weights)
-        return (load_lpips(path),)
+        return (load_lpips(path, vgg_weights),)
 
 
 NODE_CLASS_MAPPINGS = {"DisentangleLoadPerceptualLoss": LoadPerceptualLoss}

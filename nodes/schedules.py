@@ -1,6 +1,7 @@
 """LAMBDA_SCHEDULE nodes: make, load, save, draw, and mix conditioning with a schedule."""
 from __future__ import annotations
 
+import os
 
 import comfy.samplers
 import folder_paths
@@ -10,13 +11,16 @@ import torch
 
 from ..core import lambda_schedule as ls
 from ..core.conditioning import check_embedding_pair, mix_embeddings, mix_pooled
-from .common import (CATEGORY, LAMBDA_SCHEDULE, LAMBDA_SCHEDULE_FOLDER, InputError, check_conditioning, check_steps,
-                     free_save_path)
+from .common import (CATEGORY, LAMBDA_SCHEDULE, LAMBDA_SCHEDULE_FOLDER, InputError, check_conditioning, check_finite,
+                     check_int, free_save_path, load_safetensors, read_safetensors_header, writing)
 from .plot import draw_schedule
 
 SCHEDULE_CATEGORY = f"{CATEGORY}/lambda"
 VALUE = {"min": -10.0, "max": 10.0, "step": 0.01}
 SCHEDULE_TOOLTIP = "λ over diffusion time: the weight of the styled prompt, c_t = λ_t·styled + (1−λ_t)·neutral."
+MAX_SCHEDULE_JSON_BYTES = 1 << 20   # a 1000-knot schedule is ~55 kB of JSON
+MAX_STEPS = ls.MAX_STEP_VALUES
+PLOT_WIDTH, PLOT_HEIGHT = (128, 4096), (96, 4096)
 
 
 def _wrap(make, *args):
@@ -41,10 +45,10 @@ class LambdaScheduleConstant(_ScheduleMaker):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"value": ("FLOAT", {"default": 1.0, **VALUE})}}
+        return {"required": {"value": ("FLOAT", {"default": 1.0, **VALUE, "tooltip": "λ at every step: 1 = the styled prompt alone, 0 = the neutral prompt alone, in between a mix; outside [0, 1] extrapolates."})}}
 
     def make(self, value):
-        return _wrap(ls.constant, value)
+        return _wrap(ls.constant, check_finite("value", value))
 
 
 class LambdaScheduleSwitch(_ScheduleMaker):
@@ -57,14 +61,16 @@ class LambdaScheduleSwitch(_ScheduleMaker):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Step count the switch step refers to."}),
-            "switch_step": ("INT", {"default": 20, "min": 0, "max": 1000, "tooltip": "Number of steps that use value_before."}),
-            "value_before": ("FLOAT", {"default": 0.0, **VALUE}),
-            "value_after": ("FLOAT", {"default": 1.0, **VALUE}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": MAX_STEPS, "tooltip": "Step count the switch step refers to."}),
+            "switch_step": ("INT", {"default": 20, "min": 0, "max": MAX_STEPS, "tooltip": "Number of steps that use value_before."}),
+            "value_before": ("FLOAT", {"default": 0.0, **VALUE, "tooltip": "λ for the first switch_step steps (0 = the neutral prompt: it lays out the image)."}),
+            "value_after": ("FLOAT", {"default": 1.0, **VALUE, "tooltip": "λ for the remaining steps (1 = the styled prompt: it adds the attribute)."}),
         }}
 
     def make(self, steps, switch_step, value_before, value_after):
-        return _wrap(ls.switch_at_step, steps, switch_step, value_before, value_after)
+        steps = check_int("steps", steps, 1, MAX_STEPS)
+        return _wrap(ls.switch_at_step, steps, check_int("switch_step", switch_step, 0, steps),
+                     check_finite("value_before", value_before), check_finite("value_after", value_after))
 
 
 class LambdaScheduleRamp(_ScheduleMaker):
@@ -73,15 +79,22 @@ class LambdaScheduleRamp(_ScheduleMaker):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
-            "start_value": ("FLOAT", {"default": 0.0, **VALUE}),
-            "end_value": ("FLOAT", {"default": 1.0, **VALUE}),
-            "start_step": ("INT", {"default": 0, "min": 0, "max": 1000}),
-            "end_step": ("INT", {"default": -1, "min": -1, "max": 1000, "tooltip": "-1 = the last step."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": MAX_STEPS, "tooltip": "Step count start_step and end_step refer to; the ramp stays at the same diffusion time for other step counts."}),
+            "start_value": ("FLOAT", {"default": 0.0, **VALUE, "tooltip": "λ up to start_step."}),
+            "end_value": ("FLOAT", {"default": 1.0, **VALUE, "tooltip": "λ from end_step on."}),
+            "start_step": ("INT", {"default": 0, "min": 0, "max": MAX_STEPS, "tooltip": "Step where the linear ramp from start_value begins."}),
+            "end_step": ("INT", {"default": -1, "min": -1, "max": MAX_STEPS, "tooltip": "Step where the ramp reaches end_value (-1 = the last step)."}),
         }}
 
     def make(self, steps, start_value, end_value, start_step, end_step):
-        return _wrap(ls.linear_ramp, steps, start_value, end_value, start_step, None if end_step < 0 else end_step)
+        steps = check_int("steps", steps, 1, MAX_STEPS)
+        start_step = check_int("start_step", start_step, 0, steps - 1)
+        end_step = check_int("end_step", end_step, -1, steps - 1)
+        if 0 <= end_step < start_step:
+            raise InputError(f"end_step must be -1 (the last step) or lie in [start_step, steps − 1] = "
+                             f"[{start_step}, {steps - 1}], got {end_step}")
+        return _wrap(ls.linear_ramp, steps, check_finite("start_value", start_value), check_finite("end_value", end_value),
+                     start_step, None if end_step == -1 else end_step)
 
 
 class LambdaScheduleFromList(_ScheduleMaker):
@@ -89,7 +102,7 @@ class LambdaScheduleFromList(_ScheduleMaker):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"values": ("STRING", {"default": "0, 0, 0, 1, 1, 1", "multiline": True})}}
+        return {"required": {"values": ("STRING", {"default": "0, 0, 0, 1, 1, 1", "multiline": True, "tooltip": f"At most {MAX_STEPS} values. λ_1, …, λ_N: one weight of the styled prompt per step, comma-separated (N values = N knots at DDIM-uniform spacing; other step counts read the nearest knot)."})}}
 
     def make(self, values):
         return _wrap(ls.parse_value_list, values)
@@ -99,14 +112,24 @@ def _schedule_files():
     return folder_paths.get_filename_list(LAMBDA_SCHEDULE_FOLDER)
 
 
-def load_schedule_file(path: str) -> ls.LambdaSchedule:
+def load_schedule_file(path: str, shown: str) -> ls.LambdaSchedule:
+    """A schedule file read with its size checked first (a crafted file cannot make the prompt allocate)."""
     if path.lower().endswith(".safetensors"):
-        with safetensors.safe_open(path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = f.metadata()
+        header = read_safetensors_header(path, shown, "schedule_name")
+        for key in ("progress", "values"):
+            shape = header.shape(key)
+            if shape is not None and (len(shape) != 1 or shape[0] > ls.MAX_KNOTS):
+                raise ValueError(f"'{key}' must be a list of at most {ls.MAX_KNOTS} values, got shape {list(shape)}")
+        tensors, metadata = load_safetensors(path, shown, "schedule_name", header=header)
         return ls.LambdaSchedule.from_tensors(tensors, metadata)
+    if os.path.getsize(path) > MAX_SCHEDULE_JSON_BYTES:
+        raise ValueError(f"the file is larger than the {MAX_SCHEDULE_JSON_BYTES >> 20} MiB a λ schedule can take")
     with open(path, encoding="utf-8") as f:
-        return ls.LambdaSchedule.from_json(f.read())
+        try:
+            text = f.read()
+        except UnicodeDecodeError:
+            raise ValueError("the file is not UTF-8 text") from None
+    return ls.LambdaSchedule.from_json(text)
 
 
 def save_schedule_file(schedule: ls.LambdaSchedule, path: str) -> None:
@@ -132,9 +155,13 @@ class LambdaScheduleLoad:
     def load(self, schedule_name):
         path = folder_paths.get_full_path_or_raise(LAMBDA_SCHEDULE_FOLDER, schedule_name)
         try:
-            return (load_schedule_file(path),)
-        except (ValueError, KeyError, OSError) as e:
-            raise InputError(f"schedule_name: {schedule_name} is not a readable λ schedule: {e}") from e
+            return (load_schedule_file(path, schedule_name),)
+        except InputError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"schedule_name: {schedule_name} is not a readable λ schedule: {e}") from None
+        except OSError as e:
+            raise InputError(f"schedule_name: {schedule_name} cannot be read ({e.strerror or type(e).__name__})") from None
 
 
 class LambdaScheduleSave:
@@ -147,14 +174,19 @@ class LambdaScheduleSave:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "schedule": (LAMBDA_SCHEDULE, {}),
-            "filename_prefix": ("STRING", {"default": "lambda_schedule"}),
-            "format": (["json", "safetensors"], {"default": "json"}),
+            "schedule": (LAMBDA_SCHEDULE, {"tooltip": "The λ schedule to save."}),
+            "filename_prefix": ("STRING", {"default": "lambda_schedule", "tooltip": f"File name start in models/{LAMBDA_SCHEDULE_FOLDER} (subfolders allowed); a counter is appended."}),
+            "format": (["json", "safetensors"], {"default": "json", "tooltip": "json (readable, editable) or safetensors; Load λ Schedule reads both."}),
         }}
 
     def save(self, schedule, filename_prefix, format):
+        if not isinstance(schedule, ls.LambdaSchedule):
+            raise InputError("schedule: not a LAMBDA_SCHEDULE")
+        if format not in ("json", "safetensors"):
+            raise InputError(f"format must be json or safetensors, got {format!r}")
         path, saved = free_save_path(LAMBDA_SCHEDULE_FOLDER, filename_prefix, format)
-        save_schedule_file(schedule, path)
+        with writing("filename_prefix", saved):
+            save_schedule_file(schedule, path)
         return {"ui": {"text": [f"saved {saved}"]}, "result": ()}
 
 
@@ -165,23 +197,27 @@ class LambdaSchedulePlot:
     )
     CATEGORY = SCHEDULE_CATEGORY
     RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The plot: λ over diffusion progress (noise → clean) with a dot per sampler step.",)
     FUNCTION = "plot"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "schedule": (LAMBDA_SCHEDULE, {}),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform"}),
-                "width": ("INT", {"default": 512, "min": 128, "max": 4096}),
-                "height": ("INT", {"default": 256, "min": 96, "max": 4096}),
+                "schedule": (LAMBDA_SCHEDULE, {"tooltip": "The λ schedule to draw."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Sampler steps to mark with dots."}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform", "tooltip": "Scheduler whose steps the dots mark (the model's σ schedule when a model is connected)."}),
+                "width": ("INT", {"default": 512, "min": PLOT_WIDTH[0], "max": PLOT_WIDTH[1], "tooltip": "Plot width in pixels."}),
+                "height": ("INT", {"default": 256, "min": PLOT_HEIGHT[0], "max": PLOT_HEIGHT[1], "tooltip": "Plot height in pixels."}),
             },
             "optional": {"model": ("MODEL", {"tooltip": "Places the step dots with this model's σ schedule."})},
         }
 
     def plot(self, schedule, steps, scheduler, width, height, model=None):
-        check_steps(steps)
+        check_int("steps", steps, 1, 1000)
+        width, height = check_int("width", width, *PLOT_WIDTH), check_int("height", height, *PLOT_HEIGHT)
+        if not isinstance(schedule, ls.LambdaSchedule):
+            raise InputError("schedule: not a LAMBDA_SCHEDULE")
         if model is not None:
             step_values, step_progress = resample_for_model(schedule, model, scheduler, steps)
         else:
@@ -250,13 +286,14 @@ class MixConditioningBySchedule:
     )
     CATEGORY = SCHEDULE_CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("c_t = λ_t·c1 + (1−λ_t)·c0 as timestep-ranged entries: the positive input of a stock sampler.",)
     FUNCTION = "mix"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "neutral": ("CONDITIONING", {"tooltip": "c0, e.g. 'a photo of a person'. Only its first entry is used."}),
-            "styled": ("CONDITIONING", {"tooltip": "c1, e.g. 'a photo of a smiling person'."}),
+            "neutral": ("CONDITIONING", {"tooltip": "c0, the neutral prompt, e.g. 'a photo of a person'. Only its first entry is used."}),
+            "styled": ("CONDITIONING", {"tooltip": "c1, the styled prompt (the neutral one plus the attribute), e.g. 'a photo of a smiling person'."}),
             "schedule": (LAMBDA_SCHEDULE, {"tooltip": SCHEDULE_TOOLTIP}),
         }}
 
@@ -275,20 +312,23 @@ class LambdaScheduleToText:
     DESCRIPTION = "The λ each step of a scheduler gets, as text (a comma list you can edit and feed back)."
     CATEGORY = SCHEDULE_CATEGORY
     RETURN_TYPES = ("STRING",)
+    OUTPUT_TOOLTIPS = ("λ of each step, comma-separated: edit it and feed it to λ Schedule (From List).",)
     OUTPUT_NODE = True
     FUNCTION = "resample"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "schedule": (LAMBDA_SCHEDULE, {}),
-            "model": ("MODEL", {}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
-            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform"}),
+            "schedule": (LAMBDA_SCHEDULE, {"tooltip": "The λ schedule to read."}),
+            "model": ("MODEL", {"tooltip": "The model whose σ schedule the steps follow."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Sampler steps."}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform", "tooltip": "Sampler scheduler."}),
         }}
 
     def resample(self, schedule, model, steps, scheduler):
-        check_steps(steps)
+        check_int("steps", steps, 1, 10000)
+        if not isinstance(schedule, ls.LambdaSchedule):
+            raise InputError("schedule: not a LAMBDA_SCHEDULE")
         values, _ = resample_for_model(schedule, model, scheduler, steps)
         text = ", ".join(f"{v:g}" for v in values)
         return {"ui": {"text": [text]}, "result": (text,)}

@@ -25,24 +25,32 @@ import torch
 
 from ..core import factor_world as fw
 from .clip_loss import OPENAI_MEAN, OPENAI_STD, ClipLossModel, import_open_clip
-from .common import CATEGORY, InputError
+from .common import (CATEGORY, PACK_WEIGHTS, InputError, check_config_fits_file, check_int, json_metadata,
+                     load_safetensors, read_safetensors_header, shipped_first)
+# PACK_WEIGHTS is re-exported: nodes/__init__.py registers it for the toy world and the DisDiff folders
 
 TOY_WORLD_FOLDER = "toy_world"
-PACK_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
 FORMAT = "comfyui-disentangle/toy-world"
 PARTS = {"unet": "unet_config", "vae": "vae_config", "text_encoder": "text_config"}
 
 
-def read_part(path: str, config_key: str):
-    """(state dict, config, metadata) of one toy-world file, with clear errors for wrong files."""
+def read_part(path: str, config_key: str, shown: str | None = None):
+    """(state dict, config, metadata) of one toy-world file, with clear errors naming the file (by its name,
+    never its server path) for truncated, foreign or crafted files."""
+    shown = shown or os.path.basename(path)
+    header = read_safetensors_header(path, shown)
     try:
-        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-    except Exception as e:  # a truncated or foreign file
-        raise InputError(f"{os.path.basename(path)} is not a readable safetensors file: {e}") from e
-    metadata = metadata or {}
-    if json.loads(metadata.get("format", "null")) != FORMAT or config_key not in metadata:
-        raise InputError(f"{os.path.basename(path)} is not a toy-world file with a {config_key!r} (format {FORMAT})")
-    return sd, json.loads(metadata[config_key]), metadata
+        fmt = json.loads(header.metadata.get("format", "null"))
+    except (ValueError, RecursionError):
+        fmt = None
+    if fmt != FORMAT or config_key not in header.metadata:
+        raise InputError(f"{shown} is not a toy-world file with a {config_key!r} (format {FORMAT})")
+    config = json_metadata(header, config_key, shown)
+    builder = CONFIG_BUILDERS.get(config_key)
+    if builder is not None:
+        check_config_fits_file(lambda: builder(config), header, shown)
+    sd, metadata = load_safetensors(path, shown, header=header)
+    return sd, config, metadata
 
 
 def load_unet(sd: dict, unet_config: dict):
@@ -74,6 +82,30 @@ def load_text_encoder(sd: dict, text_config: dict):
     return clip
 
 
+def _unet_module(unet_config: dict):
+    model_config = comfy.supported_models.SD15(dict(unet_config))
+    model_config.unet_config.update(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    return model_config.get_model({}, "")
+
+
+def _vae_module(vae_config: dict):
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    return AutoencoderKL(**vae_config)
+
+
+def _text_module(text_config: dict):
+    return comfy.sd1_clip.SD1ClipModel(model_options={"clip_l_model_config": dict(text_config)})
+
+
+def _open_clip_module(config: dict):
+    return import_open_clip().CLIP(**config)
+
+
+CONFIG_BUILDERS = {"unet_config": _unet_module, "vae_config": _vae_module, "text_config": _text_module,
+                   "open_clip_config": _open_clip_module}
+
+
 def toy_world_files() -> list[str]:
     return sorted({n[: -len("_unet.safetensors")] for n in folder_paths.get_filename_list(TOY_WORLD_FOLDER)
                    if n.endswith("_unet.safetensors")})
@@ -83,13 +115,21 @@ def load_toy_world(name: str):
     """(MODEL, CLIP, VAE) of the toy world ``name`` (files ``<name>_unet/_vae/_text_encoder.safetensors``)."""
     parts = {}
     for part, key in PARTS.items():
-        path = folder_paths.get_full_path(TOY_WORLD_FOLDER, f"{name}_{part}.safetensors")
-        if path is None:
-            raise InputError(f"checkpoint: {name}_{part}.safetensors is missing from models/{TOY_WORLD_FOLDER} and the pack's weights/")
-        parts[part] = read_part(path, key)
-    model = load_unet(*parts["unet"][:2])
-    vae = load_vae(*parts["vae"])
-    clip = load_text_encoder(*parts["text_encoder"][:2])
+        filename = f"{name}_{part}.safetensors"
+        try:
+            path = shipped_first(TOY_WORLD_FOLDER, filename)
+        except FileNotFoundError:
+            raise InputError(f"checkpoint: {filename} is missing from models/{TOY_WORLD_FOLDER} and the pack's weights/") from None
+        parts[part] = read_part(path, key, filename)
+    try:
+        model = load_unet(*parts["unet"][:2])
+        vae = load_vae(*parts["vae"])
+        clip = load_text_encoder(*parts["text_encoder"][:2])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"checkpoint: the {name} files do not load as a toy world ({type(e).__name__}: "
+                         f"{str(e)[:120]})") from None
     return model, clip, vae
 
 
@@ -101,6 +141,11 @@ class LoadToyWorldCheckpoint:
     )
     CATEGORY = f"{CATEGORY}/toy world"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = (
+        "The toy world's text-to-image UNet (ComfyUI's SD1 classes, ε prediction); works at 128×128 pixels.",
+        "Its text encoder (ComfyUI's SD1 tokenizer): prompts like 'a large red cube on a green floor in front of a blue wall'.",
+        "Its 8× KL autoencoder (4-channel latents, as SD1's).",
+    )
     FUNCTION = "load"
 
     @classmethod
@@ -119,22 +164,25 @@ class FactorWorldScene:
     CATEGORY = f"{CATEGORY}/toy world"
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("image", "caption")
+    OUTPUT_TOOLTIPS = ("The rendered scene (IMAGE, size × size).",
+                       "Its full caption in the toy world's words, e.g. for CLIP Text Encode.")
     FUNCTION = "render"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "floor_hue": (list(fw.HUE_NAMES), {"default": "green"}),
-            "wall_hue": (list(fw.HUE_NAMES), {"default": "blue"}),
-            "object_hue": (list(fw.HUE_NAMES), {"default": "red"}),
-            "scale": (list(fw.SCALE_WORDS), {"default": "large"}),
-            "shape": (list(fw.SHAPE_NAMES), {"default": "cube"}),
-            "orientation": (list(fw.ORIENTATION_WORDS), {"default": "facing front"}),
+            "floor_hue": (list(fw.HUE_NAMES), {"default": "green", "tooltip": "Factor 1 of 6: the floor's colour (10 values)."}),
+            "wall_hue": (list(fw.HUE_NAMES), {"default": "blue", "tooltip": "Factor 2 of 6: the wall's colour (10 values)."}),
+            "object_hue": (list(fw.HUE_NAMES), {"default": "red", "tooltip": "Factor 3 of 6: the object's colour (10 values)."}),
+            "scale": (list(fw.SCALE_WORDS), {"default": "large", "tooltip": "Factor 4 of 6: the object's size (8 values)."}),
+            "shape": (list(fw.SHAPE_NAMES), {"default": "cube", "tooltip": "Factor 5 of 6: the object's shape (4 values)."}),
+            "orientation": (list(fw.ORIENTATION_WORDS), {"default": "facing front", "tooltip": "Factor 6 of 6: how far the object is turned (15 values)."}),
             "size": ("INT", {"default": 128, "min": 64, "max": 1024, "step": 64,
                              "tooltip": "Output side in pixels (nearest upscaling of the 64×64 render); the toy world model works at 128."}),
         }}
 
     def render(self, floor_hue, wall_hue, object_hue, scale, shape, orientation, size):
+        size = check_int("size", size, 64, 1024)  # a linked INT skips the widget's limits
         names = (fw.HUE_NAMES, fw.HUE_NAMES, fw.HUE_NAMES, fw.SCALE_WORDS, fw.SHAPE_NAMES, fw.ORIENTATION_WORDS)
         values = (floor_hue, wall_hue, object_hue, scale, shape, orientation)
         try:
@@ -151,10 +199,15 @@ class FactorWorldScene:
 def load_clip_loss_model(path: str) -> ClipLossModel:
     """The toy open_clip model from a safetensors file whose metadata holds its open_clip config."""
     open_clip = import_open_clip()
+    shown = os.path.basename(path)
     sd, config, _ = read_part(path, "open_clip_config")
-    model = open_clip.CLIP(**config)
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
-    return ClipLossModel(model.eval(), open_clip.get_tokenizer("ViT-B-32"), config["vision_cfg"]["image_size"],
+    try:
+        model = open_clip.CLIP(**config)
+        model.load_state_dict({k: v.float() for k, v in sd.items()})
+        image_size = int(config["vision_cfg"]["image_size"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise InputError(f"{shown} does not load as the toy CLIP loss model ({type(e).__name__})") from None
+    return ClipLossModel(model.eval(), open_clip.get_tokenizer("ViT-B-32"), image_size,
                          OPENAI_MEAN, OPENAI_STD)
 
 
@@ -162,15 +215,16 @@ class LoadToyClipLossModel:
     DESCRIPTION = "The toy world's small open_clip model (image and text towers) for the directional CLIP loss."
     CATEGORY = f"{CATEGORY}/toy world"
     RETURN_TYPES = ("CLIP_LOSS_MODEL",)
+    OUTPUT_TOOLTIPS = ("E_I / E_T of the directional CLIP loss on the toy world, for Optimize λ Schedule.",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
         names = [n for n in folder_paths.get_filename_list(TOY_WORLD_FOLDER) if n.endswith("_clip.safetensors")]
-        return {"required": {"clip_name": (names, {})}}
+        return {"required": {"clip_name": (names, {"tooltip": f"The toy CLIP model (*_clip.safetensors) in the pack's weights/ or models/{TOY_WORLD_FOLDER}."})}}
 
     def load(self, clip_name):
-        return (load_clip_loss_model(folder_paths.get_full_path_or_raise(TOY_WORLD_FOLDER, clip_name)),)
+        return (load_clip_loss_model(shipped_first(TOY_WORLD_FOLDER, clip_name)),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -500,6 +500,32 @@ def tiny_models(kind: str = "sd1", seed: int = 0):
     return _MODEL_CACHE[key]
 
 
+def random_disdiff(model, positive, latent_shape, num_factors=3, code_dim=4, encoder_width=16, decoder_width=1.0,
+                   seed=0, init_std=0.1):
+    """An untrained DisDiff (type DISDIFF) fitting ``model``'s UNet features for latents of
+    ``latent_shape`` (C, H, W), with its zero-initialised layers randomised so that G ≠ 0. Built on
+    the CPU (the DISDIFF object moves itself to the model's device on use); the feature probe runs
+    on the model's device in inference mode, so it works for models loaded inside or outside it."""
+    import torch
+    import comfy.model_management as mm
+    dd = pack_module("core.disdiff")
+    node = pack_module("nodes.disdiff")
+    with torch.inference_mode():
+        mm.load_models_gpu([model])
+        probe = torch.randn(1, *latent_shape, device=model.load_device)
+        config = dd.make_config(probe, node.make_frozen(model, positive), num_factors=num_factors, code_dim=code_dim,
+                                encoder_width=encoder_width, decoder_width=decoder_width,
+                                extra={"latent_format": type(model.get_model_object("latent_format")).__name__})
+    with torch.inference_mode(False):
+        torch.manual_seed(seed)
+        net = dd.DisDiff(config)
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.ndim > 1 and p.abs().max() == 0:
+                    p.normal_(0, init_std)
+    return node.DisDiffModel(net, "random")
+
+
 def clear_model_cache() -> None:
     """Forget the cached tiny models (TinyCheckpointLoader builds new ones next time)."""
     _MODEL_CACHE.clear()
@@ -623,8 +649,11 @@ def _norm_links(workflow) -> dict:
     return links
 
 
-def ui_to_api(workflow: dict) -> dict:
+def ui_to_api(workflow: dict, input_types: dict | None = None) -> dict:
     """Convert a frontend-saved (UI format) workflow to an API prompt {id: {class_type, inputs}}.
+
+    ``input_types``: class_type → its INPUT_TYPES dict (e.g. each node's "input" of a server's
+    /object_info), to convert without starting the host; default: the host's node classes.
 
     Widget values are matched to INPUT_TYPES order (required then optional, link-only types
     skipped), skipping the control_after_generate value stored after seed-like widgets and the
@@ -634,8 +663,12 @@ def ui_to_api(workflow: dict) -> dict:
     source, PrimitiveNode links keep the target's widget value, Note/MarkdownNote are ignored.
     Subgraphs and group nodes are not supported.
     """
-    start_host()
-    import nodes as comfy_nodes
+    if input_types is None:
+        start_host()
+        import nodes as comfy_nodes
+        classes = comfy_nodes.NODE_CLASS_MAPPINGS
+        input_types = {name: cls.INPUT_TYPES() for name, cls in classes.items()
+                       if name in {n.get("type") for n in workflow.get("nodes", [])}}
 
     by_id = {n["id"]: n for n in workflow.get("nodes", [])}
     links = _norm_links(workflow)
@@ -673,10 +706,9 @@ def ui_to_api(workflow: dict) -> dict:
             continue
         if ntype in subgraph_ids:
             raise NotImplementedError(f"node {node['id']}: subgraph nodes are not supported by ui_to_api")
-        cls = comfy_nodes.NODE_CLASS_MAPPINGS.get(ntype)
-        if cls is None:
+        spec = input_types.get(ntype)
+        if spec is None:
             raise KeyError(f"node {node['id']}: unknown node type {ntype!r} (not in nodes.NODE_CLASS_MAPPINGS)")
-        spec = cls.INPUT_TYPES()
         values = node.get("widgets_values", [])
         if values is None:
             values = []

@@ -85,6 +85,19 @@ def host():
     return comfy_host.start_host()
 
 
+@pytest.fixture(scope="session")
+def comfy_server():
+    """ComfyUI's own HTTP server (main.py on 127.0.0.1) with the pack, in a fresh base directory
+    (tests/comfy_server.py); skips loudly when it cannot start here."""
+    from comfyui_disentangle.tests.comfy_server import ComfyServer, server_problem
+    problem = server_problem()
+    if problem:
+        pytest.skip(f"ComfyUI server tests SKIPPED: {problem}")
+    server = ComfyServer().start()
+    yield server
+    server.stop()
+
+
 def pytest_report_header(config):
     problem = comfy_host.host_problem()
     if problem is None:
@@ -96,11 +109,17 @@ def pytest_report_header(config):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     skipped_host = 0
+    skipped_other = {}  # the server and browser tests' own skip reasons
     for rep in tr.stats.get("skipped", []):
         longrepr = getattr(rep, "longrepr", None)
         text = str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
         if "ComfyUI integration tests SKIPPED" in text:
             skipped_host += 1
+        elif "ComfyUI server tests SKIPPED" in text or "end-to-end tests SKIPPED" in text:
+            reason = text.split("Skipped: ")[-1]
+            skipped_other[reason] = skipped_other.get(reason, 0) + 1
+    for reason, count in skipped_other.items():
+        tr.write_sep("!", f"{count} tests {reason}", red=True, bold=True)
 
     if comfy_host.host_started():
         info = comfy_host._STATE

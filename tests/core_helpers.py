@@ -4,6 +4,7 @@ import math
 import torch
 
 from comfyui_disentangle.core import ddim
+from comfyui_disentangle.core import disdiff as dd
 
 
 def sd_sigma_table(T=1000):
@@ -52,3 +53,45 @@ def percent_to_sigma(p):
     lo, hi = math.floor(t), math.ceil(t)
     w = t - lo
     return math.exp((1 - w) * math.log(SIGMAS[lo]) + w * math.log(SIGMAS[hi]))
+
+
+# DisDiff: a pure-torch stand-in for the frozen UNet
+
+C, H = 4, 8
+
+
+def timestep_features(t, dim=16):
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], 1)
+
+
+class TinyFrozen(torch.nn.Module):
+    """A two-level conv 'UNet': input-block features at 8×8 and 4×4, a time embedding, an ε head."""
+
+    def __init__(self, emb=32):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.time = torch.nn.Sequential(torch.nn.Linear(16, emb), torch.nn.SiLU(), torch.nn.Linear(emb, emb))
+        self.conv_in = torch.nn.Conv2d(C, 16, 3, padding=1)
+        self.down = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.tproj = torch.nn.Linear(emb, 32)
+        self.head = torch.nn.Conv2d(32 + 16, C, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        self.requires_grad_(False)
+
+    def forward(self, x, t):
+        emb = self.time(timestep_features(t))
+        h1 = self.conv_in(x)
+        h2 = torch.nn.functional.silu(self.down(h1)) + self.tproj(emb)[..., None, None]
+        eps = self.head(torch.cat([torch.nn.functional.interpolate(h2, scale_factor=2), h1], 1))
+        return dd.FrozenOutput(eps, [h1, h2], emb)
+
+
+def disdiff_schedule(T=1000):
+    """ᾱ_t and β_t of the SD1.x scaled-linear schedule (for the DisDiff tests)."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float(), betas

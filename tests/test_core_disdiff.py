@@ -4,52 +4,16 @@ checkpoints (round trip, resume, corrupt / foreign / mismatched files)."""
 from __future__ import annotations
 
 import json
+import os
 import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from comfyui_disentangle.core import disdiff as dd
-
-C, H = 4, 8
-
-
-def timestep_features(t, dim=16):
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([args.cos(), args.sin()], 1)
-
-
-class TinyFrozen(nn.Module):
-    """A two-level conv 'UNet': input-block features at 8×8 and 4×4, a time embedding, an ε head."""
-
-    def __init__(self, emb=32):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.time = nn.Sequential(nn.Linear(16, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.conv_in = nn.Conv2d(C, 16, 3, padding=1)
-        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)
-        self.tproj = nn.Linear(emb, 32)
-        self.head = nn.Conv2d(32 + 16, C, 3, padding=1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        self.requires_grad_(False)
-
-    def forward(self, x, t):
-        emb = self.time(timestep_features(t))
-        h1 = self.conv_in(x)
-        h2 = F.silu(self.down(h1)) + self.tproj(emb)[..., None, None]
-        eps = self.head(torch.cat([F.interpolate(h2, scale_factor=2), h1], 1))
-        return dd.FrozenOutput(eps, [h1, h2], emb)
-
-
-def schedule(T=1000):
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float(), betas
+from comfyui_disentangle.core import disdiff_train as dtrain
+from comfyui_disentangle.tests.core_helpers import C, H, TinyFrozen, disdiff_schedule as schedule
 
 
 @pytest.fixture
@@ -245,7 +209,7 @@ def test_training_on_one_image_improves_reconstruction():
     model = dd.DisDiff(config)
     assert one_step_error(frozen, model, x0, ab, [0, 1, 2]) == pytest.approx(one_step_error(frozen, model, x0, ab, []))
     before = one_step_error(frozen, model, x0, ab, [])
-    model, history = dd.train_disdiff(x0, frozen, ab, model=model, steps=40, batch_size=8, lr=3e-3, warmup=1,
+    model, history = dtrain.train_disdiff(x0, frozen, ab, model=model, steps=40, batch_size=8, lr=3e-3, warmup=1,
                                       loss_type="l2", log_every=10, seed=0)
     after = one_step_error(frozen, model, x0, ab, [0, 1, 2])
     assert after < 0.7 * before, (before, after)
@@ -260,13 +224,13 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
     latents = torch.randn(8, C, H, H)
     config = dd.make_config(latents, frozen, num_factors=2, code_dim=4, encoder_width=16)
     kw = dict(config=config, batch_size=2, lr=1e-3, warmup=2, seed=5, log_every=2)
-    full, _ = dd.train_disdiff(latents, frozen, ab, steps=6, **kw)
+    full, _ = dtrain.train_disdiff(latents, frozen, ab, steps=6, **kw)
     path = str(tmp_path / "dd.safetensors")
     seen = []
-    dd.train_disdiff(latents, frozen, ab, steps=3, checkpoint_path=path, **kw)
+    dtrain.train_disdiff(latents, frozen, ab, steps=3, checkpoint_path=path, **kw)
     loaded = dd.load_checkpoint(path)
     assert loaded.step == 3 and loaded.optimizer_state is not None and loaded.model.config == config
-    resumed, _ = dd.train_disdiff(latents, frozen, ab, steps=6, checkpoint_path=path, resume=True,
+    resumed, _ = dtrain.train_disdiff(latents, frozen, ab, steps=6, checkpoint_path=path, resume=True,
                                   callback=lambda s, n, logs: seen.append(s), **kw)
     assert seen == [4, 6]
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
@@ -280,7 +244,7 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
     # resume with another configuration is refused
     other = dd.make_config(latents, frozen, num_factors=2, code_dim=6, encoder_width=16)
     with pytest.raises(dd.CheckpointError, match="another configuration"):
-        dd.train_disdiff(latents, frozen, ab, steps=8, checkpoint_path=path, resume=True, **{**kw, "config": other})
+        dtrain.train_disdiff(latents, frozen, ab, steps=8, checkpoint_path=path, resume=True, **{**kw, "config": other})
 
 
 def test_cancel_keeps_the_last_periodic_checkpoint(tmp_path):
@@ -295,7 +259,7 @@ def test_cancel_keeps_the_last_periodic_checkpoint(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        dd.train_disdiff(latents, frozen, ab, config=config, steps=10, batch_size=2, log_every=2,
+        dtrain.train_disdiff(latents, frozen, ab, config=config, steps=10, batch_size=2, log_every=2,
                          checkpoint_path=path, checkpoint_every=2, callback=cancel)
     assert dd.load_checkpoint(path).step == 2
 
@@ -333,3 +297,158 @@ def test_feature_mismatch_is_reported(setup):
     other = TinyFrozen(emb=16)
     with pytest.raises(ValueError, match="do not match the DisDiff model"):
         dd.check_features(model.config, other(latents[:1], torch.zeros(1, dtype=torch.long)))
+
+
+def test_fixed_degree_matrix_exponential_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.01, 1.0, 30.0):
+        a = torch.randn(24, 24, generator=g, dtype=torch.float64) * scale
+        m = a - a.t()
+        e = dd.expm_skew(m)
+        torch.testing.assert_close(e, torch.linalg.matrix_exp(m), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(e @ e.t(), torch.eye(24, dtype=torch.float64), rtol=0, atol=1e-9)
+    # the decoder's embeddings are exp(A − Aᵀ) of its parameter, and differentiable
+    model = dd.DisDiff(dd.make_config(torch.randn(1, C, H, H), TinyFrozen(), num_factors=3, code_dim=4, encoder_width=16))
+    a = model.decoder.part_latents.detach().double()
+    torch.testing.assert_close(model.decoder.positional_embeddings(), torch.linalg.matrix_exp(a - a.t()).float())
+    model.decoder.positional_embeddings()[0].sum().backward()
+    assert model.decoder.part_latents.grad.abs().sum() > 0
+
+
+def test_weighting_and_logit_options():
+    g = torch.Generator().manual_seed(0)
+    x0u, x0c = torch.randn(6, C, H, H, generator=g), torch.randn(6, C, H, H, generator=g)
+    mse = (x0u - x0c).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(dd.disentangle_weight(x0u, x0c, 0.05), 0.05 * mse)
+    normalized = dd.disentangle_weight(x0u, x0c, 0.1, "normalized")
+    torch.testing.assert_close(normalized.mean(), torch.tensor(0.1))
+    torch.testing.assert_close(normalized / normalized[0], mse / mse[0])   # the time profile of eq. 13 stays
+    torch.testing.assert_close(dd.disentangle_weight(x0u, x0c, 0.3, "constant"), torch.full((6,), 0.3))
+    with pytest.raises(ValueError, match="weighting"):
+        dd.disentangle_weight(x0u, x0c, 0.3, "other")
+    # scale-free logits: the loss does not change when the encoder scales all codes
+    zu, zc, zt = (torch.randn(6, 3, 4, generator=g) for _ in range(3))
+    c = torch.tensor([0, 1, 2, 0, 1, 2])
+    for k in (0.01, 100.0):
+        torch.testing.assert_close(dd.invariant_loss(zu * k, zc * k, c, zt * k, "scale_free"),
+                                   dd.invariant_loss(zu, zc, c, zt, "scale_free"))
+        torch.testing.assert_close(dd.variant_loss(zu * k, zc * k, zt * k, c, "scale_free"),
+                                   dd.variant_loss(zu, zc, zt, c, "scale_free"))
+    assert not torch.allclose(dd.invariant_loss(zu * 100, zc * 100, c), dd.invariant_loss(zu, zc, c))
+
+
+def test_per_step_hook_and_gradient_shares(setup):
+    frozen, latents, model = setup
+    ab, _ = schedule()
+    ticks = []
+    dtrain.train_disdiff(latents, frozen, ab, model=model, steps=5, batch_size=4, log_every=5,
+                         on_step=lambda s, n: ticks.append((s, n)))
+    assert ticks == [(s, 5) for s in range(1, 6)]
+    shares = dtrain.gradient_shares(model, frozen, latents, ab, batch_size=8, dis_weight=1.0)
+    for part in ("G", "E"):
+        assert shares[f"grad_{part}_recon"] > 0 and shares[f"grad_{part}_invariant"] > 0
+        assert shares[f"share_{part}"] == pytest.approx(
+            (shares[f"grad_{part}_invariant"] + shares[f"grad_{part}_variant"]) / shares[f"grad_{part}_recon"])
+    # with the codes cut from the disentangling loss, it no longer reaches E
+    cut = dtrain.gradient_shares(model, frozen, latents, ab, batch_size=8, dis_weight=1.0, detach_codes=True)
+    assert cut["grad_E_invariant"] == 0 and cut["grad_E_variant"] == 0 and cut["grad_G_invariant"] > 0
+    # the gradient norms are those of the terms themselves (a direct recomputation for L_r on G)
+    gen = torch.Generator().manual_seed(0)
+    b = dtrain.draw_batch(gen, latents.shape[0], 8, ab.shape[0], model.config.num_factors, tuple(latents.shape[1:]), "cpu")
+    terms = dd.disdiff_losses(model, frozen, latents[b.index], b.t, b.noise, b.c, ab, dis_weight=1.0)
+    model.zero_grad()
+    terms.recon.backward()
+    direct = sum(p.grad.pow(2).sum() for p in model.decoder.parameters() if p.grad is not None) ** 0.5
+    assert shares["grad_G_recon"] == pytest.approx(float(direct), rel=1e-5)
+
+
+def test_batch_is_split_across_ranks():
+    full = dtrain.draw_batch(torch.Generator().manual_seed(4), 50, 8, 1000, 6, (C, H, H), "cpu")
+    parts = [dtrain.draw_batch(torch.Generator().manual_seed(4), 50, 8, 1000, 6, (C, H, H), "cpu", dtrain.Ranks(r, 2))
+             for r in range(2)]
+    for whole, *halves in zip(full, *parts):
+        torch.testing.assert_close(torch.cat(halves), whole)
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        import unittest.mock as um
+        with um.patch.object(dtrain, "current_ranks", lambda: dtrain.Ranks(0, 3)):
+            dtrain.train_disdiff(torch.randn(4, C, H, H), TinyFrozen(), schedule()[0], steps=1, batch_size=4)
+
+
+def test_two_gloo_processes_stay_in_sync_with_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo), batch 4 = 2 + 2, trained 3 steps, then resumed to 6,
+    gives the model of one process trained 6 steps on batch 4 (same data, same losses). float64, so
+    that Adam's normalised update of near-zero gradients cannot turn summation-order rounding into
+    a visible difference."""
+    import subprocess
+    import sys
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "disdiff_ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, ddp = str(tmp_path / "single.safetensors"), str(tmp_path / "ddp.safetensors")
+    subprocess.run([sys.executable, worker, single, "6"], check=True, env=env, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, ddp]
+    subprocess.run(torchrun + ["3"], check=True, env=env, timeout=300)
+    first = open(ddp + ".losses").read().split()
+    subprocess.run(torchrun + ["6", "--resume"], check=True, env=env, timeout=300)
+    losses_ddp = [float(v) for v in first + open(ddp + ".losses").read().split()]
+    losses_single = [float(v) for v in open(single + ".losses").read().split()]
+    assert len(losses_ddp) == len(losses_single) == 6
+    assert losses_ddp == pytest.approx(losses_single, rel=1e-6)   # the logged sums are float32
+    a, b = dd.load_checkpoint(single), dd.load_checkpoint(ddp)
+    assert a.step == b.step == 6
+    for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9, msg=k)
+    # and a desynchronised pair would be told apart: one step fewer differs
+    other = str(tmp_path / "other.safetensors")
+    subprocess.run([sys.executable, worker, other, "5"], check=True, env=env, timeout=300)
+    differs = [not torch.allclose(x, y, rtol=1e-6, atol=1e-9)
+               for x, y in zip(a.model.state_dict().values(), dd.load_checkpoint(other).model.state_dict().values())]
+    assert any(differs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the graphed step exists only there)")
+def test_cuda_graphed_training_equals_eager_training():
+    """The captured step (fused capturable AdamW, device-side lr) trains the same model as eager steps.
+    float64, so that kernel-order rounding (cuDNN's atomics, the fused optimizer's op order) is not
+    amplified by Adam's normalised update of near-zero gradients into a visible difference."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _graphed_equals_eager()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _graphed_equals_eager():
+    torch.manual_seed(0)
+    frozen = TinyFrozen().cuda()
+    ab, _ = schedule()
+    latents = torch.randn(32, C, H, H, generator=torch.Generator().manual_seed(2)).cuda()
+    config = dd.make_config(latents, frozen, num_factors=3, code_dim=8, encoder_width=16)
+    runs = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = dd.DisDiff(config)
+        with torch.no_grad():
+            for p in model.decoder.parameters():
+                if p.ndim > 1 and p.abs().max() == 0:
+                    p.normal_(0, 0.05)
+        runs[graphed] = dtrain.train_disdiff(latents, frozen, ab, model=model, steps=12, batch_size=8, lr=1e-3,
+                                             warmup=4, seed=1, log_every=4, cuda_graph=graphed)
+    (eager, h_eager), (graph, h_graph) = runs[False], runs[True]
+    assert all(h["cuda_graph"] for h in h_graph[1:] if "step" in h), h_graph   # replayed after the warm-up
+    assert not any("note" in h for h in h_graph)
+    torch.testing.assert_close([h["loss"] for h in h_graph], [h["loss"] for h in h_eager], rtol=1e-6, atol=1e-9)
+    for (k, a), b in zip(eager.state_dict().items(), graph.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10, msg=k)
+
+
+def test_channels_last_layout_computes_the_same_fields(setup):
+    frozen, latents, model = setup
+    out = frozen(latents[:3], torch.tensor([5, 500, 990]))
+    z = model.encode(latents[:3])
+    want = model.gradients(out, z, [0, 1, 2])
+    got = model.use_channels_last().gradients(out, z, [0, 1, 2])
+    assert model.decoder.out[-1].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    model.use_channels_last(False)
+    assert model.decoder.out[-1].weight.is_contiguous()

@@ -36,6 +36,9 @@ def scene():
     return fw.render_at(factors, 128).movedim(1, -1).contiguous()
 
 
+_LOSS_PLOT = {}
+
+
 @pytest.fixture(scope="module")
 def trained(toy, scene, disdiff_dir):
     """Train DisDiff (the node) for a few steps on one toy-world image."""
@@ -46,6 +49,8 @@ def trained(toy, scene, disdiff_dir):
         out = node.train(model=model, vae=vae, positive=empty, image_folder="", size=128, num_factors=3, code_dim=8,
                          steps=30, batch_size=8, learning_rate=3e-3, seed=0, save_name="one_image",
                          checkpoint_every=10, resume=False, images=scene[:1])
+    assert len(out["result"]) == 2
+    _LOSS_PLOT["trained"] = out["result"][1]
     return out["result"][0], out["ui"]["text"][0]
 
 
@@ -58,6 +63,8 @@ def sample(model, positive, latent, seed=5, steps=4, cfg=1.0, denoise=1.0, negat
 def test_train_node_writes_a_checkpoint_that_loads(trained, disdiff_dir, toy, scene):
     disdiff, summary = trained
     assert "one_image.safetensors" in summary and "step 30" in summary
+    plot = _LOSS_PLOT["trained"]   # the loss_plot IMAGE: a drawn curve, not a blank
+    assert plot.ndim == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3 and plot.std() > 0.01
     assert os.path.isfile(os.path.join(disdiff_dir, "one_image.safetensors"))
     loaded = call("DisentangleLoadDisDiff", disdiff_name="one_image.safetensors")[0]
     assert loaded.step == 30 and loaded.config == disdiff.config
@@ -121,23 +128,16 @@ def test_all_factors_reconstruct_better_than_the_unconditional_model(trained, to
 
 
 def _random_disdiff(model, cond, seed=0):
-    """An untrained DisDiff for ``model`` with its zero-initialised layers randomised (G ≠ 0)."""
-    dd = comfy_host.pack_module("core.disdiff")
-    node = comfy_host.pack_module("nodes.disdiff")
-    import comfy.model_management as mm
-    mm.load_models_gpu([model])
-    frozen = node.make_frozen(model, cond)
-    torch.manual_seed(seed)
-    with torch.inference_mode(False):
-        x = torch.randn(1, 4, 8, 8)
-        cfg = dd.make_config(x, frozen, num_factors=3, code_dim=4, encoder_width=16,
-                             extra={"latent_format": type(model.get_model_object("latent_format")).__name__})
-        net = dd.DisDiff(cfg)
-        with torch.no_grad():
-            for p in net.parameters():
-                if p.ndim > 1 and p.abs().max() == 0:
-                    p.normal_(0, 0.1)
-    return node.DisDiffModel(net, "random")
+    return comfy_host.random_disdiff(model, cond, (4, 8, 8), seed=seed)
+
+
+def _fields(disdiff, out, codes, factors):
+    """G as the wrapper computes it: under autocast in the UNet's half dtype on a GPU (so that the
+    comparison is of the same arithmetic on any device)."""
+    half = out.features[0].dtype in (torch.float16, torch.bfloat16) and out.emb.device.type == "cuda"
+    model = disdiff.on(out.emb.device)
+    with torch.autocast(out.emb.device.type, dtype=out.features[0].dtype, enabled=half):
+        return model.gradients(out, codes, factors).float()
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd1_v"])
@@ -152,23 +152,38 @@ def test_patch_is_eq6_for_eps_and_v_models_with_cfg_batches(kind):
     codes = torch.randn(2, 3, 4, generator=g)
     wrapper = node.PartialConditionWrapper(disdiff, codes, [0, 2], [1.0, 0.5])
     base = model.model
+    device = model.load_device   # the CPU in CI, the GPU with DISENTANGLE_HOST_GPU=1
+    codes = codes.to(device)
     with torch.inference_mode():
-        x = torch.randn(4, 4, 8, 8, generator=g) * 3.0
-        sigma = torch.tensor([2.5, 2.5, 2.5, 2.5])
-        ctx = torch.cat([cond[0][0], cond[0][0], uncond[0][0], uncond[0][0]])
+        x = (torch.randn(4, 4, 8, 8, generator=g) * 3.0).to(device)
+        sigma = torch.tensor([2.5, 2.5, 2.5, 2.5], device=device)
+        ctx = torch.cat([cond[0][0], cond[0][0], uncond[0][0], uncond[0][0]]).to(device)
         c = {"c_crossattn": ctx, "transformer_options": {}}
         got = wrapper(base.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0, 1]})
         den = base.apply_model(x, sigma, c_crossattn=ctx, transformer_options={})
         eps = (x - den) / 2.5
+        # G from the unconditional half's features (rows 2, 3: the prompt DisDiff was trained with),
+        # the same shift on both halves
         capture = node.FeatureCapture()
-        base.apply_model(x, sigma, c_crossattn=ctx, transformer_options=capture.attach({}))
-        G = disdiff.model.gradients(capture.output(), codes.repeat(2, 1, 1), [0, 2])
-        ab = torch.tensor(1 / (1 + 2.5 ** 2))
+        base.apply_model(x[2:], sigma[2:], c_crossattn=ctx[2:], transformer_options=capture.attach({}))
+        G = _fields(disdiff, capture.output(), codes, [0, 2]).repeat(2, 1, 1, 1, 1)
+        ab = torch.tensor(1 / (1 + 2.5 ** 2), device=device)
         eps_psi = dd.partial_condition_eps(eps, G, ab, [1.0, 0.5])
         torch.testing.assert_close(got, x - 2.5 * eps_psi, rtol=1e-4, atol=1e-4)
         assert (got - den).abs().max() > 1e-3
+        # so cfg guidance u + w·(c − u) is shifted by exactly eq. 6's term, for any w
+        shift = got - den
+        torch.testing.assert_close(shift[:2], shift[2:])
+        # a call with only the conditional chunk (cfg 1) uses its own features
+        only = wrapper(base.apply_model, {"input": x[:2], "timestep": sigma[:2],
+                                          "c": {"c_crossattn": ctx[:2], "transformer_options": {}}, "cond_or_uncond": [0]})
+        capture = node.FeatureCapture()
+        den_c = base.apply_model(x[:2], sigma[:2], c_crossattn=ctx[:2], transformer_options=capture.attach({}))
+        G_c = _fields(disdiff, capture.output(), codes, [0, 2])
+        torch.testing.assert_close(only, x[:2] - 2.5 * dd.partial_condition_eps((x[:2] - den_c) / 2.5, G_c, ab, [1.0, 0.5]),
+                                   rtol=1e-4, atol=1e-4)
         # and through stock KSampler with cfg (both halves patched), finite output
-        patched = node.patch_model(model, disdiff, codes[:1], [1], [1.0])
+        patched = node.patch_model(model, disdiff, codes[:1].cpu(), [1], [1.0])
         latent = call("EmptyLatentImage", width=64, height=64, batch_size=2)[0]
         out = call("KSampler", model=patched, seed=0, steps=3, cfg=4.0, sampler_name="euler", scheduler="normal",
                    positive=cond, negative=uncond, latent_image=latent, denoise=1.0)[0]["samples"]

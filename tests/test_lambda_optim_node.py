@@ -34,7 +34,35 @@ def optimize(toy, **overrides):
     with torch.inference_mode():
         out = node.optimize(**inputs)
     losses = [float(v) for v in re.findall(r"-?\d+\.\d+", out["ui"]["text"][0])]
-    return out["result"], losses
+    optimize.last_plot = out["result"][3]  # the loss_plot IMAGE output
+    return out["result"][:3], losses
+
+
+def compute_dtype(model):
+    return model.model.manual_cast_dtype or model.model.get_dtype()
+
+
+def replay_tolerance(model, base: float = 1e-4) -> float:
+    """Bound on |replay − edit| relative to the latent's largest value. The two samplings run the same UNet
+    weights on the same inputs and differ only in the order of float operations (the mixed context, the cfg
+    combination, the DDIM update), so their gap is rounding: ``base`` when the MODEL computes in float32 (the
+    CPU suite), and 16 ε of the dtype when it computes in half precision (fp16 on a GPU: each step's UNet
+    output is rounded to that grid and cfg amplifies the difference; the H200 showed 0.23 % and 0.42 %, i.e.
+    2.4 and 4.3 ε16). That this is the dtype and not a real difference is what the float32 test below shows on a
+    GPU, and what bench/lambda_replay_gap.py measures."""
+    return max(base, 16 * torch.finfo(compute_dtype(model)).eps)
+
+
+def fp32_copy(model):
+    """The same MODEL with its weights in float32 (its own BaseModel)."""
+    import copy
+    import comfy.model_patcher
+    with torch.inference_mode():
+        base = copy.deepcopy(model.model)
+        base.diffusion_model.to(torch.float32)
+    base.diffusion_model.dtype = torch.float32
+    base.manual_cast_dtype = None
+    return comfy.model_patcher.ModelPatcher(base, load_device=model.load_device, offload_device=model.offload_device)
 
 
 def replay(toy, schedule):
@@ -66,11 +94,34 @@ def test_optimisation_lowers_the_loss(result):
 def test_learned_schedule_replays_through_stock_nodes(toy, result):
     """Transfer: the schedule, applied by Mix Conditioning + stock KSampler, gives the node's edit."""
     (schedule, edited, neutral), _ = result
-    replayed = replay(toy, schedule)
+    replayed = replay(toy, schedule).to(edited["samples"].device)
     scale = float(edited["samples"].abs().max())
-    assert torch.allclose(replayed, edited["samples"], atol=1e-4 * scale, rtol=0), float((replayed - edited["samples"]).abs().max())
+    tol = replay_tolerance(toy[0])
+    assert torch.allclose(replayed, edited["samples"], atol=tol * scale, rtol=0), float((replayed - edited["samples"]).abs().max())
+    assert float((edited["samples"] - neutral["samples"]).abs().max()) > 4 * tol * scale  # the bound is far below the edit
     zeros = comfy_host.pack_module("core.lambda_schedule").LambdaSchedule(schedule.progress, (0.0,) * len(schedule))
-    assert torch.allclose(replay(toy, zeros), neutral["samples"], atol=1e-4 * scale, rtol=0)
+    assert torch.allclose(replay(toy, zeros).to(neutral["samples"].device), neutral["samples"], atol=tol * scale, rtol=0)
+
+
+def test_learned_schedule_replays_to_float32_precision_when_the_model_runs_in_float32(toy):
+    """On a GPU the MODEL computes in fp16; with a float32 copy of it, the optimiser's edit and the stock
+    replay must agree as on the CPU (1e-4 of the latent's largest value): the fp16 gap is the dtype, not a
+    difference between the two samplings. On the CPU the MODEL already runs in float32 (the test above)."""
+    model = toy[0]
+    if compute_dtype(model) == torch.float32:
+        pytest.skip("the MODEL already computes in float32 here (CPU): test_learned_schedule_replays_through_stock_nodes "
+                    "is this test")
+    model32 = fp32_copy(model)
+    toy32 = (model32, *toy[1:])
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default TF32
+    try:  # convolutions have fp16's 10-bit mantissa: float32 means float32 here
+        (schedule, edited, _), _ = optimize(toy32, iterations=2)
+        replayed = replay(toy32, schedule).to(edited["samples"].device)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    scale = float(edited["samples"].abs().max())
+    assert torch.allclose(replayed, edited["samples"], atol=1e-4 * scale, rtol=0), float((replayed - edited["samples"]).abs().max() / scale)
 
 
 def test_saved_and_loaded_schedule_reproduces_the_edit_bit_for_bit(toy, result, tmp_path):
@@ -124,7 +175,9 @@ def test_sdxl_optimisation_replays_through_stock_nodes(toy):
     replayed = call("KSampler", model=model, seed=SEED, steps=STEPS, cfg=CFG, sampler_name="ddim", scheduler="ddim_uniform",
                     positive=mixed, negative=encode(""), latent_image=latent, denoise=1.0)[0]["samples"]
     scale = float(edited["samples"].abs().max())
-    assert torch.allclose(replayed, edited["samples"], atol=1e-3 * scale, rtol=0), float((replayed - edited["samples"]).abs().max() / scale)
+    tol = replay_tolerance(model, base=1e-3)
+    assert torch.allclose(replayed.to(edited["samples"].device), edited["samples"], atol=tol * scale, rtol=0), \
+        float((replayed - edited["samples"]).abs().max() / scale)
 
 
 def invert_scene(toy, steps=STEPS):
@@ -146,7 +199,8 @@ def test_real_image_path_passes_through_the_image(toy):
                                        iterations=1, neutral_steps=2, styled_weight=1.1)
     scale = float(latent["samples"].abs().max())
     assert torch.allclose(neutral["samples"], latent["samples"], atol=1e-5 * scale)
-    assert torch.allclose(edited["samples"], latent["samples"], atol=1e-4 * scale), float((edited["samples"] - latent["samples"]).abs().max())
+    tol = replay_tolerance(toy[0])  # the corrections re-anchor every step; what remains is the MODEL's rounding
+    assert torch.allclose(edited["samples"], latent["samples"], atol=tol * scale), float((edited["samples"] - latent["samples"]).abs().max())
 
 
 def test_real_image_edit_runs_with_rediffusion(toy):
@@ -168,9 +222,9 @@ def test_trajectory_with_other_steps_is_rejected(toy):
         optimize(toy, trajectory=invert_scene(toy)[1], rediffusion_steps=11)
 
 
-def test_progress_reports_every_iteration_with_a_preview(toy):
-    """One progress tick for the reference sampling and one per iteration, each iteration with the
-    decoded edit as a live preview (what ComfyUI shows on the node)."""
+def test_progress_ticks_every_sampler_step_and_previews_every_iteration(toy):
+    """One tick per sampler step: the reference sampling (N), each iteration's forward and backward pass
+    (2N), the final sampling (N); at the end of each iteration the decoded edit as the live preview."""
     import comfy.utils
     seen = []
     previous = comfy.utils.PROGRESS_BAR_HOOK
@@ -179,8 +233,32 @@ def test_progress_reports_every_iteration_with_a_preview(toy):
         optimize(toy, iterations=2)
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
-    assert [(v, t) for v, t, _ in seen] == [(1, 3), (2, 3), (3, 3)]
-    assert seen[0][2] is None
-    for _, _, preview in seen[1:]:
-        kind, image, _ = preview
+    total = STEPS + 2 * 2 * STEPS + STEPS
+    ticks = [(v, t) for v, t, p in seen if p is None]
+    assert ticks == [(k, total) for k in range(1, total + 1)]
+    previews = [(v, p) for v, _, p in seen if p is not None]
+    assert [v for v, _ in previews] == [STEPS + 2 * STEPS, STEPS + 4 * STEPS]
+    for _, (kind, image, _) in previews:
         assert kind == "JPEG" and image.size == (128, 128) and len(set(image.getdata())) > 10
+
+
+def test_real_image_progress_has_no_reference_sampling(toy):
+    import comfy.utils
+    _, trajectory = invert_scene(toy)
+    seen = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: seen.append((value, total)))
+    try:
+        optimize(toy, trajectory=trajectory, rediffusion_steps=3, iterations=1, neutral_steps=2, styled_weight=1.1)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    assert seen[-1] == (3 * STEPS, 3 * STEPS) and len({v for v, _ in seen}) == 3 * STEPS
+
+
+def test_loss_plot_is_an_image_of_the_curve(toy):
+    _, losses = optimize(toy, iterations=3)
+    plot = optimize.last_plot
+    assert plot.shape == (1, 256, 512, 3) and plot.dtype == torch.float32
+    curve = torch.tensor([90, 170, 255]) / 255.0  # nodes/plot.py's CURVE colour
+    on_curve = ((plot[0] - curve).abs().max(dim=-1).values < 0.02).sum()
+    assert on_curve > 200, f"only {int(on_curve)} curve pixels for losses {losses}"
