@@ -10,13 +10,17 @@ ddim_uniform, cfg 7.5, on the GPU ComfyUI picks. Prints one table.
 5 epochs (≈ 100 Adam steps), λ = (3, 10, 10, 10), Adam 1e-3, hidden width H·W = 4096. Its time
 includes the SVDs of the pair and moving Φ to the GPU.
 
-Paths timed (interleaved rounds, medians of per-round ratios against one stock KSampler run):
+The AVI rows with a named z_source use the paper's T_x 0.8, Δτ −0.3 and Algorithm 1 with Φ; the defaults row uses
+AVI Capture's and AVI Integrate's widget defaults. Paths timed (interleaved rounds, medians of per-round ratios against
+one stock KSampler run):
 * stock: KSampler, 50 steps;
 * AVI, z from the seed (the paper's definition): Capture (x: s_x steps, z: s_z steps) → Integrate
   with Φ → stock KSamplerAdvanced from s_x — steps + s_z UNet evaluations;
 * AVI, z continued from x: steps + (s_z − s_x) evaluations;
 * AVI, z one step from x (fast): steps + 1 evaluations (z is one sampler step σ(s_x) → σ(s_z) with the
   target prompt);
+* AVI with every input at its default (z_source "target's x̂0 at x (fast)", T_x 0.2, the difference integration,
+  no Φ): steps + 1 evaluations — the path issue 14's speed bar (≤ 1.05×) is about;
 * stock split: KSamplerAdvanced to s_x with leftover noise, then from s_x (no AVI): what splitting one
   sampling into two ComfyUI calls costs by itself;
 * AVI, pair already captured: x's first s_x steps + Integrate + resume = steps evaluations; this is
@@ -65,9 +69,13 @@ def main():
     capture_node, train_node, integrate_node = avi_nodes.AVICapture(), avi_nodes.AVITrain(), avi_nodes.AVIIntegrate()
     ksampler, advanced = nodes.KSampler(), nodes.KSamplerAdvanced()
 
-    def capture(z_source):
-        return capture_node.capture(model, pos, target, neg, empty, 0, steps, cfg, "ddim", "ddim_uniform", 0.8, -0.3,
+    def capture(z_source, t_x=0.8, delta_tau=-0.3):
+        return capture_node.capture(model, pos, target, neg, empty, 0, steps, cfg, "ddim", "ddim_uniform", t_x, delta_tau,
                                     z_source)["result"]
+
+    defaults = {name: spec[1]["default"] for name, spec in avi_nodes.AVICapture.INPUT_TYPES()["required"].items()
+                if name in ("t_x", "delta_tau", "z_source")}
+    paper_integration = next(label for label, key in avi_nodes.INTEGRATION_KEYS.items() if key == "paper")
 
     def resume(latent, start):
         return advanced.sample(model, "disable", 0, steps, cfg, "ddim", "ddim_uniform", pos, neg, latent, start, 10000,
@@ -93,12 +101,22 @@ def main():
         info = avi_model.info
         t_train = statistics.median(t for t, _ in train_runs)
 
-        def integrate(x_, z_):
-            return integrate_node.integrate(x_, z_, 1.0, 0, avi_nodes.SINGULAR_VALUES[0], avi_model)[0]
+        def integrate(x_, z_):   # the paper's Algorithm 1 with Φ's S
+            return integrate_node.integrate(x_, z_, 1.0, 0, avi_nodes.SINGULAR_VALUES[0], avi_model,
+                                            integration=paper_integration, gain=1.0)[0]
+
+        def integrate_default(x_, z_):   # every AVI Integrate input at its default (no Φ)
+            return integrate_node.integrate(x_, z_, 1.0, 0, "x's own (no Φ)")[0]
 
         def path(z_source):
             x_, z_, start = capture(z_source)
             return resume(integrate(x_, z_), start)
+
+        def default_path():
+            x_, z_, start = capture(defaults["z_source"], defaults["t_x"], defaults["delta_tau"])
+            return resume(integrate_default(x_, z_), start)
+
+        s_default = capture(defaults["z_source"], defaults["t_x"], defaults["delta_tau"])[2]
 
         def x_only():   # the pair exists; x of a new ρ/Φ is recomputed as the first s_x steps of the sampling
             x_ = advanced.sample(model, "enable", 0, steps, cfg, "ddim", "ddim_uniform", pos, neg, empty, 0, s_x,
@@ -115,15 +133,21 @@ def main():
             integrate(x, z)
             sync()
 
+        def integrate_default_only():
+            integrate_default(x, z)
+            sync()
+
         t = timed_rounds({
             "stock": stock,
             "seed": lambda: path(avi_nodes.Z_SOURCES[0]),
             "continue": lambda: path(avi_nodes.Z_SOURCES[1]),
             "fast": lambda: path(avi_nodes.Z_SOURCES[2]),
+            "default": default_path,
             "captured": x_only,
             "split": split,
         }, args.repeats)
-        t_int = timed_rounds({"integrate": integrate_only}, max(args.repeats, 5))["integrate"]
+        t_ints = timed_rounds({"integrate": integrate_only, "default": integrate_default_only}, max(args.repeats, 5))
+        t_int, t_int_default = t_ints["integrate"], t_ints["default"]
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
     med = {k: statistics.median(v) for k, v in t.items()}
@@ -139,11 +163,15 @@ def main():
          med["continue"], median_ratio(t["continue"], t["stock"]), "≤ 1.05"],
         [f"AVI, z one step from x (fast): x {s_x} steps + 1 step for z, Integrate, resume {steps - s_x}", steps + 1,
          med["fast"], median_ratio(t["fast"], t["stock"]), "≤ 1.05"],
+        [f"**AVI defaults** (z_source '{defaults['z_source']}', T_x {defaults['t_x']}: x {s_default} steps + 1 step for z, "
+         f"Integrate with its defaults, resume {steps - s_default})", steps + 1, med["default"],
+         median_ratio(t["default"], t["stock"]), "≤ 1.05"],
         [f"stock split, no AVI: KSamplerAdvanced 0→{s_x} (leftover noise), {s_x}→{steps}", steps, med["split"],
          median_ratio(t["split"], t["stock"]), ""],
         [f"AVI, pair already captured: x {s_x} steps, Integrate, resume {steps - s_x}", steps, med["captured"],
          median_ratio(t["captured"], t["stock"]), "paper 1.08"],
         ["AVI Integrate alone (channel SVDs + Φ), ms", "", statistics.median(t_int) * 1000, "", ""],
+        ["AVI Integrate alone, defaults (SVD of z − x per channel), ms", "", statistics.median(t_int_default) * 1000, "", ""],
     ]
     spread = max((max(v) - min(v)) / statistics.median(v) for v in t.values())
     print_table(

@@ -168,24 +168,105 @@ def attribute_vector_integration(x: Tensor, z: Tensor, s: Tensor, delta_s: Tenso
     return AVIOutputs(y_hat, y_tilde, sx, sz, s, delta_s, u_hat, vh_hat)
 
 
-def integrate(x: Tensor, z: Tensor, k: int, rho: float, singular_values: Tensor | str = "x") -> Tensor:
-    """The edited latent ŷ = Û·diag(S)·V̂ in x's dtype. ``singular_values``: a tensor [..., r]
-    (e.g. Φ's S), or ``"x"`` / ``"z"`` for the latents' own singular values (no Φ)."""
+def integrate_strongest_vectors(ux: Tensor, vhx: Tensor, uz: Tensor, vhz: Tensor, k: int, rho: float) -> tuple[Tensor, Tensor]:
+    """Û and V̂ with z's k *strongest* directions in place of x's, not reversed (our option, not the paper's):
+    Û = [(1−ρ)·U_x[:, :k] + ρ·U_z[:, :k], U_x[:, k:]],  V̂ = [(1−ρ)·V_x[:k, :] + ρ·V_z[:k, :]; V_x[k:, :]]."""
+    r = ux.shape[-1]
+    k = check_k(k, r)
+    rho = check_rho(rho)
+    u_hat = torch.cat([(1 - rho) * ux[..., :k] + rho * uz[..., :k], ux[..., k:]], dim=-1)
+    vh_hat = torch.cat([(1 - rho) * vhx[..., :k, :] + rho * vhz[..., :k, :], vhx[..., k:, :]], dim=-2)
+    return u_hat, vh_hat
+
+
+def difference_directions(x: Tensor, z: Tensor, k: int) -> Tensor:
+    """The best rank-k approximation (Eckart–Young) of each channel's change D = z − x:
+    Σ_{j<k} d_j·a_j·b_jᵀ with (A, d, B) = SVD(D), i.e. the k directions in which x and z differ most."""
     check_pair(x, z)
-    ux, sx, vhx = channel_svd(x)
-    uz, sz, vhz = channel_svd(z)
-    u_hat, vh_hat = integrate_vectors(ux, vhx, uz, vhz, k, rho)
-    if isinstance(singular_values, str):
-        if singular_values not in ("x", "z"):
-            raise ValueError(f"singular_values must be a tensor, 'x' or 'z', got {singular_values!r}")
-        s = sx if singular_values == "x" else sz
+    r = rank_of(*x.shape[-2:])
+    if not 1 <= int(k) <= r:
+        raise ValueError(f"k must be between 1 and r = {r} for latents of rank r = {r}, got {k}")
+    a, d, bh = torch.linalg.svd((z.to(_work_dtype(x)) - x.to(_work_dtype(x))), full_matrices=False)
+    k = int(k)
+    return compose(a[..., :k], d[..., :k], bh[..., :k, :])
+
+
+INTEGRATIONS = ("paper", "strongest", "difference")
+"""How Û, V̂ (or ŷ) are built: Algorithm 1 as written; z's strongest k directions in place of x's; or
+x plus the top-k singular directions of z − x (:func:`difference_directions`)."""
+
+
+def check_gain(gain: float) -> float:
+    gain = float(gain)
+    if not math.isfinite(gain) or gain < 0:
+        raise ValueError(f"gain γ must be a finite number ≥ 0, got {gain}")
+    return gain
+
+
+def integrate(x: Tensor, z: Tensor, k: int, rho: float, singular_values: Tensor | str = "x",
+              integration: str = "paper", gain: float = 1.0) -> Tensor:
+    """The edited latent in x's dtype: ŷ_γ = x + γ·(ŷ − x) with
+
+    * ``"paper"``: ŷ = Û·diag(S)·V̂ of Algorithm 1 (z's weakest directions, reversed);
+    * ``"strongest"``: ŷ = Û·diag(S)·V̂ with :func:`integrate_strongest_vectors`;
+    * ``"difference"``: ŷ = x + ρ·Σ_{j<k} d_j a_j b_jᵀ, the top k directions of z − x (S unused).
+
+    ``singular_values`` (paper, strongest): a tensor [..., r] (e.g. Φ's S), or ``"x"`` / ``"z"`` for the
+    latents' own singular values (no Φ). γ = 1 is the integration itself (the paper has no γ)."""
+    check_pair(x, z)
+    if integration not in INTEGRATIONS:
+        raise ValueError(f"integration must be one of {INTEGRATIONS}, got {integration!r}")
+    gain = check_gain(gain)
+    if integration == "difference":
+        rho = check_rho(rho)
+        y = x.to(_work_dtype(x)) + rho * difference_directions(x, z, k)
     else:
-        s = singular_values.to(u_hat.dtype)
-        if s.shape != sx.shape:
-            raise ValueError(f"singular values of shape {tuple(s.shape)} do not fit latents with SVD shape {tuple(sx.shape)}")
-        if not torch.isfinite(s).all():
-            raise ValueError("the predicted singular values contain NaN or infinite values")
-    return compose(u_hat, s, vh_hat).to(x.dtype)
+        ux, sx, vhx = channel_svd(x)
+        uz, sz, vhz = channel_svd(z)
+        build = integrate_vectors if integration == "paper" else integrate_strongest_vectors
+        u_hat, vh_hat = build(ux, vhx, uz, vhz, k, rho)
+        if isinstance(singular_values, str):
+            if singular_values not in ("x", "z"):
+                raise ValueError(f"singular_values must be a tensor, 'x' or 'z', got {singular_values!r}")
+            s = sx if singular_values == "x" else sz
+        else:
+            s = singular_values.to(u_hat.dtype)
+            if s.shape != sx.shape:
+                raise ValueError(f"singular values of shape {tuple(s.shape)} do not fit latents with SVD shape {tuple(sx.shape)}")
+            if not torch.isfinite(s).all():
+                raise ValueError("the predicted singular values contain NaN or infinite values")
+        y = compose(u_hat, s, vh_hat)
+    if gain != 1.0:
+        y = x.to(y.dtype) + gain * (y - x.to(y.dtype))
+    return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's premises, measured (Sec. 4): subspace distances, alignments, difference spectra
+# --------------------------------------------------------------------------------------------
+
+def principal_angles(a: Tensor, b: Tensor) -> Tensor:
+    """Principal angles θ_1 ≤ … ≤ θ_p between the column spaces of ``a`` [..., n, p] and ``b`` [..., n, q]
+    (orthonormal columns): θ_i = arccos σ_i(aᵀb), p' = min(p, q) angles."""
+    cos = torch.linalg.svdvals(a.transpose(-1, -2) @ b).clamp(-1.0, 1.0)
+    return torch.arccos(cos)            # σ descending → θ ascending
+
+
+def grassmann_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Geodesic distance on the Grassmannian (Sec. 4.3): d(A, B) = sqrt(Σ_k θ_k²) over the principal angles."""
+    return principal_angles(a, b).pow(2).sum(-1).sqrt()
+
+
+def spectrum_coefficients(d: Tensor, u: Tensor, vh: Tensor) -> Tensor:
+    """c_i = u_iᵀ·d·v_i: the coordinates of ``d`` [..., H, W] on the rank-one components u_i v_iᵀ of an SVD
+    (U [..., H, r], Vh [..., r, W]); for d = the decomposed matrix itself, c = S."""
+    return ((u.transpose(-1, -2) @ d.to(u.dtype)) * vh).sum(-1)
+
+
+def component_alignment(u1: Tensor, vh1: Tensor, u2: Tensor, vh2: Tensor) -> Tensor:
+    """A_ij = ⟨u1_i v1_iᵀ, u2_j v2_jᵀ⟩_F = (u1_iᵀ u2_j)(v1_iᵀ v2_j), [..., r, r]: how far component i of one SVD
+    lies along component j of another (|A_ij| = 1 for the same rank-one component)."""
+    return (u1.transpose(-1, -2) @ u2) * (vh1 @ vh2.transpose(-1, -2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,8 +420,9 @@ def train_avi(x: Tensor, z: Tensor, *, k: Optional[int] = None, hidden: Optional
 
 @torch.no_grad()
 def integrate_with_net(net: AVINet, x: Tensor, z: Tensor, rho: float, k: Optional[int] = None,
-                       use: str = "S") -> Tensor:
-    """ŷ with Φ's singular values: ``use="S"`` (the paper's ŷ = Û·S·V̂) or ``"S+ds"`` (Û·(S+Δs)·V̂)."""
+                       use: str = "S", integration: str = "paper", gain: float = 1.0) -> Tensor:
+    """ŷ with Φ's singular values: ``use="S"`` (the paper's ŷ = Û·S·V̂) or ``"S+ds"`` (Û·(S+Δs)·V̂);
+    ``integration`` and ``gain`` as in :func:`integrate`."""
     check_pair(x, z)
     net.check_size(*x.shape[-2:])
     param = next(net.parameters())
@@ -348,4 +430,4 @@ def integrate_with_net(net: AVINet, x: Tensor, z: Tensor, rho: float, k: Optiona
     if use not in ("S", "S+ds"):
         raise ValueError(f"use must be 'S' or 'S+ds', got {use!r}")
     values = s if use == "S" else s + ds
-    return integrate(x, z, net.k if k is None else k, rho, values.to(x.device))
+    return integrate(x, z, net.k if k is None else k, rho, values.to(x.device), integration, gain)

@@ -27,7 +27,7 @@ import latent_preview
 import torch
 
 from ..core import avi as core_avi
-from .common import (CATEGORY, InputError, check_conditioning, check_finite, check_int, check_latent,
+from .common import (CATEGORY, InputError, check_conditioning, check_finite, check_int, check_latent, short,
                      check_tensors_match, free_save_path, json_metadata, meta_shapes, read_safetensors_header, writing)
 from .plot import draw_loss_curve, image_tensor
 
@@ -35,8 +35,23 @@ AVI_MODEL = "AVI_MODEL"
 AVI_FOLDER = "avi"
 META_KEY = "avi_capture"
 AVI_CATEGORY = f"{CATEGORY}/avi"
-Z_SOURCES = ("seed (paper)", "continue from x", "one step from x (fast)")
-SINGULAR_VALUES = ("Φ: S (paper)", "Φ: S + Δs", "x's own (no Φ)", "z's own (no Φ)")
+# Combo labels (saved workflows store them: never rename one) → internal keys.
+Z_SOURCE_KEYS = {"seed (paper)": "seed", "continue from x": "continue", "one step from x (fast)": "one_step",
+                 "target's x̂0 at x (fast)": "repredict"}
+Z_SOURCES = tuple(Z_SOURCE_KEYS)
+DEFAULT_Z_SOURCE = "target's x̂0 at x (fast)"
+SINGULAR_VALUE_KEYS = {"Φ: S (paper)": ("phi", "S"), "Φ: S + Δs": ("phi", "S+ds"), "x's own (no Φ)": ("own", "x"),
+                       "z's own (no Φ)": ("own", "z")}
+SINGULAR_VALUES = tuple(SINGULAR_VALUE_KEYS)
+INTEGRATION_KEYS = {"x + top-k directions of z − x": "difference",
+                    "Algorithm 1 (paper): x's top k + z's weakest k, reversed": "paper",
+                    "z's strongest k in place of x's": "strongest"}
+INTEGRATIONS = tuple(INTEGRATION_KEYS)
+DEFAULT_INTEGRATION = "x + top-k directions of z − x"
+DIFFERENCE_K = 1      # k = 0 with the difference integration (measured: bench/avi_quality.py)
+DEFAULT_GAIN = 3.0    # γ (measured: bench/avi_quality.py)
+MAX_GAIN = 10.0
+DEFAULT_T_X = 0.2     # T_x (measured: bench/avi_premises.py, bench/avi_quality.py; the paper: 0.8)
 
 
 @dataclass
@@ -145,19 +160,48 @@ CAPTURE_COST = (
     "so the edit costs steps + (s_z − s_x) (65 = 1.3×; not the paper's definition of z). 'one step from x (fast)': "
     "z is one sampler step from x at σ(s_x) straight to σ(s_z) with the target prompt (for ddim/euler: the DDIM "
     "update x̂0 of the target prompt re-noised to σ(s_z)), so the edit costs steps + 1 evaluations (51 = 1.02×); "
-    "a coarser z than the paper's, for speed. Capture once per seed: "
+    "a coarser z than the paper's, for speed. 'target's x̂0 at x (fast)' (the default): z is x with its clean-image "
+    "estimate x̂0 moved from the original prompt's to the target prompt's, both predicted at x's last sampler state "
+    "(the original's is the sampler's own, the target's costs one evaluation), so z has x's noise, layout and step "
+    "(Δτ unused) and differs from x only where the target prompt would change the image: steps + 1 evaluations "
+    "(measured on the toy world: it keeps x's layout, where the paper's z from the seed brings its own; "
+    "bench/avi_quality.py). Capture once per seed: "
     "every further ρ or Φ costs the resume alone (steps − s_x). Multistep samplers (dpmpp_2m, ...) restart their "
     "history at the resume step, as at any KSamplerAdvanced split; one-step samplers (ddim, euler) resume exactly."
 )
 
 
 def one_step(model, x: torch.Tensor, target, negative, cfg: float, sampler_name: str, sigmas: torch.Tensor,
-             seed: int, noise_mask=None) -> torch.Tensor:
+             seed: int, noise_mask=None, callback=None) -> torch.Tensor:
     """z in one sampler step from x's state at sigmas[0] to sigmas[1] with the target prompt (no noise added:
     x's LATENT holds its leftover noise, as KSamplerAdvanced's add_noise disable expects)."""
     sampler = comfy.samplers.sampler_object(sampler_name)
     return comfy.sample.sample_custom(model, torch.zeros_like(x), cfg, sampler, sigmas.to(x.device), target, negative,
-                                      x, noise_mask=noise_mask, disable_pbar=True, seed=seed)
+                                      x, noise_mask=noise_mask, callback=callback, disable_pbar=True, seed=seed)
+
+
+def repredicted_z(model, x: torch.Tensor, previous: dict, target, negative, cfg: float, sampler_name: str,
+                  sigmas: torch.Tensor, s_x: int, seed: int, noise_mask=None) -> torch.Tensor:
+    """z for 'target's x̂0 at x': x with its clean estimate moved from the original prompt's to the target's, both
+    predicted at x's previous sampler state (σ_{s−1}); x̂0_O is the sampler's own last prediction (``previous``),
+    x̂0_T costs one UNet evaluation. In the sampler's state space z = x + noise_scaling(σ_x, 0, x̂0_T − x̂0_O), i.e.
+    for ε/v models z_t = x_t + √ᾱ_t·(x̂0_T − x̂0_O) in the paper's latent: same noise, the target's content."""
+    sampling = model.get_model_object("model_sampling")
+    sig_prev, sig_x = float(sigmas[s_x - 1]), float(sigmas[s_x])
+    a_prev, b_prev = paper_space_map(model, sig_prev, x.shape[1])
+    latent_prev = (sampling.calculate_input(torch.tensor(sig_prev), previous["state"].float()) - b_prev) / a_prev
+    got = {}
+
+    def keep(i, x0, state, total):
+        got.setdefault("x0", x0.detach().float().cpu())
+
+    one_step(model, latent_prev.to(x.dtype), target, negative, cfg, sampler_name, sigmas[[s_x - 1, s_x]], seed,
+             noise_mask, callback=keep)
+    delta = got["x0"] - previous["x0"]
+    sig = torch.tensor(sig_x)
+    shift = sampling.calculate_input(sig, sampling.noise_scaling(sig, torch.zeros_like(delta), delta, False))
+    a_x, _ = paper_space_map(model, sig_x, x.shape[1])
+    return (x.float() + shift / a_x).to(x.dtype)
 
 
 class AVICapture:
@@ -194,12 +238,19 @@ class AVICapture:
                 "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": "Classifier-free guidance scale."}),
                 "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "ddim", "tooltip": "Sampler (the same in the resuming KSamplerAdvanced)."}),
                 "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform", "tooltip": "Scheduler (the same in the resuming KSamplerAdvanced)."}),
-                "t_x": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01,
+                "t_x": ("FLOAT", {"default": DEFAULT_T_X, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "T_x as a fraction of diffusion time (1 = pure noise, 0 = clean; the paper: 0.8). "
-                                             "x is taken at the step whose σ is nearest to σ(T_x)."}),
+                                             "x is taken at the step whose σ is nearest to σ(T_x). Take x after the "
+                                             "model has laid out the image and before it commits the attribute you "
+                                             "edit: measured on the toy world (bench/avi_premises.py, README), an "
+                                             "object's colour at 0.2T (the default), a floor or wall colour at 0.76T "
+                                             "with z from the seed and Δτ 0."}),
                 "delta_tau": ("FLOAT", {"default": -0.3, "min": -1.0, "max": 0.0, "step": 0.01,
-                                        "tooltip": "Δτ: z is taken at diffusion time T_x + Δτ (the paper: −0.3, i.e. 0.5T, less noisy than x)."}),
-                "z_source": (list(Z_SOURCES), {"default": Z_SOURCES[0], "tooltip": CAPTURE_COST}),
+                                        "tooltip": "Δτ: z is taken at diffusion time T_x + Δτ (the paper: −0.3, i.e. 0.5T, less noisy than x). "
+                                                   "Unused by z_source 'target's x̂0 at x', whose z is at T_x; 0 puts "
+                                                   "the paper's z from the seed at T_x too, as the difference "
+                                                   "integration wants."}),
+                "z_source": (list(Z_SOURCES), {"default": DEFAULT_Z_SOURCE, "tooltip": CAPTURE_COST}),
             }
         }
 
@@ -210,19 +261,28 @@ class AVICapture:
         t_x, delta_tau = check_finite("t_x", t_x, 0.0, 1.0), check_finite("delta_tau", delta_tau, -1.0, 0.0)
         for cond, name in ((positive, "positive"), (target, "target"), (negative, "negative")):
             check_conditioning(cond, name)
-        if not 0.0 <= t_x + delta_tau <= 1.0:
-            raise InputError(f"t_x + delta_tau must lie in [0, 1], got {t_x} + {delta_tau}")
         if z_source not in Z_SOURCES:
             raise InputError(f"z_source must be one of {Z_SOURCES}, got {z_source!r}")
+        source = Z_SOURCE_KEYS[z_source]
+        if source != "repredict" and not 0.0 <= t_x + delta_tau <= 1.0:
+            raise InputError(f"t_x + delta_tau must lie in [0, 1], got {t_x} + {delta_tau}")
         samples = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         check_latent(model, {"samples": samples}, "latent_image")
         sigmas = sampling_sigmas(model, steps, sampler_name, scheduler)
         s_x = step_at_time(model, sigmas, t_x, 1, steps - 1)
-        s_z = step_at_time(model, sigmas, t_x + delta_tau, s_x, steps)
+        # the re-predicted z sits at x's own step (Δτ unused)
+        s_z = s_x if source == "repredict" else step_at_time(model, sigmas, t_x + delta_tau, s_x, steps)
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+        previous = {}
 
-        def run(cond, latent, start, last, add_noise):
-            callback = latent_preview.prepare_callback(model, steps)
+        def run(cond, latent, start, last, add_noise, record=False):
+            preview = latent_preview.prepare_callback(model, steps)
+
+            def callback(step, x0, state, total):
+                if record and step == last - 1:     # x's last sampler state before T_x and its x̂0 there
+                    previous.update(state=state.detach().clone().cpu(), x0=x0.detach().float().cpu())
+                preview(step, x0, state, total)
+
             out = comfy.sample.sample(model, noise if add_noise else torch.zeros_like(noise), steps, cfg, sampler_name,
                                       scheduler, cond, negative, latent, denoise=1.0, disable_noise=not add_noise,
                                       start_step=start, last_step=last, force_full_denoise=False,
@@ -230,12 +290,15 @@ class AVICapture:
                                       disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
             return out
 
-        x = run(positive, samples, 0, s_x, True)
-        if z_source == Z_SOURCES[0]:
+        x = run(positive, samples, 0, s_x, True, record=True)
+        if source == "repredict":
+            z = repredicted_z(model, x, previous, target, negative, cfg, sampler_name, sigmas, s_x, seed,
+                              latent_image.get("noise_mask"))
+        elif source == "seed":
             z = run(target, samples, 0, s_z, True)
         elif s_z == s_x:
             z = x
-        elif z_source == Z_SOURCES[1]:
+        elif source == "continue":
             z = run(target, x, s_x, s_z, False)
         else:
             z = one_step(model, x, target, negative, cfg, sampler_name, sigmas[[s_x, s_z]], seed,
@@ -250,7 +313,7 @@ class AVICapture:
             if "batch_index" in latent_image:
                 d["batch_index"] = latent_image["batch_index"]
             out.append(d)
-        evaluations = steps + {Z_SOURCES[0]: s_z, Z_SOURCES[1]: s_z - s_x, Z_SOURCES[2]: int(s_z > s_x)}[z_source]
+        evaluations = steps + {"seed": s_z, "continue": s_z - s_x, "one_step": int(s_z > s_x), "repredict": 1}[source]
         text = (f"x at step {s_x}/{steps} (σ {float(sigmas[s_x]):.3f}), z at step {s_z} (σ {float(sigmas[s_z]):.3f}); "
                 f"resume at {s_x}; the edit costs {evaluations} UNet evaluations ({evaluations / steps:.2f}× one sampling)")
         return {"ui": {"text": [text]}, "result": (out[0], out[1], s_x)}
@@ -334,13 +397,29 @@ class AVITrain:
         return {"ui": {"text": [text]}, "result": (AVIModel(net, info), plot)}
 
 
+INTEGRATION_TOOLTIP = (
+    "How ŷ is built from x and z, per latent channel. 'x + top-k directions of z − x' (default): ŷ = x + ρ·Σ_{j<k} "
+    "d_j a_j b_jᵀ, the best rank-k approximation of the change z − x (on the toy world ≥ 90% of the difference between "
+    "two prompts' latents lies in its top 2 singular directions, and only ≈ 1% in z's 8 weakest; bench/avi_premises.py); "
+    "S and Φ are not used. 'Algorithm 1 (paper)': Û = [U_x[:, :k], (1−ρ)·U_x[:, k:] + ρ·U'_z[:, :r−k]] (U'_z: z's "
+    "vectors reversed), ŷ = Û·S·V̂ (Wang et al. 2024, Alg. 1). 'z's strongest k in place of x's': Û = [(1−ρ)·U_x[:, :k] "
+    "+ ρ·U_z[:, :k], U_x[:, k:]], ŷ = Û·S·V̂ (a premise check: z's strongest, not reversed weakest, directions)."
+)
+GAIN_TOOLTIP = (
+    "γ (not in the paper, where γ = 1): ŷ_γ = x + γ·(ŷ − x) extrapolates the integrated change. The resumed sampling "
+    "with the original prompt pulls a handed-over attribute back; on the toy world the target's own latent survives "
+    "only after the model commits the attribute, and γ = 2 carries it from earlier (bench/avi_quality.py). "
+    "Use γ = 1 for the paper's Algorithm 1."
+)
+
+
 class AVIIntegrate:
     DESCRIPTION = (
-        "AVI step 3: Û = [U_x[:, :k], (1−ρ)·U_x[:, k:] + ρ·U'_z[:, :r−k]] (U'_z: z's left singular vectors reversed; "
-        "V̂ row-wise likewise), ŷ = Û·S·V̂ with S = Φ(x), per latent channel (Wang et al. 2024, Alg. 1). The paper's k "
-        "is r/2; for another k the second block takes the first r − k reversed columns of z. Feed the LATENT to stock "
-        "KSamplerAdvanced with the ORIGINAL prompt, add_noise disable, start_at_step = AVI Capture's resume_step, "
-        "same steps/sampler/scheduler. ρ = 0 keeps x's singular vectors, ρ = 1 is the full edit."
+        "AVI step 3: builds ŷ from AVI Capture's x and z per latent channel (integration: by default x plus the top-k "
+        "singular directions of z − x, or the paper's Algorithm 1: Û = [U_x[:, :k], (1−ρ)·U_x[:, k:] + ρ·U'_z[:, :r−k]], "
+        "ŷ = Û·S·V̂ with S = Φ(x), Wang et al. 2024), extrapolated by γ. Feed the LATENT to stock KSamplerAdvanced with "
+        "the ORIGINAL prompt, add_noise disable, start_at_step = AVI Capture's resume_step, same steps/sampler/scheduler. "
+        "ρ = 0 returns x (the original image), ρ = 1 the full edit."
     )
     CATEGORY = AVI_CATEGORY
     RETURN_TYPES = ("LATENT",)
@@ -355,24 +434,40 @@ class AVIIntegrate:
                 "x": ("LATENT", {"tooltip": "AVI Capture's x."}),
                 "z": ("LATENT", {"tooltip": "AVI Capture's z (one, or one per x)."}),
                 "rho": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "display": "slider",
-                                  "tooltip": "ρ: strength of the edit (0 = x's vectors, 1 = the paper's training setting)."}),
-                "k": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "k: top-k singular vectors of x kept (0 = Φ's k, or r/2 without Φ)."}),
+                                  "tooltip": "ρ: strength of the edit (0 = x, the original image; 1 = the full edit, the "
+                                             "paper's training setting)."}),
+                "k": ("INT", {"default": 0, "min": 0, "max": 1024,
+                              "tooltip": "k: for Algorithm 1, the top-k vectors of x kept (0 = Φ's k, or r/2 without Φ); "
+                                         f"for 'x + top-k directions of z − x', how many directions of z − x "
+                                         f"(0 = {DIFFERENCE_K}, measured)."}),
                 "singular_values": (list(SINGULAR_VALUES), {"default": SINGULAR_VALUES[0],
-                                    "tooltip": "S in ŷ = Û·S·V̂: Φ's S (the paper), Φ's S + Δs, or, without Φ, x's or z's own singular values."}),
+                                    "tooltip": "S in ŷ = Û·S·V̂ (Algorithm 1 and 'z's strongest'): Φ's S (the paper), Φ's "
+                                               "S + Δs, or, without Φ, x's or z's own singular values. Unused by the "
+                                               "difference integration."}),
             },
             "optional": {
-                "avi_model": (AVI_MODEL, {"tooltip": "Φ from AVI Train or Load AVI Model (needed for the Φ choices)."}),
+                "avi_model": (AVI_MODEL, {"tooltip": "Φ from AVI Train or Load AVI Model (needed for the Φ choices of "
+                                                     "Algorithm 1)."}),
+                "integration": (list(INTEGRATIONS), {"default": DEFAULT_INTEGRATION, "tooltip": INTEGRATION_TOOLTIP}),
+                "gain": ("FLOAT", {"default": DEFAULT_GAIN, "min": 0.0, "max": MAX_GAIN, "step": 0.05, "tooltip": GAIN_TOOLTIP}),
             },
         }
 
-    def integrate(self, x, z, rho, k, singular_values, avi_model=None):
+    def integrate(self, x, z, rho, k, singular_values, avi_model=None, integration=DEFAULT_INTEGRATION,
+                  gain=DEFAULT_GAIN):
         rho, k = check_finite("rho", rho, 0.0, 1.0), check_int("k", k, 0, 1024)
+        gain = check_finite("gain", gain, 0.0, MAX_GAIN)
+        if integration not in INTEGRATIONS:
+            raise InputError(f"integration must be one of {INTEGRATIONS}, got {short(integration)}")
+        if singular_values not in SINGULAR_VALUES:
+            raise InputError(f"singular_values must be one of {SINGULAR_VALUES}, got {short(singular_values)}")
+        mode = INTEGRATION_KEYS[integration]
+        source, which = SINGULAR_VALUE_KEYS[singular_values]
         xp, zp, _ = paired(x, z)
         meta = x[META_KEY]
         height, width = xp.shape[-2:]
-        if singular_values not in SINGULAR_VALUES:
-            raise InputError(f"singular_values must be one of {SINGULAR_VALUES}, got {singular_values!r}")
-        uses_phi = singular_values.startswith("Φ")
+        rank = core_avi.rank_of(height, width)
+        uses_phi = mode != "difference" and source == "phi"
         net = None
         if uses_phi:
             if not isinstance(avi_model, AVIModel):
@@ -382,13 +477,18 @@ class AVIIntegrate:
                 net.check_size(height, width)
             except ValueError as e:
                 raise InputError(f"avi_model: {e}") from e
-        k = resolve_k(k, core_avi.rank_of(height, width), net)
+        if mode == "difference":
+            k = int(k) or DIFFERENCE_K
+            if not 1 <= k <= rank:
+                raise InputError(f"k must be between 1 and r = min(H, W) = {rank} for the difference integration, got {k}")
+        else:
+            k = resolve_k(k, rank, net)
         device = mm.get_torch_device()
         xd, zd = xp.to(device), zp.to(device)
         if uses_phi:
-            y = core_avi.integrate_with_net(avi_model.on(device), xd, zd, rho, k, "S" if "Δs" not in singular_values else "S+ds")
+            y = core_avi.integrate_with_net(avi_model.on(device), xd, zd, rho, k, which, mode, gain)
         else:
-            y = core_avi.integrate(xd, zd, k, rho, "x" if singular_values.startswith("x") else "z")
+            y = core_avi.integrate(xd, zd, k, rho, which if mode != "difference" else "x", mode, gain)
         y = y.to(mm.intermediate_device(), torch.float32)
         out = {"samples": (y - meta["b"]) / meta["a"]}
         if "batch_index" in x:

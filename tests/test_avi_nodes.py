@@ -13,6 +13,7 @@ from comfyui_disentangle.tests.reconstruction import call
 pytestmark = pytest.mark.usefixtures("host")
 
 STEPS = 20
+PAPER = "Algorithm 1 (paper): x's top k + z's weakest k, reversed"
 
 
 def encode(clip, text):
@@ -56,7 +57,8 @@ def test_rho_zero_with_own_singular_values_resumes_to_the_plain_sampling(kind, s
         pos, target, neg = (comfy_host.sdxl_conditioning(s, width=64, height=64) for s in (1, 2, 3))
     x, z, start = capture(model, pos, target, neg, sampler=sampler, scheduler=scheduler, width=width)
     assert 1 <= start < STEPS and x["samples"].shape == z["samples"].shape
-    y = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.0, k=0, singular_values="x's own (no Φ)")[0]
+    y = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.0, k=0, singular_values="x's own (no Φ)", integration=PAPER,
+             gain=1.0)[0]
     # ρ = 0 with x's own S rebuilds x from its float32 SVD (core/avi: SVD maths in float32 on every device):
     # exact up to the SVD's normwise backward error, c·r·ε32·‖x‖₂ per channel (LAPACK on the CPU: c·r ≤ 6,
     # cuSOLVER rounds differently), so the bound is 8·r·ε32·‖x‖₂, not an elementwise tolerance
@@ -75,7 +77,8 @@ def test_rho_zero_with_own_singular_values_resumes_to_the_plain_sampling(kind, s
     scale = plain.abs().max()
     assert (edited - plain).abs().max() < 1e-3 * scale
     # a real integration (ρ = 1) changes the result
-    y1 = call("DisentangleAVIIntegrate", x=x, z=z, rho=1.0, k=0, singular_values="x's own (no Φ)")[0]
+    y1 = call("DisentangleAVIIntegrate", x=x, z=z, rho=1.0, k=0, singular_values="x's own (no Φ)", integration=PAPER,
+              gain=1.0)[0]
     assert (resume(model, pos, neg, y1, start, sampler, scheduler) - plain).abs().max() > 1e-2 * scale
 
 
@@ -133,17 +136,20 @@ def test_train_integrate_save_load_on_a_batch_of_pairs(tmp_path):
     avi_model = out[0]
     assert avi_model.info["steps"] == 3 * 6 and avi_model.info["final_loss"] < avi_model.info["first_loss"]
     assert avi_model.net.config() == {"height": 8, "width": 8, "k": 4, "hidden": 32, "rank": 8}
-    y = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=0, singular_values="Φ: S (paper)", avi_model=avi_model)[0]
+    y = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=0, singular_values="Φ: S (paper)", avi_model=avi_model,
+             integration=PAPER, gain=1.0)[0]
     assert y["samples"].shape == x["samples"].shape and torch.isfinite(y["samples"]).all()
     # the edit moves away from x as ρ grows
-    d = [float((call("DisentangleAVIIntegrate", x=x, z=z, rho=r, k=0, singular_values="x's own (no Φ)")[0]["samples"]
+    d = [float((call("DisentangleAVIIntegrate", x=x, z=z, rho=r, k=0, singular_values="x's own (no Φ)",
+                     integration=PAPER)[0]["samples"]
                 - x["samples"]).norm()) for r in (0.0, 0.5, 1.0)]
     assert d[0] < 1e-3 * float(x["samples"].norm()) < d[1] < d[2]
     call("DisentangleAVISave", avi_model=avi_model, filename_prefix="avi_test")
     saved = [f for f in os.listdir(tmp_path) if f.startswith("avi_test")]
     assert saved
     loaded = call("DisentangleAVILoad", avi_name=saved[0])[0]
-    y2 = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=0, singular_values="Φ: S (paper)", avi_model=loaded)[0]
+    y2 = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=0, singular_values="Φ: S (paper)", avi_model=loaded,
+              integration=PAPER, gain=1.0)[0]
     torch.testing.assert_close(y2["samples"], y["samples"])
     assert loaded.info["pairs"] == 3
     edited = resume(model, pos, neg, y, start)
@@ -159,7 +165,13 @@ def test_node_errors_are_clear():
     with pytest.raises(InputError, match="same shape"):
         call("DisentangleAVIIntegrate", x=x, z=zb, rho=0.5, k=0, singular_values="x's own (no Φ)")
     with pytest.raises(InputError, match="k must be between 1 and r − 1 = 7"):
-        call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=8, singular_values="x's own (no Φ)")
+        call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=8, singular_values="x's own (no Φ)", integration=PAPER)
+    with pytest.raises(InputError, match="k must be between 1 and r = min.H, W. = 8 for the difference"):
+        call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=9, singular_values="x's own (no Φ)")
+    with pytest.raises(InputError, match="integration must be one of"):
+        call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=0, singular_values="x's own (no Φ)", integration="reversed")
+    with pytest.raises(InputError, match="gain"):
+        call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=0, singular_values="x's own (no Φ)", gain=-1.0)
     with pytest.raises(InputError, match=r"rho must lie in \[0, 1\]"):
         call("DisentangleAVIIntegrate", x=x, z=z, rho=1.5, k=0, singular_values="x's own (no Φ)")
     with pytest.raises(InputError, match="connect its x output"):
@@ -171,11 +183,12 @@ def test_node_errors_are_clear():
     with pytest.raises(InputError, match="NaN or infinite"):
         call("DisentangleAVIIntegrate", x=bad, z=z, rho=0.5, k=0, singular_values="x's own (no Φ)")
     with pytest.raises(InputError, match="connect AVI Train"):
-        call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=0, singular_values="Φ: S (paper)")
+        call("DisentangleAVIIntegrate", x=x, z=z, rho=0.5, k=0, singular_values="Φ: S (paper)", integration=PAPER)
     avi_model = call("DisentangleAVITrain", x=x, z=z, k=0, hidden=16, samples_per_pair=8, epochs=1, batch_size=8,
                      learning_rate=1e-3, lambda_1=3.0, lambda_2=10.0, lambda_3=10.0, lambda_4=10.0, seed=0)[0]
     with pytest.raises(InputError, match="trained for 8×8 latents.*12×12"):
-        call("DisentangleAVIIntegrate", x=xb, z=zb, rho=0.5, k=0, singular_values="Φ: S (paper)", avi_model=avi_model)
+        call("DisentangleAVIIntegrate", x=xb, z=zb, rho=0.5, k=0, singular_values="Φ: S (paper)", avi_model=avi_model,
+             integration=PAPER)
 
 
 def test_training_ticks_every_adam_step_and_plots_the_loss():
@@ -196,3 +209,60 @@ def test_training_ticks_every_adam_step_and_plots_the_loss():
     assert plot.shape == (1, 256, 512, 3)
     curve = torch.tensor([90, 170, 255]) / 255.0  # nodes/plot.py's CURVE colour
     assert ((plot[0] - curve).abs().max(dim=-1).values < 0.02).sum() > 200
+
+
+@pytest.mark.parametrize("kind,sampler", [("sd1", "ddim"), ("sd1_v", "euler")])
+def test_target_x0_at_x_against_stock_ksampler_advanced(kind, sampler):
+    """z_source "target's x̂0 at x": z = x + (x̂0_T − x̂0_O) (ε and v models, σ space), both predicted at x's last
+    sampler state. Oracle from stock nodes only: one Euler/DDIM step from that state with each prompt gives
+    x_T − x_O = (1 − σ_s/σ_{s−1})·(x̂0_T − x̂0_O), so z = x + (x_T − x_O) / (1 − σ_s/σ_{s−1})."""
+    model, pos, target, neg = prompts(kind)
+    x, z, start = capture(model, pos, target, neg, sampler=sampler, scheduler="normal",
+                          z_source="target's x̂0 at x (fast)", delta_tau=-0.3)
+    assert z["avi_capture"]["step"] == start and z["avi_capture"]["sigma"] == x["avi_capture"]["sigma"]
+    empty = call("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
+
+    def advanced(cond, latent, first, last, add):
+        return call("KSamplerAdvanced", model=model, add_noise="enable" if add else "disable", noise_seed=5, steps=STEPS,
+                    cfg=4.0, sampler_name=sampler, scheduler="normal", positive=cond, negative=neg, latent_image=latent,
+                    start_at_step=first, end_at_step=last, return_with_leftover_noise="enable")[0]
+
+    previous = advanced(pos, empty, 0, start - 1, True)
+    x_o = advanced(pos, previous, start - 1, start, False)["samples"]
+    x_t = advanced(target, previous, start - 1, start, False)["samples"]
+    torch.testing.assert_close(x_o, x["samples"], atol=1e-4, rtol=1e-4)   # a split run rounds differently
+    sig = call("BasicScheduler", model=model, scheduler="normal", steps=STEPS, denoise=1.0)[0]
+    ratio = 1 - float(sig[start]) / float(sig[start - 1])
+    expected = x["samples"] + (x_t - x_o) / ratio
+    assert (z["samples"] - expected).abs().max() < 1e-3 * expected.abs().max()
+    assert (z["samples"] - x["samples"]).abs().max() > 1e-2 * x["samples"].abs().max()
+
+
+def test_integration_options_map_labels_to_the_core_and_keep_old_labels():
+    avi_nodes, core = comfy_host.pack_module("nodes.avi"), comfy_host.pack_module("core.avi")
+    # labels that saved workflows hold stay; new ones are appended
+    assert avi_nodes.Z_SOURCES[:3] == ("seed (paper)", "continue from x", "one step from x (fast)")
+    assert avi_nodes.SINGULAR_VALUES == ("Φ: S (paper)", "Φ: S + Δs", "x's own (no Φ)", "z's own (no Φ)")
+    assert set(avi_nodes.INTEGRATION_KEYS.values()) == set(core.INTEGRATIONS)
+    assert avi_nodes.DEFAULT_INTEGRATION in avi_nodes.INTEGRATIONS and avi_nodes.DEFAULT_Z_SOURCE in avi_nodes.Z_SOURCES
+    model, pos, target, neg = prompts("sd1")
+    x, z, _ = capture(model, pos, target, neg, batch=2)
+    a, b = x["avi_capture"]["a"], x["avi_capture"]["b"]
+    xp = x["samples"] * a + b
+    zp = z["samples"] * z["avi_capture"]["a"] + z["avi_capture"]["b"]
+    for label, key in avi_nodes.INTEGRATION_KEYS.items():
+        for gain in (1.0, 2.5):
+            y = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.6, k=2, singular_values="z's own (no Φ)",
+                     integration=label, gain=gain)[0]["samples"] * a + b
+            ref = core.integrate(xp, zp, 2, 0.6, "z", integration=key, gain=gain)
+            torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    # a prompt from before these inputs existed (HTTP API) gets the defaults; the default needs no Φ
+    old = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.6, k=0, singular_values="Φ: S (paper)")[0]["samples"]
+    new = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.6, k=avi_nodes.DIFFERENCE_K, singular_values="x's own (no Φ)",
+               integration=avi_nodes.DEFAULT_INTEGRATION, gain=avi_nodes.DEFAULT_GAIN)[0]["samples"]
+    torch.testing.assert_close(old, new)
+    # ρ = 0 is the original whatever the integration and γ
+    for label in avi_nodes.INTEGRATIONS:
+        y0 = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.0, k=0, singular_values="x's own (no Φ)",
+                  integration=label, gain=3.0)[0]["samples"]
+        torch.testing.assert_close(y0, x["samples"], atol=1e-4, rtol=1e-4)

@@ -217,3 +217,110 @@ def test_weighted_distinct_batch_equals_the_batch_with_repeats():
     assert abs(full - dedup) < 1e-4 * full
     for a, b in zip(g_full, g_dedup):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 14: the premise measurements and the new integrations, against NumPy / SciPy
+# --------------------------------------------------------------------------------------------
+
+def random_orthonormal(rng, n, p):
+    return np.linalg.qr(rng.standard_normal((n, p)))[0]
+
+
+@pytest.mark.parametrize("n,p,q", [(16, 4, 4), (10, 3, 5), (8, 2, 2)])
+def test_principal_angles_and_grassmann_distance_match_scipy(n, p, q):
+    import scipy.linalg
+    rng = np.random.default_rng(n * 10 + p)
+    a, b = random_orthonormal(rng, n, p), random_orthonormal(rng, n, q)
+    theta = np.sort(scipy.linalg.subspace_angles(a, b))
+    got = avi.principal_angles(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    np.testing.assert_allclose(got, theta, atol=1e-7)
+    d = float(avi.grassmann_distance(torch.from_numpy(a), torch.from_numpy(b)))
+    assert d == pytest.approx(float(np.sqrt((theta ** 2).sum())), abs=1e-7)
+    # the same subspace in another basis is at distance 0; orthogonal subspaces at sqrt(p)·π/2
+    rot = random_orthonormal(rng, p, p)
+    assert float(avi.grassmann_distance(torch.from_numpy(a), torch.from_numpy(a @ rot))) < 1e-6
+    e = np.eye(n)
+    assert float(avi.grassmann_distance(torch.from_numpy(e[:, :2]), torch.from_numpy(e[:, 2:4]))) == pytest.approx(
+        np.sqrt(2) * np.pi / 2, abs=1e-7)
+
+
+def test_spectrum_coefficients_and_component_alignment_match_numpy():
+    rng = np.random.default_rng(3)
+    m, d = rng.standard_normal((2, 3, 7, 9)), rng.standard_normal((2, 3, 7, 9))
+    m2 = rng.standard_normal((2, 3, 7, 9))
+    u, s, vh = avi.channel_svd(torch.from_numpy(m))
+    u2, _, vh2 = avi.channel_svd(torch.from_numpy(m2))
+    c = avi.spectrum_coefficients(torch.from_numpy(d), u, vh).numpy()
+    al = avi.component_alignment(u, vh, u2, vh2).numpy()
+    un, vn, un2, vn2 = u.numpy(), vh.numpy(), u2.numpy(), vh2.numpy()
+    for i in range(2):
+        for ch in range(3):
+            np.testing.assert_allclose(c[i, ch], np.diag(un[i, ch].T @ d[i, ch] @ vn[i, ch].T), atol=1e-10)
+            for a in range(7):
+                for b_ in range(7):
+                    ref = np.sum(np.outer(un[i, ch][:, a], vn[i, ch][a]) * np.outer(un2[i, ch][:, b_], vn2[i, ch][b_]))
+                    assert al[i, ch, a, b_] == pytest.approx(ref, abs=1e-10)
+    # a matrix's coefficients on its own SVD are its singular values
+    np.testing.assert_allclose(avi.spectrum_coefficients(torch.from_numpy(m), u, vh).numpy(), s.numpy(), atol=1e-10)
+
+
+def numpy_strongest(x, z, s, k, rho):
+    y = np.zeros_like(x)
+    for c in range(x.shape[0]):
+        ux, _, vx = numpy_svd_fixed(x[c])
+        uz, _, vz = numpy_svd_fixed(z[c])
+        u_hat = np.concatenate([(1 - rho) * ux[:, :k] + rho * uz[:, :k], ux[:, k:]], axis=1)
+        v_hat = np.concatenate([(1 - rho) * vx[:k] + rho * vz[:k], vx[k:]], axis=0)
+        y[c] = u_hat @ np.diag(s[c]) @ v_hat
+    return y
+
+
+def numpy_difference(x, z, k, rho, gain):
+    y = np.zeros_like(x)
+    for c in range(x.shape[0]):
+        a, d, bh = np.linalg.svd(z[c] - x[c], full_matrices=False)
+        y[c] = x[c] + gain * rho * (a[:, :k] * d[:k]) @ bh[:k]
+    return y
+
+
+@pytest.mark.parametrize("shape,k", [((4, 8, 8), 3), ((3, 6, 10), 2), ((2, 9, 7), 5)])
+@pytest.mark.parametrize("rho", [0.0, 0.4, 1.0])
+def test_strongest_integration_matches_numpy(shape, k, rho):
+    rng = np.random.default_rng(k + 7)
+    x, z = rng.standard_normal(shape), rng.standard_normal(shape)
+    sz = np.stack([np.linalg.svd(z[c], compute_uv=False) for c in range(shape[0])])
+    got = avi.integrate(torch.from_numpy(x), torch.from_numpy(z), k, rho, "z", integration="strongest").numpy()
+    np.testing.assert_allclose(got, numpy_strongest(x, z, sz, k, rho), atol=1e-10)
+
+
+@pytest.mark.parametrize("shape,k", [((4, 8, 8), 1), ((3, 6, 10), 2), ((2, 9, 7), 7)])
+@pytest.mark.parametrize("rho,gain", [(0.0, 2.0), (0.5, 1.0), (1.0, 2.5)])
+def test_difference_integration_matches_numpy(shape, k, rho, gain):
+    rng = np.random.default_rng(k + 11)
+    x, z = rng.standard_normal(shape), rng.standard_normal(shape)
+    got = avi.integrate(torch.from_numpy(x), torch.from_numpy(z), k, rho, integration="difference", gain=gain).numpy()
+    np.testing.assert_allclose(got, numpy_difference(x, z, k, rho, gain), atol=1e-10)
+    if rho == 0.0:
+        np.testing.assert_array_equal(got, x)     # ρ = 0 is the original, whatever γ
+
+
+def test_difference_integration_limits():
+    g = torch.Generator().manual_seed(5)
+    x, z = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    # all r directions at ρ = 1, γ = 1 is z itself; a rank-one change is recovered exactly by k = 1
+    torch.testing.assert_close(avi.integrate(x, z, 8, 1.0, integration="difference"), z)
+    change = torch.randn(2, 4, 8, 1, generator=g, dtype=torch.float64) @ torch.randn(2, 4, 1, 8, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(avi.integrate(x, x + change, 1, 1.0, integration="difference"), x + change)
+    # γ extrapolates any integration along its own change: ŷ_γ − x = γ·(ŷ_1 − x)
+    for mode in avi.INTEGRATIONS:
+        y1 = avi.integrate(x, z, 3, 0.7, "z", integration=mode)
+        y3 = avi.integrate(x, z, 3, 0.7, "z", integration=mode, gain=3.0)
+        torch.testing.assert_close(y3 - x, 3.0 * (y1 - x))
+    with pytest.raises(ValueError, match="k must be between 1 and r = 8"):
+        avi.integrate(x, z, 9, 1.0, integration="difference")
+    with pytest.raises(ValueError, match="integration must be one of"):
+        avi.integrate(x, z, 2, 1.0, integration="reversed")
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="gain"):
+            avi.integrate(x, z, 2, 1.0, integration="difference", gain=bad)

@@ -378,6 +378,11 @@ def avi_train_node(**inputs):
                                          "lambda_2": 10.0, "lambda_3": 10.0, "lambda_4": 10.0, "seed": 0, **inputs})
 
 
+def avi_integrate_node(**inputs):
+    return node("DisentangleAVIIntegrate", **{"x": ["cap", 0], "z": ["cap", 1], "rho": 1.0, "k": 0,
+                                             "singular_values": "x's own (no Φ)", **inputs})
+
+
 def optimize_prompt(**inputs):
     return {**tiny(), "loss": node("DisentangleLoadToyClipLoss", clip_name="toy_world_clip.safetensors"),
             "opt": node("DisentangleOptimizeLambda", **{
@@ -404,6 +409,8 @@ NAN_CASES = {
                                 "train", "learning_rate"),
     "AVI Train lambda_3": (lambda v: {**tiny(), **avi_capture_nodes(), "train": avi_train_node(lambda_3=v)},
                            "train", "lambda_3"),
+    "AVI Integrate rho": (lambda v: {**tiny(), **avi_capture_nodes(), "int": avi_integrate_node(rho=v)}, "int", "rho"),
+    "AVI Integrate gain": (lambda v: {**tiny(), **avi_capture_nodes(), "int": avi_integrate_node(gain=v)}, "int", "gain"),
     "Optimize λ cfg": (lambda v: optimize_prompt(cfg=v), "opt", "cfg"),
     "Optimize λ beta": (lambda v: optimize_prompt(beta=v), "opt", "beta"),
     "Optimize λ styled_weight": (lambda v: optimize_prompt(styled_weight=v), "opt", "styled_weight"),

@@ -593,33 +593,35 @@ def avi_attribute_edit(node_classes) -> dict:
                   model=(toy, 0), seed=7, positive=(target, 0), negative=(neg, 0), latent_image=(latent, 0), denoise=1.0,
                   **sampling)
     dec_naive = w.add("VAEDecode", samples=(naive, 0), vae=(toy, 2))
+    # T_x 0.2: the toy model commits the object's colour late (bench/avi_premises.py, README); z is the default
+    # "target's x̂0 at x (fast)", at x's own step (Δτ unused)
     w.stage("3 · Capture x and z",
-            note="x at T_x = 0.8, z at T_x + Δτ = 0.5. Wang et al. 2024, Alg. 1: x from the original prompt, z from the target prompt, same seed. "
-                 "z_source 'one step from x (fast)' makes the whole edit cost one sampling + 1 step.")
+            note="x: the red cube prompt at T_x = 0.2T. z (default 'target's x̂0 at x (fast)'): x with the yellow cube "
+                 "prompt's clean-image estimate, one extra UNet step, so the whole edit costs one sampling + 1 step. "
+                 "T_x must come after the model has laid out the scene and before it commits the edited attribute: "
+                 "on the toy world 0.2T for the object's colour (README).")
     cap = w.add("DisentangleAVICapture", node_size=(340, 0), model=(toy, 0), positive=(pos, 0),
-                target=(target, 0), negative=(neg, 0), latent_image=(latent, 0), seed=7, t_x=0.8, delta_tau=-0.3,
-                z_source="seed (paper)", **sampling)
-    w.stage("4 · Train Φ and save it",
-            note="5000 samples × 5 epochs; saved to models/avi (Load AVI Model can stand in for AVI Train Φ).")
-    train = w.add("DisentangleAVITrain", node_size=(340, 0), x=(cap, 0), z=(cap, 1), k=0, hidden=0,
-                  samples_per_pair=0, epochs=5, batch_size=256, learning_rate=0.001, lambda_1=3.0, lambda_2=10.0,
-                  lambda_3=10.0, lambda_4=10.0, seed=0)
-    w.add("DisentangleAVISave", avi_model=(train, 0), filename_prefix="toy_red_to_yellow")
-    w.add("PreviewImage", title="Φ's training loss", node_size=(300, 180), images=(train, 1))
-    w.stage("5 · Integrate (ρ) and resume",
-            note="ŷ resumes with the ORIGINAL prompt in stock KSamplerAdvanced from AVI Capture's resume step. Move the ρ slider and queue again: only Integrate and the resume re-run.")
+                target=(target, 0), negative=(neg, 0), latent_image=(latent, 0), seed=7, t_x=0.2, delta_tau=-0.3,
+                z_source="target's x̂0 at x (fast)", **sampling)
+    w.stage("4 · Integrate (ρ) and resume",
+            note="ρ is the strength of the edit: 0 gives the original back, 0.5 half the change, 1 the full edit. "
+                 "AVI Integrate adds to x ρ·γ times the strongest singular direction of z − x per latent channel "
+                 "(γ = 3: the original prompt pulls the colour back during the resume); ŷ resumes with the ORIGINAL "
+                 "prompt in stock KSamplerAdvanced from AVI Capture's resume step. Move the ρ slider and queue again: "
+                 "only Integrate and the resume re-run. The paper's Algorithm 1 (with AVI Train Φ) is the integration "
+                 "option 'Algorithm 1 (paper)'; on the toy world it does not change the image visibly.")
     edits = []
     for rho in (0.5, 1.0):
         y = w.add("DisentangleAVIIntegrate", title=f"AVI Integrate (ρ = {rho})", x=(cap, 0),
-                  z=(cap, 1), rho=rho, k=0, singular_values="Φ: S (paper)", avi_model=(train, 0))
+                  z=(cap, 1), rho=rho, k=0, singular_values="x's own (no Φ)",
+                  integration="x + top-k directions of z − x", gain=3.0)
         res = w.add("KSamplerAdvanced", title=f"Resume (ρ = {rho})", node_size=(320, 0),
                     model=(toy, 0), positive=(pos, 0), negative=(neg, 0), latent_image=(y, 0), add_noise="disable",
                     noise_seed=0, start_at_step=(cap, 2), end_at_step=10000, return_with_leftover_noise="disable",
                     **sampling)
         edits.append(w.add("VAEDecode", samples=(res, 0), vae=(toy, 2)))
-    w.stage("6 · Result: four images", kind="output",
-            note="Saved left to right: the original, ρ = 0.5, ρ = 1, the target prompt outright. On the toy world the prompt decides the colour after T_x, so the edit stays close to the "
-                 "original (README, bench/avi_diagnose.py).")
+    w.stage("5 · Result: four images", kind="output",
+            note="Saved left to right: the original, ρ = 0.5, ρ = 1, the target prompt outright.")
     both = w.add("ImageBatch", image1=(dec, 0), image2=(edits[0], 0))
     three = w.add("ImageBatch", image1=(both, 0), image2=(edits[1], 0))
     four = w.add("ImageBatch", image1=(three, 0), image2=(dec_naive, 0))
@@ -731,7 +733,7 @@ TEMPLATES = (
     ("toy_world_real_image_edit", "Edit an image with a learned λ (toy world)",
      "Offline: edit an existing image, learning λ along its inversion trajectory with rediffusion.", False),
     ("avi_attribute_edit", "AVI: attribute vector integration (toy world)",
-     "Offline: capture x and z, train Φ, integrate with strength ρ and resume (Wang et al. 2024).", False),
+     "Offline: capture x and z, integrate with strength ρ and resume: the red cube turns yellow (Wang et al. 2024).", False),
     ("disdiff_swap_factors", "DisDiff: swap a learned factor (toy world)",
      "Offline: encode two images into learned DisDiff factors and swap one of them.", False),
     ("disdiff_partial_condition", "DisDiff: keep chosen factors (toy world)",
