@@ -32,7 +32,8 @@ def random_disdiff(node, dd, model, positive, latent_shape, num_factors=6, code_
     """A DisDiff with random weights (zero-initialised layers too) fitting ``model``'s UNet features."""
     from comfyui_disentangle.tests import comfy_host
     return comfy_host.random_disdiff(model, positive, latent_shape, num_factors=num_factors, code_dim=code_dim,
-                                     encoder_width=128, decoder_width=decoder_width, seed=seed, init_std=0.02)
+                                     encoder_width=128, decoder_width=decoder_width, seed=seed, init_std=0.02,
+                                     modules=(dd, node))
 
 
 class Counter:

@@ -80,7 +80,7 @@ def learn(model, clip, vae, loss_model, steps, cfg, seed, iterations):
                             styled_text=STYLED, negative_text="", seed=seed, steps=steps, cfg=cfg, iterations=iterations,
                             learning_rate=0.1, beta=0.05, neutral_steps=steps // 3, styled_weight=1.0, width=128,
                             height=128)
-    schedule, edited, _ = out["result"]
+    schedule, edited = out["result"][:2]
     return schedule, edited["samples"]
 
 

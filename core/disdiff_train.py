@@ -104,7 +104,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, graph
     """AdamW; for a graphed step the fused, capturable kernel with the learning rate in a device tensor."""
     params = list(model.parameters())
     if graphed:
-        lr_tensor = torch.tensor(float(lr), device=params[0].device)
+        # float32 whatever the default dtype (the fused kernel reads the learning rate as a float)
+        lr_tensor = torch.tensor(float(lr), device=params[0].device, dtype=torch.float32)
         try:
             return torch.optim.AdamW(params, lr=lr_tensor, weight_decay=weight_decay, capturable=True, fused=True)
         except (RuntimeError, ValueError) as e:   # a torch without the fused kernel for these parameters

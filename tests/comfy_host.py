@@ -501,15 +501,15 @@ def tiny_models(kind: str = "sd1", seed: int = 0):
 
 
 def random_disdiff(model, positive, latent_shape, num_factors=3, code_dim=4, encoder_width=16, decoder_width=1.0,
-                   seed=0, init_std=0.1):
+                   seed=0, init_std=0.1, modules=None):
     """An untrained DisDiff (type DISDIFF) fitting ``model``'s UNet features for latents of
     ``latent_shape`` (C, H, W), with its zero-initialised layers randomised so that G ≠ 0. Built on
     the CPU (the DISDIFF object moves itself to the model's device on use); the feature probe runs
-    on the model's device in inference mode, so it works for models loaded inside or outside it."""
+    on the model's device in inference mode, so it works for models loaded inside or outside it.
+    ``modules``: (core.disdiff, nodes.disdiff) of a process that started ComfyUI itself (a bench)."""
     import torch
     import comfy.model_management as mm
-    dd = pack_module("core.disdiff")
-    node = pack_module("nodes.disdiff")
+    dd, node = modules or (pack_module("core.disdiff"), pack_module("nodes.disdiff"))
     with torch.inference_mode():
         mm.load_models_gpu([model])
         probe = torch.randn(1, *latent_shape, device=model.load_device)
