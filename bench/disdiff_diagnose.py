@@ -4,7 +4,8 @@ x̂0 error the full field Σ_c G^c removes, and how factor-specific each G^c's c
     COMFYUI_PATH=/path/to/ComfyUI python bench/disdiff_diagnose.py [--checkpoint weights/toy_world_disdiff.safetensors]
 
 Rows per t: ‖x0 − x̂0_θ‖ (the frozen, unconditioned model's error: what G must close for the codes to
-steer sampling), ‖x0 − x̂0_ψ‖ with all factors (eq. 6, S = all), the share of the error removed,
+steer sampling), ‖x0 − x̂0_ψ‖ with all factors (eq. 6, S = all), the share of the error removed (next to the share that one constant correction, the mean residual
+over the scenes, removes: the frozen model's bias),
 ‖Δx̂0‖ = ‖x̂0_ψ − x̂0_θ‖, and ‖Δx̂0^c‖ of one factor's field alone relative to the full change. If G
 removes little of the error where x̂0_θ is far from x0 (large t), sampling from the seed with all
 factors imposed cannot reconstruct the source, whatever the codes hold. Two more columns: the mean
@@ -71,6 +72,8 @@ def main():
             def norm(v):
                 return v.flatten(1).norm(dim=1).mean().item()
             err_theta, err_psi, full = norm(x0 - x0_theta), norm(x0 - x0_psi), norm(x0_psi - x0_theta)
+            residual = x0 - x0_theta
+            bias_share = 1 - norm(residual - residual.mean(0, keepdim=True)) / err_theta   # a constant correction's
             per = []
             for c in range(n):
                 x0_c = dd.predicted_x0(x_t, dd.partial_condition_eps(out.eps.float(), g[:, c:c + 1], ab, [1.0]), ab)
@@ -81,10 +84,10 @@ def main():
             flat = g.flatten(2)
             cos = torch.nn.functional.cosine_similarity(flat[:, :, None], flat[:, None, :], dim=-1)
             off = cos[:, ~torch.eye(n, dtype=torch.bool, device=device)].mean().item()
-            rows.append([t_int, f"{err_theta:.3f}", f"{err_psi:.3f}", f"{1 - err_psi / err_theta:+.1%}", f"{full:.3f}",
+            rows.append([t_int, f"{err_theta:.3f}", f"{err_psi:.3f}", f"{1 - err_psi / err_theta:+.1%}", f"{bias_share:+.1%}", f"{full:.3f}",
                          " ".join(f"{v:.2f}" for v in per), f"{off:.3f}", f"{code_use:.3f}"])
     print_table(f"DisDiff field diagnosis, {os.path.basename(args.checkpoint)}, {args.scenes} held-out scenes, "
-                f"{device_name()}", ["t", "‖x0−x̂0_θ‖", "‖x0−x̂0_ψ‖ (all factors)", "error removed", "‖Δx̂0‖",
+                f"{device_name()}", ["t", "‖x0−x̂0_θ‖", "‖x0−x̂0_ψ‖ (all factors)", "error removed", "removed by the mean residual", "‖Δx̂0‖",
                  "‖Δx̂0^c‖/‖Δx̂0‖ per factor", "cos(G^c, G^c')", "‖ΣG(other scene's z) − ΣG‖/‖ΣG‖"], rows)
     z = z.float()
     spread = (z - z.mean(0)).flatten(1).norm(dim=1).mean().item() / z.flatten(1).norm(dim=1).mean().item()
