@@ -159,10 +159,10 @@ class Bench:
         return key, self.judged(factor, key, make)
 
 
-ROW_GROUPS = ("paper", "paper-own-S", "pairs", "options", "defaults")
+ROW_GROUPS = ("paper", "paper-own-S", "pairs", "options", "commit", "defaults")
 
 
-def avi_rows(b: Bench, factor: str, rhos, pairs: int, groups=ROW_GROUPS):
+def avi_rows(b: Bench, factor: str, rhos, pairs: int, groups=ROW_GROUPS, commit_gains=(2.0,)):
     t_c = COMMIT_T_X[factor]
     seed_same = dict(z_source="seed (paper)", t_x=t_c, delta_tau=0.0)
     fast = dict(z_source="target's x̂0 at x (fast)", t_x=t_c, delta_tau=0.0)
@@ -193,6 +193,10 @@ def avi_rows(b: Bench, factor: str, rhos, pairs: int, groups=ROW_GROUPS):
             (f"AVI, top-1 direction of z − x, γ 3, target's x̂0 at x, T_x {t_c}, ρ 1",
              b.avi(factor, 1.0, integration=DIFFERENCE, gain=3.0, k=1, **fast)[1]),
         ]
+    if "commit" in groups:   # the per-factor setting: x at the commit T_x, z from the seed there, top-1 of z − x, ρ sweep
+        for gain in commit_gains:
+            rows += [(f"AVI per factor: top-1 direction of z − x, γ {gain:g}, z from the seed, T_x {t_c}, Δτ 0, ρ {rho}",
+                      b.avi(factor, rho, integration=DIFFERENCE, gain=gain, k=1, **seed_same)[1]) for rho in rhos]
     if "defaults" in groups:
         d = b.avi_defaults()
         for rho in rhos:
@@ -236,6 +240,8 @@ def main():
                         help="AVI row groups: the paper's setting with Φ per seed (ρ sweep), the same with z's own S (no Φ), "
                              "Φ on more pairs, the "
                              "options at the commit T_x, the node defaults (ρ sweep)")
+    parser.add_argument("--commit-gains", type=float, nargs="*", default=[2.0],
+                        help="γ of the per-factor rows (group 'commit')")
     args = parser.parse_args()
     if not comfy_host.host_available():
         sys.exit(comfy_host.SKIP_REASON)
@@ -245,7 +251,7 @@ def main():
     t0 = time.time()
     with torch.inference_mode():
         b = Bench(args.edits, args.out, args.fresh, args.seed)
-        avi = {f: avi_rows(b, f, args.rhos, args.pairs, args.groups) for f in args.factors}         # AVI first: the λ rows are slow
+        avi = {f: avi_rows(b, f, args.rhos, args.pairs, args.groups, args.commit_gains) for f in args.factors}         # AVI first: the λ rows are slow
         tables = {f: baseline_rows(b, f, args.skip_lambda) + avi[f] for f in args.factors}
     import contextlib
     import io
