@@ -17,7 +17,11 @@ is quality.py's) are edited by text from the same noise (50 steps ddim / ddim_un
 Everything goes through the nodes (AVI Capture, Train, Integrate, stock KSamplerAdvanced, VAE Decode), judged by
 the shipped factor classifiers: target value reached, each other factor kept, all five others kept (against the
 unedited generation of the same seed). Results are cached per row in ``--out`` (``--fresh`` recomputes).
-CPU, 2 cores: about 1.5 h for 64 seeds of three factors with the λ rows (``--skip-lambda``: a third of that).
+``--seed`` picks the scenes and noise (default 11; the defaults were chosen on seed 3's, so the table is measured
+apart from them); ``--groups`` and ``--skip-lambda`` cut rows. CPU, 2 shared cores, 64 seeds: a row 20–60 s, a
+capture 1–3 min, Φ trained per seed for 64 seeds 2–3 min per factor; the λ rows (10 Adam steps through the whole
+sampling) are for the GPU: ``DISENTANGLE_HOST_GPU=1 COMFYUI_PATH=… python bench/avi_quality.py --commit-gains 1.5``.
+Writes ``results_<n>_seed<seed>.json`` (the cache) and ``table_<n>_seed<seed>.md`` in ``--out``.
 """
 from __future__ import annotations
 
@@ -162,7 +166,7 @@ class Bench:
 ROW_GROUPS = ("paper", "paper-own-S", "pairs", "options", "commit", "defaults")
 
 
-def avi_rows(b: Bench, factor: str, rhos, pairs: int, groups=ROW_GROUPS, commit_gains=(2.0,)):
+def avi_rows(b: Bench, factor: str, rhos, pairs: int, groups=ROW_GROUPS, commit_gains=(1.5,)):
     t_c = COMMIT_T_X[factor]
     seed_same = dict(z_source="seed (paper)", t_x=t_c, delta_tau=0.0)
     fast = dict(z_source="target's x̂0 at x (fast)", t_x=t_c, delta_tau=0.0)
@@ -240,7 +244,7 @@ def main():
                         help="AVI row groups: the paper's setting with Φ per seed (ρ sweep), the same with z's own S (no Φ), "
                              "Φ on more pairs, the "
                              "options at the commit T_x, the node defaults (ρ sweep)")
-    parser.add_argument("--commit-gains", type=float, nargs="*", default=[2.0],
+    parser.add_argument("--commit-gains", type=float, nargs="*", default=[1.5],
                         help="γ of the per-factor rows (group 'commit')")
     args = parser.parse_args()
     if not comfy_host.host_available():
