@@ -17,7 +17,11 @@ is quality.py's) are edited by text from the same noise (50 steps ddim / ddim_un
 Everything goes through the nodes (AVI Capture, Train, Integrate, stock KSamplerAdvanced, VAE Decode), judged by
 the shipped factor classifiers: target value reached, each other factor kept, all five others kept (against the
 unedited generation of the same seed). Results are cached per row in ``--out`` (``--fresh`` recomputes).
-CPU, 2 cores: about 1.5 h for 64 seeds of three factors with the λ rows (``--skip-lambda``: a third of that).
+``--seed`` picks the scenes and noise (default 11; the defaults were chosen on seed 3's, so the table is measured
+apart from them); ``--groups`` and ``--skip-lambda`` cut rows. CPU, 2 shared cores, 64 seeds: a row 20–60 s, a
+capture 1–3 min, Φ trained per seed for 64 seeds 2–3 min per factor; the λ rows (10 Adam steps through the whole
+sampling) are for the GPU: ``DISENTANGLE_HOST_GPU=1 COMFYUI_PATH=… python bench/avi_quality.py --commit-gains 1.5``.
+Writes ``results_<n>_seed<seed>.json`` (the cache) and ``table_<n>_seed<seed>.md`` in ``--out``.
 """
 from __future__ import annotations
 
@@ -159,10 +163,10 @@ class Bench:
         return key, self.judged(factor, key, make)
 
 
-ROW_GROUPS = ("paper", "paper-own-S", "pairs", "options", "defaults")
+ROW_GROUPS = ("paper", "paper-own-S", "pairs", "options", "commit", "defaults")
 
 
-def avi_rows(b: Bench, factor: str, rhos, pairs: int, groups=ROW_GROUPS):
+def avi_rows(b: Bench, factor: str, rhos, pairs: int, groups=ROW_GROUPS, commit_gains=(1.5,)):
     t_c = COMMIT_T_X[factor]
     seed_same = dict(z_source="seed (paper)", t_x=t_c, delta_tau=0.0)
     fast = dict(z_source="target's x̂0 at x (fast)", t_x=t_c, delta_tau=0.0)
@@ -193,6 +197,10 @@ def avi_rows(b: Bench, factor: str, rhos, pairs: int, groups=ROW_GROUPS):
             (f"AVI, top-1 direction of z − x, γ 3, target's x̂0 at x, T_x {t_c}, ρ 1",
              b.avi(factor, 1.0, integration=DIFFERENCE, gain=3.0, k=1, **fast)[1]),
         ]
+    if "commit" in groups:   # the per-factor setting: x at the commit T_x, z from the seed there, top-1 of z − x, ρ sweep
+        for gain in commit_gains:
+            rows += [(f"AVI per factor: top-1 direction of z − x, γ {gain:g}, z from the seed, T_x {t_c}, Δτ 0, ρ {rho}",
+                      b.avi(factor, rho, integration=DIFFERENCE, gain=gain, k=1, **seed_same)[1]) for rho in rhos]
     if "defaults" in groups:
         d = b.avi_defaults()
         for rho in rhos:
@@ -236,6 +244,8 @@ def main():
                         help="AVI row groups: the paper's setting with Φ per seed (ρ sweep), the same with z's own S (no Φ), "
                              "Φ on more pairs, the "
                              "options at the commit T_x, the node defaults (ρ sweep)")
+    parser.add_argument("--commit-gains", type=float, nargs="*", default=[1.5],
+                        help="γ of the per-factor rows (group 'commit')")
     args = parser.parse_args()
     if not comfy_host.host_available():
         sys.exit(comfy_host.SKIP_REASON)
@@ -245,7 +255,7 @@ def main():
     t0 = time.time()
     with torch.inference_mode():
         b = Bench(args.edits, args.out, args.fresh, args.seed)
-        avi = {f: avi_rows(b, f, args.rhos, args.pairs, args.groups) for f in args.factors}         # AVI first: the λ rows are slow
+        avi = {f: avi_rows(b, f, args.rhos, args.pairs, args.groups, args.commit_gains) for f in args.factors}         # AVI first: the λ rows are slow
         tables = {f: baseline_rows(b, f, args.skip_lambda) + avi[f] for f in args.factors}
     import contextlib
     import io

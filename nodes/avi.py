@@ -244,7 +244,7 @@ class AVICapture:
                                              "model has laid out the image and before it commits the attribute you "
                                              "edit: measured on the toy world (bench/avi_premises.py, README), an "
                                              "object's colour at 0.2T (the default), a floor or wall colour at 0.76T "
-                                             "with z from the seed and Δτ 0."}),
+                                             "with z_source 'seed (paper)', Δτ 0 and AVI Integrate's γ 1.5."}),
                 "delta_tau": ("FLOAT", {"default": -0.3, "min": -1.0, "max": 0.0, "step": 0.01,
                                         "tooltip": "Δτ: z is taken at diffusion time T_x + Δτ (the paper: −0.3, i.e. 0.5T, less noisy than x). "
                                                    "Unused by z_source 'target's x̂0 at x', whose z is at T_x; 0 puts "

@@ -599,7 +599,8 @@ def avi_attribute_edit(node_classes) -> dict:
             note="x: the red cube prompt at T_x = 0.2T. z (default 'target's x̂0 at x (fast)'): x with the yellow cube "
                  "prompt's clean-image estimate, one extra UNet step, so the whole edit costs one sampling + 1 step. "
                  "T_x must come after the model has laid out the scene and before it commits the edited attribute: "
-                 "on the toy world 0.2T for the object's colour (README).")
+                 "on the toy world 0.2T for the object's colour; for the floor or wall colour T_x 0.76, z_source "
+                 "'seed (paper)', Δτ 0 and γ 1.5 in AVI Integrate (README).")
     cap = w.add("DisentangleAVICapture", node_size=(340, 0), model=(toy, 0), positive=(pos, 0),
                 target=(target, 0), negative=(neg, 0), latent_image=(latent, 0), seed=7, t_x=0.2, delta_tau=-0.3,
                 z_source="target's x̂0 at x (fast)", **sampling)
