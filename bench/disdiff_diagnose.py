@@ -59,37 +59,15 @@ def main():
         rows = []
         gen = torch.Generator(device="cpu").manual_seed(0)
         for t_int in args.ts:
-            t = torch.full((x0.shape[0],), t_int, device=device, dtype=torch.long)
-            ab = ab_all[t].float().view(-1, 1, 1, 1)
             noise = torch.randn(x0.shape, generator=gen).to(device)
-            x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-            out = frozen(x_t, t)
-            z = net.encode(x0)
-            g = net.gradients(out, z, torch.arange(n, device=device)).float()   # [B, N, C, H, W]
-            x0_theta = dd.predicted_x0(x_t, out.eps.float(), ab)
-            x0_psi = dd.predicted_x0(x_t, dd.partial_condition_eps(out.eps.float(), g, ab, [1.0] * n), ab)
-
-            def norm(v):
-                return v.flatten(1).norm(dim=1).mean().item()
-            err_theta, err_psi, full = norm(x0 - x0_theta), norm(x0 - x0_psi), norm(x0_psi - x0_theta)
-            residual = x0 - x0_theta
-            bias_share = 1 - norm(residual - residual.mean(0, keepdim=True)) / err_theta   # a constant correction's
-            per = []
-            for c in range(n):
-                x0_c = dd.predicted_x0(x_t, dd.partial_condition_eps(out.eps.float(), g[:, c:c + 1], ab, [1.0]), ab)
-                per.append(norm(x0_c - x0_theta) / max(full, 1e-12))
-            perm = torch.roll(torch.arange(x0.shape[0], device=device), 1)
-            g_swapped = net.gradients(out, z[perm], torch.arange(n, device=device)).float()
-            code_use = norm((g_swapped - g).sum(1)) / max(norm(g.sum(1)), 1e-12)
-            flat = g.flatten(2)
-            cos = torch.nn.functional.cosine_similarity(flat[:, :, None], flat[:, None, :], dim=-1)
-            off = cos[:, ~torch.eye(n, dtype=torch.bool, device=device)].mean().item()
-            rows.append([t_int, f"{err_theta:.3f}", f"{err_psi:.3f}", f"{1 - err_psi / err_theta:+.1%}", f"{bias_share:+.1%}", f"{full:.3f}",
-                         " ".join(f"{v:.2f}" for v in per), f"{off:.3f}", f"{code_use:.3f}"])
+            d = dd.field_diagnosis(net, frozen, x0, t_int, ab_all, noise)
+            rows.append([t_int, f"{d['error_frozen']:.3f}", f"{d['error_all']:.3f}", f"{d['error_removed']:+.1%}",
+                         f"{d['bias_removed']:+.1%}", " ".join(f"{v:.2f}" for v in d["field_shares"]),
+                         f"{d['field_cosine']:.3f}", f"{d['code_use']:.3f}"])
+        z = net.encode(x0).float()
     print_table(f"DisDiff field diagnosis, {os.path.basename(args.checkpoint)}, {args.scenes} held-out scenes, "
-                f"{device_name()}", ["t", "‖x0−x̂0_θ‖", "‖x0−x̂0_ψ‖ (all factors)", "error removed", "removed by the mean residual", "‖Δx̂0‖",
-                 "‖Δx̂0^c‖/‖Δx̂0‖ per factor", "cos(G^c, G^c')", "‖ΣG(other scene's z) − ΣG‖/‖ΣG‖"], rows)
-    z = z.float()
+                f"{device_name()}", ["t", "‖x0−x̂0_θ‖", "‖x0−x̂0_ψ‖ (all factors)", "error removed", "removed by the mean residual",
+                 "‖G^c‖/‖ΣG‖ per factor", "cos(G^c, G^c')", "‖ΣG(other scene's z) − ΣG‖/‖ΣG‖"], rows)
     spread = (z - z.mean(0)).flatten(1).norm(dim=1).mean().item() / z.flatten(1).norm(dim=1).mean().item()
     per_factor = [((z[:, c] - z[:, c].mean(0)).norm(dim=1).mean() / z[:, c].norm(dim=1).mean()).item() for c in range(n)]
     print(f"codes: spread across scenes / norm = {spread:.4f} (per factor " + " ".join(f"{v:.4f}" for v in per_factor) + ")")

@@ -530,6 +530,54 @@ def partial_condition_denoised(denoised: Tensor, sigma: Tensor, g: Tensor, stren
 
 
 # --------------------------------------------------------------------------------------------
+# Diagnosis: what G does at all
+# --------------------------------------------------------------------------------------------
+
+def _mean_norm(v: Tensor) -> float:
+    return v.flatten(1).norm(dim=1).mean().item()
+
+
+@torch.no_grad()
+def field_diagnosis(model: DisDiff, frozen: Frozen, x0: Tensor, t: int, alphas_cumprod: Tensor,
+                    noise: Tensor) -> dict:
+    """What the trained fields do at timestep ``t`` on scenes ``x0`` [B, C, H, W] (B ≥ 2):
+
+    * ``error_frozen`` ‖x0 − x̂0_θ‖ and ``error_all`` ‖x0 − x̂0_ψ‖ with every field (eq. 6, S = all, eq. 7);
+      ``error_removed`` = 1 − error_all/error_frozen: how far imposing all codes reconstructs the scene;
+    * ``bias_removed``: the same for one constant correction, the mean residual over the scenes (the
+      frozen model's bias; a G that learned only that removes about this much);
+    * ``field_cosine``: mean cosine between different factors' fields G^c, G^c' of one scene (1: all
+      factors steer alike, so none can be singled out);
+    * ``code_use`` ‖ΣG(another scene's codes) − ΣG‖ / ‖ΣG‖ (0: G ignores the codes);
+    * ``field_shares``: ‖G^c‖ / ‖ΣG‖ per factor (1/N each when the fields are one field split N ways)."""
+    device = x0.device
+    n = model.config.num_factors
+    ab = _gather(alphas_cumprod, torch.full((x0.shape[0],), int(t), device=device, dtype=torch.long), x0.ndim)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    out = frozen(x_t, torch.full((x0.shape[0],), int(t), device=device, dtype=torch.long))
+    eps = out.eps.float()
+    z = model.encode(x0)
+    every = torch.arange(n, device=device)
+    g = model.gradients(out, z, every).float()                          # [B, N, C, H, W]
+    x0_theta = predicted_x0(x_t, eps, ab)
+    x0_all = predicted_x0(x_t, partial_condition_eps(eps, g, ab, [1.0] * n), ab)
+    residual = x0 - x0_theta
+    error_frozen, error_all = _mean_norm(residual), _mean_norm(x0 - x0_all)
+    total = max(_mean_norm(g.sum(1)), 1e-12)
+    other = torch.roll(torch.arange(x0.shape[0], device=device), 1)
+    g_other = model.gradients(out, z[other], every).float()
+    flat = g.flatten(2)
+    cos = F.cosine_similarity(flat[:, :, None], flat[:, None, :], dim=-1)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=device)
+    return {"t": int(t), "error_frozen": error_frozen, "error_all": error_all,
+            "error_removed": 1 - error_all / max(error_frozen, 1e-12),
+            "bias_removed": 1 - _mean_norm(residual - residual.mean(0, keepdim=True)) / max(error_frozen, 1e-12),
+            "field_cosine": cos[:, off_diagonal].mean().item() if n > 1 else 1.0,
+            "code_use": _mean_norm((g_other - g).sum(1)) / total,
+            "field_shares": [_mean_norm(g[:, c]) / total for c in range(n)]}
+
+
+# --------------------------------------------------------------------------------------------
 # Checkpoints (safetensors; config and optimizer layout in the metadata)
 # --------------------------------------------------------------------------------------------
 

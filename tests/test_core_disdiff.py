@@ -454,3 +454,46 @@ def test_channels_last_layout_computes_the_same_fields(setup):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     model.use_channels_last(False)
     assert model.decoder.out[-1].weight.is_contiguous()
+
+
+def test_field_diagnosis_tells_one_shared_field_from_factor_fields_and_reads_the_bias():
+    """core.disdiff.field_diagnosis against fields built to a known answer."""
+    torch.manual_seed(0)
+    frozen = TinyFrozen()
+    ab, _ = schedule()
+    x0 = torch.randn(8, C, H, H, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(8, C, H, H, generator=torch.Generator().manual_seed(6))
+    model = dd.DisDiff(dd.make_config(x0, frozen, num_factors=3, code_dim=4, encoder_width=16))
+    t = 500
+    # G = 0 (the zero-initialised output layer): nothing removed, no code use
+    d0 = dd.field_diagnosis(model, frozen, x0, t, ab, noise)
+    assert d0["error_removed"] == pytest.approx(0.0, abs=1e-6) and d0["code_use"] == 0.0
+    ab_t = ab[t]
+    x_t = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * noise
+    tt = torch.full((8,), t, dtype=torch.long)
+    residual = x0 - dd.predicted_x0(x_t, frozen(x_t, tt).eps.float(), ab_t)
+    # the bias share is one constant correction's: 1 − ‖r − mean r‖ / ‖r‖, averaged per scene
+    norms = residual.flatten(1).norm(dim=1)
+    expected = 1 - (residual - residual.mean(0, keepdim=True)).flatten(1).norm(dim=1).mean() / norms.mean()
+    assert d0["bias_removed"] == pytest.approx(float(expected), rel=1e-5)
+
+    # every factor's field = the exact residual / N, independent of the code: perfect reconstruction,
+    # one field split N ways, codes unused
+    coef = (1 - ab_t).sqrt() * (1 - ab_t).sqrt() / ab_t.sqrt()          # Δx̂0 = √(1−ᾱ)·√(1−ᾱ)/√ᾱ·ΣG
+    exact = residual / coef
+
+    def shared(features, emb, codes, factor_index):
+        return exact.repeat_interleave(3, 0)[: codes.shape[0]] / 3
+    model.decoder.forward = shared
+    d1 = dd.field_diagnosis(model, frozen, x0, t, ab, noise)
+    assert d1["error_removed"] == pytest.approx(1.0, abs=1e-4)
+    assert d1["field_cosine"] == pytest.approx(1.0, abs=1e-6) and d1["code_use"] == pytest.approx(0.0, abs=1e-6)
+    assert d1["field_shares"] == pytest.approx([1 / 3] * 3, rel=1e-5)
+
+    # fields that differ per factor and follow the code: cosine below 1, codes used
+    def distinct(features, emb, codes, factor_index):
+        base = torch.randn(3, C, H, H, generator=torch.Generator().manual_seed(9))[factor_index]
+        return base * (1 + codes.sum(1)).view(-1, 1, 1, 1)
+    model.decoder.forward = distinct
+    d2 = dd.field_diagnosis(model, frozen, x0, t, ab, noise)
+    assert d2["field_cosine"] < 0.5 and d2["code_use"] > 0.01
