@@ -7,7 +7,8 @@ a CUDA-graphed step on a GPU. Prints images/s.
 
 Along the way (``--eval-every``) it scores the codes of ``--eval-images`` held-out scenes with DisDiff's
 protocol (PCA step, FactorVAE, DCI) and logs the gradient share of each loss term on G and E
-(``--diagnose``); at the start it scores two references on the same scenes, a random linear
+and what the fields do — x̂0 error removed, factor fields alike or not, codes used or not
+(``--diagnose``, ``core.disdiff.field_diagnosis``); at the start it scores two references on the same scenes, a random linear
 projection of the latents and the untrained encoder. Everything goes to ``<out stem>_log.json``; the
 final codes to ``<out stem>_codes.safetensors`` (``bench/disdiff_metrics.py`` reads them).
 
@@ -195,6 +196,18 @@ def main():
                 say(f"[gradients @ {reached}] (γ·L_in + γ·L_va) / L_r: on G {shares['share_G']:.3g}, on E "
                     f"{shares['share_E']:.3g}; unweighted L_in {shares['invariant']:.3f} L_va {shares['variant']:.3f} "
                     f"γ {shares['weight']:.2e}")
+                # what the fields do (bench/disdiff_diagnose.py's measures) on 64 held-out scenes
+                with torch.inference_mode():
+                    held = eval_latents[:64].to(mm.get_torch_device())
+                    ab_dev = node.alphas_cumprod(model).to(held.device)
+                    for t_diag in (150, 500, 850):
+                        noise = torch.randn(held.shape, generator=torch.Generator().manual_seed(t_diag)).to(held.device)
+                        d = dd.field_diagnosis(net.eval(), node.make_frozen(model, empty), held, t_diag, ab_dev, noise)
+                        d["step"] = reached
+                        log.setdefault("fields", []).append(d)
+                        say(f"[fields @ {reached}, t {t_diag}] x̂0 error removed {d['error_removed']:+.1%} (the bias "
+                            f"alone {d['bias_removed']:+.1%}), cos(G^c, G^c') {d['field_cosine']:.3f}, code use "
+                            f"{d['code_use']:.3f}")
             with open(f"{stem}_log.json", "w") as f:
                 json.dump(log, f, indent=1)
         if reached < point or (budget > 0 and time.perf_counter() - t0 > budget):
