@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import sys
 
@@ -35,23 +34,6 @@ from comfyui_disentangle.tests.reconstruction import call  # noqa: E402
 
 NEUTRAL = "a large red cube on a green floor in front of a blue wall"
 STYLED = "a large yellow cube on a green floor in front of a blue wall"
-
-
-def compute_dtype(model):
-    """The dtype the UNet computes in, as BaseModel.apply_model picks it (manual cast first)."""
-    return model.model.manual_cast_dtype or model.model.get_dtype()
-
-
-def fp32_copy(model):
-    """A MODEL with the same weights in float32 (its own BaseModel; the original is untouched)."""
-    import torch
-    import comfy.model_patcher
-    with torch.inference_mode():
-        base = copy.deepcopy(model.model)
-        base.diffusion_model.to(torch.float32)
-    base.diffusion_model.dtype = torch.float32
-    base.manual_cast_dtype = None
-    return comfy.model_patcher.ModelPatcher(base, load_device=model.load_device, offload_device=model.offload_device)
 
 
 @contextlib.contextmanager
@@ -145,8 +127,8 @@ def main():
     comfy_host.start_host()
     model, clip, vae = call("DisentangleLoadToyWorld", checkpoint="toy_world")
     loss_model = call("DisentangleLoadToyClipLoss", clip_name="toy_world_clip.safetensors")[0]
-    model32 = fp32_copy(model)
-    dtype = compute_dtype(model)
+    model32 = comfy_host.fp32_copy(model)
+    dtype = comfy_host.compute_dtype(model)
     steps, cfg, seed = args.steps, args.cfg, args.seed
     print(f"device: {device_name()}; MODEL computes in {dtype}; toy world, {steps} ddim steps, cfg {cfg}, seed {seed}")
 

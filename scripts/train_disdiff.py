@@ -183,10 +183,11 @@ def main():
             if args.diagnose:
                 node.load_frozen(model)
                 net = disdiff.model.to(mm.get_torch_device()).train()
+                frozen = node.make_frozen(model, empty)
                 with torch.inference_mode(False), torch.enable_grad():
                     lat = latents[:4096].clone().to(mm.get_torch_device())
                     shares = dtrain.gradient_shares(
-                        net, node.make_frozen(model, empty), lat, node.alphas_cumprod(model).clone().to(lat.device),
+                        net, frozen, lat, node.alphas_cumprod(model).clone().to(lat.device),
                         batch_size=args.batch, seed=reached,
                         autocast_dtype=torch.bfloat16 if lat.device.type == "cuda" else None,
                         **{k: train_kw[k] for k in dtrain.LOSS_OPTIONS})
@@ -202,7 +203,7 @@ def main():
                     ab_dev = node.alphas_cumprod(model).to(held.device)
                     for t_diag in (150, 500, 850):
                         noise = torch.randn(held.shape, generator=torch.Generator().manual_seed(t_diag)).to(held.device)
-                        d = dd.field_diagnosis(net.eval(), node.make_frozen(model, empty), held, t_diag, ab_dev, noise)
+                        d = dd.field_diagnosis(net, frozen, held, t_diag, ab_dev, noise)
                         d["step"] = reached
                         log.setdefault("fields", []).append(d)
                         say(f"[fields @ {reached}, t {t_diag}] x̂0 error removed {d['error_removed']:+.1%} (the bias "

@@ -526,6 +526,24 @@ def random_disdiff(model, positive, latent_shape, num_factors=3, code_dim=4, enc
     return node.DisDiffModel(net, "random")
 
 
+def compute_dtype(model):
+    """The dtype a MODEL's UNet computes in, as BaseModel.apply_model picks it (manual cast first)."""
+    return model.model.manual_cast_dtype or model.model.get_dtype()
+
+
+def fp32_copy(model):
+    """A MODEL with the same weights in float32 (its own BaseModel; the original is untouched)."""
+    import copy
+    import torch
+    import comfy.model_patcher
+    with torch.inference_mode():
+        base = copy.deepcopy(model.model)
+        base.diffusion_model.to(torch.float32)
+    base.diffusion_model.dtype = torch.float32
+    base.manual_cast_dtype = None
+    return comfy.model_patcher.ModelPatcher(base, load_device=model.load_device, offload_device=model.offload_device)
+
+
 def clear_model_cache() -> None:
     """Forget the cached tiny models (TinyCheckpointLoader builds new ones next time)."""
     _MODEL_CACHE.clear()

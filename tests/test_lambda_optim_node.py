@@ -38,10 +38,6 @@ def optimize(toy, **overrides):
     return out["result"][:3], losses
 
 
-def compute_dtype(model):
-    return model.model.manual_cast_dtype or model.model.get_dtype()
-
-
 def replay_tolerance(model, base: float = 1e-4) -> float:
     """Bound on |replay − edit| relative to the latent's largest value. The two samplings run the same UNet
     weights on the same inputs and differ only in the order of float operations (the mixed context, the cfg
@@ -50,19 +46,7 @@ def replay_tolerance(model, base: float = 1e-4) -> float:
     output is rounded to that grid and cfg amplifies the difference; the H200 showed 0.23 % and 0.42 %, i.e.
     2.4 and 4.3 ε16). That this is the dtype and not a real difference is what the float32 test below shows on a
     GPU, and what bench/lambda_replay_gap.py measures."""
-    return max(base, 16 * torch.finfo(compute_dtype(model)).eps)
-
-
-def fp32_copy(model):
-    """The same MODEL with its weights in float32 (its own BaseModel)."""
-    import copy
-    import comfy.model_patcher
-    with torch.inference_mode():
-        base = copy.deepcopy(model.model)
-        base.diffusion_model.to(torch.float32)
-    base.diffusion_model.dtype = torch.float32
-    base.manual_cast_dtype = None
-    return comfy.model_patcher.ModelPatcher(base, load_device=model.load_device, offload_device=model.offload_device)
+    return max(base, 16 * torch.finfo(comfy_host.compute_dtype(model)).eps)
 
 
 def replay(toy, schedule):
@@ -108,10 +92,10 @@ def test_learned_schedule_replays_to_float32_precision_when_the_model_runs_in_fl
     replay must agree as on the CPU (1e-4 of the latent's largest value): the fp16 gap is the dtype, not a
     difference between the two samplings. On the CPU the MODEL already runs in float32 (the test above)."""
     model = toy[0]
-    if compute_dtype(model) == torch.float32:
+    if comfy_host.compute_dtype(model) == torch.float32:
         pytest.skip("the MODEL already computes in float32 here (CPU): test_learned_schedule_replays_through_stock_nodes "
                     "is this test")
-    model32 = fp32_copy(model)
+    model32 = comfy_host.fp32_copy(model)
     toy32 = (model32, *toy[1:])
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default TF32
