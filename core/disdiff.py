@@ -378,15 +378,38 @@ def predicted_x0(x_t: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
     return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
 
-def reconstruction_loss(noise: Tensor, eps_frozen: Tensor, g_sum: Tensor, coef: Tensor, loss_type: str = "l1") -> Tensor:
-    """Eq. 8 per sample: ‖ε − (ε_θ − k_t·Σ_c G^c)‖ with k_t = :func:`reconstruction_coefficient`.
+RECON_WEIGHTINGS = ("eps", "x0")
+
+
+def reconstruction_weights(alphas_cumprod: Tensor, loss_type: str = "l1", recon_weighting: str = "eps") -> Tensor:
+    """Per-timestep weights w_t of eq. 8's error [T]. ``"eps"``: 1 (the paper: the error in ε-space).
+    ``"x0"``: the same error measured on x̂0, ‖Δx̂0‖ = √((1−ᾱ_t)/ᾱ_t)·‖Δε‖ (squared for "l2"), divided
+    by its mean over t so that the loss keeps the scale of the paper's. In ε-space a missing scene
+    detail at large t costs √(ᾱ_t/(1−ᾱ_t)) ≪ 1, so the codes, which carry what x_t no longer shows,
+    are hardly asked for; in x̂0-space that detail costs the same at every t."""
+    if recon_weighting == "eps":
+        return torch.ones_like(alphas_cumprod, dtype=torch.float32)
+    if recon_weighting != "x0":
+        raise ValueError(f"recon_weighting must be one of {RECON_WEIGHTINGS}, got {recon_weighting!r}")
+    ab = alphas_cumprod.double()
+    w = ((1 - ab) / ab).sqrt()
+    if loss_type == "l2":
+        w = w * w
+    return (w / w.mean()).float()
+
+
+def reconstruction_loss(noise: Tensor, eps_frozen: Tensor, g_sum: Tensor, coef: Tensor, loss_type: str = "l1",
+                        weight: Optional[Tensor] = None) -> Tensor:
+    """Eq. 8 per sample: w_t·‖ε − (ε_θ − k_t·Σ_c G^c)‖ with k_t = :func:`reconstruction_coefficient` and
+    w_t = :func:`reconstruction_weights` (1 when ``weight`` is None, the paper).
     ``loss_type`` "l1" (the reference's Shapes3D config) or "l2"."""
     pred = eps_frozen - coef.view(-1, *([1] * (noise.ndim - 1))) * g_sum
     diff = noise.float() - pred.float()
     err = diff.abs() if loss_type == "l1" else diff.pow(2)
     if loss_type not in ("l1", "l2"):
         raise ValueError(f"loss_type must be 'l1' or 'l2', got {loss_type!r}")
-    return err.flatten(1).mean(1)
+    per_sample = err.flatten(1).mean(1)
+    return per_sample if weight is None else per_sample * weight.float()
 
 
 WEIGHTINGS = ("paper", "normalized", "constant")
@@ -464,7 +487,7 @@ class LossTerms(NamedTuple):
 def disdiff_losses(model: DisDiff, frozen: Frozen, x0: Tensor, t: Tensor, noise: Tensor, c: Tensor,
                    alphas_cumprod: Tensor, dis_weight: float = 0.05, loss_type: str = "l1",
                    disentangle: bool = True, detach_codes: bool = False, weighting: str = "paper",
-                   logits: str = "distance") -> LossTerms:
+                   logits: str = "distance", recon_weighting: str = "eps") -> LossTerms:
     """Eq. 14: L = L_r + mean(γ_d·(L_in + L_va)) for one batch. ``t`` integer timesteps, ``c`` the
     sampled factor of each row. The frozen pass runs without gradient. ``alphas_cumprod`` should live
     on the batch's device (then nothing here copies from the host: a step can be a CUDA graph).
@@ -474,7 +497,8 @@ def disdiff_losses(model: DisDiff, frozen: Frozen, x0: Tensor, t: Tensor, noise:
     ``eval_encoder``), and the target codes are detached. As in the reference, the codes z^c that
     condition G^c keep their gradient, so E still learns which information each code must carry
     for its field; ``detach_codes=True`` cuts that path too (the disentangling loss then reaches G
-    only, in every path). ``weighting`` and ``logits``: see :func:`disentangle_weight`, :func:`code_logits`."""
+    only, in every path). ``weighting`` and ``logits``: see :func:`disentangle_weight`, :func:`code_logits`; ``recon_weighting``:
+    :func:`reconstruction_weights`."""
     ab = _gather(alphas_cumprod, t, x0.ndim)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     with torch.no_grad():
@@ -483,7 +507,8 @@ def disdiff_losses(model: DisDiff, frozen: Frozen, x0: Tensor, t: Tensor, noise:
     z = model.encode(x0)                                     # [B, N, D], trained by L_r only
     n = model.config.num_factors
     g = model.gradients(out, z, torch.arange(n, device=x0.device))   # [B, N, C, H, W]
-    recon = reconstruction_loss(noise, out.eps, g.sum(1), reconstruction_coefficient(alphas_cumprod, t), loss_type)
+    w_t = None if recon_weighting == "eps" else reconstruction_weights(alphas_cumprod, loss_type, recon_weighting)[t]
+    recon = reconstruction_loss(noise, out.eps, g.sum(1), reconstruction_coefficient(alphas_cumprod, t), loss_type, w_t)
     zero = recon.new_zeros(())
     if not disentangle:
         return LossTerms(recon.mean(), recon.mean(), zero, zero, zero, z, zero, zero)

@@ -28,7 +28,7 @@ from . import disdiff as dd
 
 log = logging.getLogger(__name__)
 
-LOSS_OPTIONS = ("dis_weight", "loss_type", "detach_codes", "weighting", "logits")
+LOSS_OPTIONS = ("dis_weight", "loss_type", "detach_codes", "weighting", "logits", "recon_weighting")
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,9 +234,10 @@ def _agree_on_stop(stop: bool, ranks: Ranks, device) -> bool:
 
 def train_disdiff(latents: Tensor, frozen: dd.Frozen, alphas_cumprod: Tensor, *,
                   config: Optional[dd.DisDiffConfig] = None, model: Optional[dd.DisDiff] = None, steps: int = 1000,
-                  batch_size: int = 128, lr: float = 2e-4, warmup: int = 100, weight_decay: float = 0.0,
+                  batch_size: int = 128, lr: float = 1e-3, warmup: int = 100, weight_decay: float = 0.0,
                   dis_weight: float = 0.05, loss_type: str = "l1", detach_codes: bool = False,
-                  weighting: str = "paper", logits: str = "distance", seed: int = 0, device=None,
+                  weighting: str = "paper", logits: str = "distance", recon_weighting: str = "eps",
+                  seed: int = 0, device=None,
                   autocast_dtype: Optional[torch.dtype] = None, log_every: int = 50,
                   checkpoint_path: Optional[str] = None, checkpoint_every: int = 0, resume: bool = False,
                   callback: Optional[Callable[[int, int, dict], object]] = None,
@@ -258,7 +259,7 @@ def train_disdiff(latents: Tensor, frozen: dd.Frozen, alphas_cumprod: Tensor, *,
     * ``channels_last``: G's convolutions in the NHWC layout (see :meth:`~.disdiff.DisDiff.use_channels_last`).
     * ``autocast_dtype`` (e.g. torch.bfloat16 on CUDA): the forward passes under autocast; weights and
       optimizer stay fp32. Only E and G are trained; the frozen model's weights never enter the optimizer.
-    * ``dis_weight``, ``loss_type``, ``detach_codes``, ``weighting``, ``logits``: the loss (eq. 8–14), see
+    * ``dis_weight``, ``loss_type``, ``detach_codes``, ``weighting``, ``logits``, ``recon_weighting``: the loss (eq. 8–14), see
       :func:`~.disdiff.disdiff_losses`.
     """
     ranks = current_ranks()
@@ -295,7 +296,7 @@ def train_disdiff(latents: Tensor, frozen: dd.Frozen, alphas_cumprod: Tensor, *,
             gen.manual_seed(seed * 1_000_003 + start)
     n, timesteps, shape = model.config.num_factors, alphas_cumprod.shape[0], tuple(latents.shape[1:])
     loss_kw = dict(dis_weight=dis_weight, loss_type=loss_type, detach_codes=detach_codes, weighting=weighting,
-                   logits=logits)
+                   logits=logits, recon_weighting=recon_weighting)
 
     def next_batch():
         return draw_batch(gen, latents.shape[0], batch_size, timesteps, n, shape, device, ranks)

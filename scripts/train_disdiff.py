@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=100000, help="step limit (the time budget may end it first)")
     p.add_argument("--minutes", type=float, default=0.0, help="training time budget (0: none)")
     p.add_argument("--batch", type=int, default=128, help="global batch (split over torchrun's processes)")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=1e-3, help="2e-4 left G's fields unlearned after 5,000 steps (README)")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--weighting", default="paper", choices=["paper", "normalized", "constant"])
     p.add_argument("--logits", default="distance", choices=["distance", "scale_free"])
     p.add_argument("--loss-type", default="l1", choices=["l1", "l2"])
+    p.add_argument("--recon-weighting", default="eps", choices=["eps", "x0"],
+                   help="eq. 8's error in ε-space (the paper) or on x̂0 (core.disdiff.reconstruction_weights)")
     p.add_argument("--detach-codes", action="store_true", help="disentangling loss reaches G only, on every path")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager steps (for comparison)")
     p.add_argument("--channels-last", action="store_true", help="G's convolutions in the NHWC layout")
@@ -158,6 +160,7 @@ def main():
 
     train_kw = {"dis_weight": args.dis_weight, "warmup": args.warmup, "detach_codes": args.detach_codes,
                 "weighting": args.weighting, "logits": args.logits, "loss_type": args.loss_type,
+                "recon_weighting": args.recon_weighting,
                 "weight_decay": args.weight_decay, "cuda_graph": False if args.no_cuda_graph else None,
                 "channels_last": args.channels_last}
     points = stages + [args.steps]
@@ -182,9 +185,13 @@ def main():
             log["evals"].append(score(codes.cpu(), "DisDiff", reached))
             if args.diagnose:
                 node.load_frozen(model)
-                net = disdiff.model.to(mm.get_torch_device()).train()
                 frozen = node.make_frozen(model, empty)
                 with torch.inference_mode(False), torch.enable_grad():
+                    # a copy with ordinary tensors: the trained weights may be inference tensors by now
+                    # (moved between devices by the node under inference mode), which autograd refuses
+                    net = dd.DisDiff(disdiff.model.config)
+                    net.load_state_dict({k: v.clone() for k, v in disdiff.model.state_dict().items()})
+                    net = net.to(mm.get_torch_device()).train()
                     lat = latents[:4096].clone().to(mm.get_torch_device())
                     shares = dtrain.gradient_shares(
                         net, frozen, lat, node.alphas_cumprod(model).clone().to(lat.device),

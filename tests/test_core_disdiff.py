@@ -78,6 +78,31 @@ def test_coefficients_against_the_ddpm_formulas():
     torch.testing.assert_close(dd.sampling_coefficient(ab[t]), (1 - ab[t]).sqrt())
 
 
+def test_x0_reconstruction_weighting_is_the_error_on_predicted_x0():
+    """recon_weighting "x0": w_t·|Δε| (mean over t of w = 1) is the L1 error of the predicted x̂0 (eq. 7)
+    up to that one normalising constant; "eps" is the paper's unweighted error."""
+    ab, _ = schedule()
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([0, 40, 300, 700, 999])
+    x0, noise, eps, gsum = (torch.randn(5, C, H, H, generator=g) for _ in range(4))
+    coef = dd.reconstruction_coefficient(ab, t)
+    w = dd.reconstruction_weights(ab, "l1", "x0")
+    assert w.shape == ab.shape and float(w.mean()) == pytest.approx(1.0, rel=1e-5)
+    assert bool((w[1:] > w[:-1]).all())                 # later steps weigh more
+    torch.testing.assert_close(dd.reconstruction_weights(ab, "l1", "eps"), torch.ones_like(ab))
+    weighted = dd.reconstruction_loss(noise, eps, gsum, coef, "l1", w[t])
+    a = ab[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    pred_eps = eps - coef.view(-1, 1, 1, 1) * gsum
+    x0_error = (dd.predicted_x0(x_t, pred_eps, a) - x0).abs().flatten(1).mean(1)
+    raw = ((1 - ab.double()) / ab.double()).sqrt()
+    torch.testing.assert_close(weighted.double() * raw.mean(), x0_error.double(), rtol=1e-4, atol=1e-6)
+    w2 = dd.reconstruction_weights(ab, "l2", "x0")
+    torch.testing.assert_close(w2 * (raw ** 2).mean().float(), (raw ** 2).float(), rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="recon_weighting"):
+        dd.reconstruction_weights(ab, "l1", "v")
+
+
 def test_each_loss_against_direct_recomputation():
     g = torch.Generator().manual_seed(1)
     B, N, D = 6, 4, 5
