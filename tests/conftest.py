@@ -72,8 +72,26 @@ def _shield_pack_init():
         sys.modules[name] = shield
 
 
+def _share_cpu_threads_between_workers():
+    """Under pytest-xdist (``-n K``) each worker gets cpu_count/K intra-op threads (torch and, through
+    OMP_NUM_THREADS, the processes a test starts): K workers of cpu_count spinning threads each
+    oversubscribe the CPU so badly on a 16-core GPU machine that CPU-only tests ran past their timeout."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if workers <= 1 or "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    os.environ.setdefault("OMP_NUM_THREADS", threads)
+    os.environ.setdefault("MKL_NUM_THREADS", threads)
+    try:
+        import torch
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    except ImportError:
+        pass
+
+
 _register_pack_alias()
 _shield_pack_init()
+_share_cpu_threads_between_workers()
 
 from comfyui_disentangle.tests import comfy_host  # noqa: E402  (needs the alias above)
 
