@@ -20,7 +20,8 @@ def test_shipped_weights_fit_the_budget():
     assert {"toy_world_unet.safetensors", "toy_world_vae.safetensors", "toy_world_text_encoder.safetensors",
             "toy_world_clip.safetensors", "toy_world_factor_classifier.safetensors"} <= set(files)
     total = sum(os.path.getsize(os.path.join(WEIGHTS, f)) for f in files)
-    assert total <= 30 * 2**20, f"{total / 2**20:.1f} MiB of weights, the budget is 30"
+    # 40 MB in all (issue 11 let the shipped weights grow from 30 MiB for a DisDiff model that works)
+    assert total <= 40 * 10**6, f"{total / 10**6:.1f} MB of weights, the budget is 40"
 
 
 def test_shipped_factor_classifier_reads_renders():

@@ -646,12 +646,13 @@ def disdiff_partial_condition(node_classes) -> dict:
                   text="")
     enc = w.add("VAEEncode", pixels=(scene, 0), vae=(toy, 2))
     codes = w.add("DisentangleDisDiffEncode", disdiff=(dis, 0), latent=(enc, 0))
-    w.stage("3 · Sample with factor 2 imposed",
-            note="Four seeds, with and without factor 2 of the target. DisDiff eq. 6: stock KSampler on a MODEL patched with the gradient field of the chosen factors. "
-                 "The factors are learned without labels: find which index is which with the swap workflow; try "
+    w.stage("3 · Sample with factor 0 imposed",
+            note="Four seeds, with and without factor 0 of the target. DisDiff eq. 6: stock KSampler on a MODEL patched with the gradient field of the chosen factors. "
+                 "The factors are learned without labels: in the shipped model factor 0 holds the wall's colour, "
+                 "factor 2 mixes the object's colour, size and shape. Find the others with the swap workflow; try "
                  "'all' (reconstruction) or several ('0,2').")
     patched = w.add("DisentangleDisDiffPartialCondition", node_size=(340, 0), model=(toy, 0),
-                    disdiff=(dis, 0), factors=(codes, 0), condition_on="2", strengths="1.0")
+                    disdiff=(dis, 0), factors=(codes, 0), condition_on="0", strengths="1.0")
     batch = w.add("RepeatLatentBatch", samples=(enc, 0), amount=4)
     cond = w.add("KSampler", title="Conditioned on the chosen factors", model=(patched, 0), seed=11,
                  steps=50, cfg=1.0, sampler_name="ddim", scheduler="ddim_uniform", positive=(empty, 0),
@@ -661,7 +662,7 @@ def disdiff_partial_condition(node_classes) -> dict:
                  latent_image=(batch, 0), denoise=1.0)
     d_cond = w.add("VAEDecode", samples=(cond, 0), vae=(toy, 2))
     d_free = w.add("VAEDecode", samples=(free, 0), vae=(toy, 2))
-    w.stage("4 · Result: plain | conditioned", kind="output", note="The plain model (first four), conditioned on factor 2 (last four), same seeds.")
+    w.stage("4 · Result: plain | conditioned", kind="output", note="The plain model (first four), conditioned on factor 0 (last four), same seeds: the target's wall colour.")
     both = w.add("ImageBatch", image1=(d_free, 0), image2=(d_cond, 0))
     w.add("SaveImage", node_size=(520, 300), images=(both, 0), filename_prefix="disentangle/disdiff_partial")
     return w.to_dict("disdiff_partial_condition")
@@ -675,17 +676,17 @@ def disdiff_swap_factors(node_classes) -> dict:
     src = w.add("DisentangleFactorWorldScene", title="Source image", floor_hue="green", wall_hue="blue",
                 object_hue="red", scale="large", shape="cube", orientation="facing front", size=128)
     tgt = w.add("DisentangleFactorWorldScene", title="Second image (gives the swapped factors)",
-                floor_hue="orange", wall_hue="cyan", object_hue="yellow", scale="small", shape="sphere",
+                floor_hue="orange", wall_hue="purple", object_hue="yellow", scale="small", shape="sphere",
                 orientation="turned left", size=128)
-    w.stage("2 · Encode both; swap factor 2",
-            note="Both images are encoded into learned factor codes; the source's code 2 is replaced by the second image's. Change 'swap' to see what each learned factor holds (object colour, floor, wall, size, shape, turn).")
+    w.stage("2 · Encode both; swap factor 0",
+            note="Both images are encoded into learned factor codes; the source's code 0 (in the shipped model: the wall's colour) is replaced by the second image's. Change 'swap' to see what each learned factor holds (the factors are learned without labels and are not all cleanly separated).")
     empty = w.add("CLIPTextEncode", title="Empty prompt (the unconditional model)", node_size=(360, 110), clip=(toy, 1),
                   text="")
     e_src = w.add("VAEEncode", pixels=(src, 0), vae=(toy, 2))
     e_tgt = w.add("VAEEncode", pixels=(tgt, 0), vae=(toy, 2))
     z_src = w.add("DisentangleDisDiffEncode", disdiff=(dis, 0), latent=(e_src, 0))
     z_tgt = w.add("DisentangleDisDiffEncode", disdiff=(dis, 0), latent=(e_tgt, 0))
-    swapped = w.add("DisentangleDisDiffSwapFactors", factors=(z_src, 0), other=(z_tgt, 0), swap="2")
+    swapped = w.add("DisentangleDisDiffSwapFactors", factors=(z_src, 0), other=(z_tgt, 0), swap="0")
     w.stage("3 · Sample with all factors", note="Stock KSampler with all factors imposed: the source's, and with one swapped.")
     rec_model = w.add("DisentangleDisDiffPartialCondition", node_size=(340, 0), title="All factors of the source",
                       model=(toy, 0), disdiff=(dis, 0), factors=(z_src, 0), condition_on="all", strengths="1.0")
