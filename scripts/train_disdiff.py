@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=0.0, help="training time budget (0: none)")
     p.add_argument("--batch", type=int, default=128, help="global batch (split over torchrun's processes)")
     p.add_argument("--lr", type=float, default=1e-3, help="2e-4 left G's fields unlearned after 5,000 steps (README)")
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=500, help="linear warm-up steps (the measured runs used 500)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=100000, help="training scenes rendered (480000: every combination)")
