@@ -139,10 +139,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for reason, count in skipped_other.items():
         tr.write_sep("!", f"{count} tests {reason}", red=True, bold=True)
 
+    where = "headless, GPU" if os.environ.get("DISENTANGLE_HOST_GPU") == "1" else "headless, --cpu"
+    xdist_controller = bool(getattr(config.option, "numprocesses", None)) and "PYTEST_XDIST_WORKER" not in os.environ
     if comfy_host.host_started():
         info = comfy_host._STATE
         tr.write_sep("=", f"ComfyUI integration suite RAN against ComfyUI {info.get('version') or '?'} "
-                          f"at {info.get('root')} (headless, --cpu)", green=True, bold=True)
+                          f"at {info.get('root')} ({where})", green=True, bold=True)
+    elif xdist_controller and comfy_host.host_problem() is None:
+        # the host lives in the workers (each starts its own); this process only collects their reports
+        tr.write_sep("=", f"ComfyUI integration tests ran in the xdist workers, each with its own headless ComfyUI "
+                          f"{comfy_host.comfyui_version() or '?'} at {comfy_host.comfyui_path()} ({where}); "
+                          f"{skipped_host} skipped for want of the host", green=not skipped_host, bold=True)
     elif comfy_host.host_problem() is not None:
         tr.write_sep("!", f"ComfyUI integration suite SKIPPED ({skipped_host} tests): "
                           f"{comfy_host.host_problem()}", red=True, bold=True)
