@@ -577,9 +577,10 @@ def field_diagnosis(model: DisDiff, frozen: Frozen, x0: Tensor, t: int, alphas_c
     * ``field_shares``: ‖G^c‖ / ‖ΣG‖ per factor (1/N each when the fields are one field split N ways)."""
     device = x0.device
     n = model.config.num_factors
-    ab = _gather(alphas_cumprod, torch.full((x0.shape[0],), int(t), device=device, dtype=torch.long), x0.ndim)
+    t_batch = torch.full((x0.shape[0],), int(t), device=device, dtype=torch.long)
+    ab = _gather(alphas_cumprod, t_batch, x0.ndim)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-    out = frozen(x_t, torch.full((x0.shape[0],), int(t), device=device, dtype=torch.long))
+    out = frozen(x_t, t_batch)
     eps = out.eps.float()
     z = model.encode(x0)
     every = torch.arange(n, device=device)

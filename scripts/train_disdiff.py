@@ -186,17 +186,18 @@ def main():
             if args.diagnose:
                 node.load_frozen(model)
                 frozen = node.make_frozen(model, empty)
+                device = mm.get_torch_device()
                 with torch.inference_mode(False), torch.enable_grad():
                     # a copy with ordinary tensors: the trained weights may be inference tensors by now
                     # (moved between devices by the node under inference mode), which autograd refuses
                     net = dd.DisDiff(disdiff.model.config)
                     net.load_state_dict({k: v.clone() for k, v in disdiff.model.state_dict().items()})
-                    net = net.to(mm.get_torch_device()).train()
-                    lat = latents[:4096].clone().to(mm.get_torch_device())
+                    net = net.to(device).train()
+                    lat = latents[:4096].clone().to(device)
+                    ab_dev = node.alphas_cumprod(model).clone().to(device)
                     shares = dtrain.gradient_shares(
-                        net, frozen, lat, node.alphas_cumprod(model).clone().to(lat.device),
-                        batch_size=args.batch, seed=reached,
-                        autocast_dtype=torch.bfloat16 if lat.device.type == "cuda" else None,
+                        net, frozen, lat, ab_dev, batch_size=args.batch, seed=reached,
+                        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
                         **{k: train_kw[k] for k in dtrain.LOSS_OPTIONS})
                 net.eval()
                 shares["step"] = reached
@@ -206,10 +207,9 @@ def main():
                     f"γ {shares['weight']:.2e}")
                 # what the fields do (bench/disdiff_diagnose.py's measures) on 64 held-out scenes
                 with torch.inference_mode():
-                    held = eval_latents[:64].to(mm.get_torch_device())
-                    ab_dev = node.alphas_cumprod(model).to(held.device)
+                    held = eval_latents[:64].to(device)
                     for t_diag in (150, 500, 850):
-                        noise = torch.randn(held.shape, generator=torch.Generator().manual_seed(t_diag)).to(held.device)
+                        noise = torch.randn(held.shape, generator=torch.Generator().manual_seed(t_diag)).to(device)
                         d = dd.field_diagnosis(net, frozen, held, t_diag, ab_dev, noise)
                         d["step"] = reached
                         log.setdefault("fields", []).append(d)
