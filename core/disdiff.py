@@ -2,7 +2,9 @@
 
 Pieces, each named after the paper's equation:
 
-* :class:`FactorEncoder` ``E_φ``: a clean latent x0 → N factor codes ``z^c`` (``[B, N, D]``).
+* :class:`FactorEncoder` ``E_φ``: a clean latent x0 → N factor codes ``z^c`` (``[B, N, D]``); with
+  ``encoder_input="image"`` it reads x0 decoded by the frozen first-stage decoder instead
+  (:meth:`DisDiff.encoder_view`, the reference's setting).
 * :class:`GradientDecoder` ``G_ψ``: ``G^c(x_t, z^c, t)``, one sub-gradient field per factor. It reuses
   the frozen UNet's encoder (input-block) feature maps and time embedding (the reference's
   ``seprate_decoder``), has its own middle and output blocks, and injects ``z^c`` and the factor's
@@ -21,10 +23,13 @@ one UNet pass (the reference runs the frozen UNet once per step for both). Nothi
 ComfyUI; ``nodes/disdiff.py`` builds ``frozen`` from a MODEL.
 
 Deviations from the reference implementation (ThomasMrY/DisDiff), all documented where they occur:
-the encoder reads the diffusion model's latent x0 instead of the decoded image (so the
-disentangling loss needs no VAE decode per step; γ_d is then the reference's "Z" weighting, the one
-its Shapes3D config uses) and uses GroupNorm instead of BatchNorm (a code does not depend on the
-other images of a batch).
+by default (``encoder_input="latent"``) the encoder reads the diffusion model's latent x0 instead of
+the decoded image (so the disentangling loss needs no VAE decode per step; γ_d is then the
+reference's "Z" weighting, the one its Shapes3D config uses); ``encoder_input="image"`` is the
+reference's way, an option measured in issue 11: x0, x̂0 and x̂0^c are decoded differentiably by a
+frozen decoder the caller supplies (its weights are not part of a DisDiff checkpoint) and resized to
+``image_side`` px before E reads them. E uses GroupNorm instead of BatchNorm (a code does not depend on
+the other images of a batch).
 """
 from __future__ import annotations
 
@@ -51,6 +56,14 @@ class FrozenOutput(NamedTuple):
 
 Frozen = Callable[[Tensor, Tensor], FrozenOutput]
 """``frozen(x_t, t)``: one pass of the frozen UNet at VP state ``x_t`` and integer timesteps ``t``."""
+
+ImageDecoder = Callable[[Tensor], Tensor]
+"""``decoder(x0)``: the frozen first-stage decoder, a model-space latent [B, C, H, W] (as the UNet reads
+it) → an RGB image [B, 3, H', W'] in [-1, 1] (unclamped: the reference's ``decode_first_stage``; a
+ComfyUI VAEDecode image is ``clamp((y + 1)/2, 0, 1)`` of it). Its parameters must not require
+gradients; gradients flow to its input."""
+
+ENCODER_INPUTS = ("latent", "image")
 
 
 class CheckpointError(ValueError):
@@ -79,6 +92,8 @@ class DisDiffConfig:
     decoder_width: float = 1.0          # G's channels relative to the frozen features
     attention_max_tokens: int = 256     # self-attention in G where H·W ≤ this
     extra: dict = field(default_factory=dict)  # free-form (e.g. the frozen model's description)
+    encoder_input: str = "latent"       # what E reads: the latent x0, or its decoded image ("image")
+    image_side: int = 64                # "image": the decoded image is resized to this many px (the reference's 64)
 
     def __post_init__(self):
         object.__setattr__(self, "latent_size", tuple(int(s) for s in self.latent_size))
@@ -92,9 +107,26 @@ class DisDiffConfig:
             raise ValueError(f"emb_dim must be even, got {self.emb_dim}")
         if self.num_factors > self.emb_dim // 2:
             raise ValueError(f"at most emb_dim/2 = {self.emb_dim // 2} factors (orthogonal embeddings)")
+        if self.encoder_input not in ENCODER_INPUTS:
+            raise ValueError(f"encoder_input must be one of {ENCODER_INPUTS}, got {self.encoder_input!r}")
+        if not 4 <= int(self.image_side) <= 1024:
+            raise ValueError(f"image_side must lie in [4, 1024], got {self.image_side}")
+        object.__setattr__(self, "image_side", int(self.image_side))
+
+    def encoder_shape(self) -> tuple:
+        """(channels, (H, W)) of what E reads: the latent, or the resized RGB image."""
+        if self.encoder_input == "image":
+            return 3, (self.image_side, self.image_side)
+        return self.latent_channels, self.latent_size
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """JSON of the fields; a latent-input config leaves out ``encoder_input`` / ``image_side`` (its
+        JSON is that of the configs before the option, which older readers of the format accept)."""
+        data = asdict(self)
+        if data["encoder_input"] == "latent":
+            data.pop("encoder_input")
+            data.pop("image_side")
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "DisDiffConfig":
@@ -145,13 +177,15 @@ class _PlainResBlock(nn.Module):
 
 
 class FactorEncoder(nn.Module):
-    """E_φ: latent x0 [B, C, H, W] → codes [B, N, D] (the reference's Encoder4, on latents, GroupNorm)."""
+    """E_φ: latent x0 [B, C, H, W] (or, ``encoder_input="image"``, an RGB image [B, 3, S, S]) → codes
+    [B, N, D]: the reference's Encoder4 (stride-2 convolutions down to 4×4, two residual blocks, a
+    linear head), with GroupNorm."""
 
     def __init__(self, config: DisDiffConfig):
         super().__init__()
         w = config.encoder_width
-        layers = [nn.Conv2d(config.latent_channels, w, 3, padding=1), _norm(w), nn.SiLU()]
-        h, wd = config.latent_size
+        channels, (h, wd) = config.encoder_shape()
+        layers = [nn.Conv2d(channels, w, 3, padding=1), _norm(w), nn.SiLU()]
         while max(h, wd) > 4:
             layers += [nn.Conv2d(w, w, 4, stride=2, padding=1), _norm(w), nn.SiLU()]
             h, wd = (h + 1) // 2, (wd + 1) // 2
@@ -287,15 +321,17 @@ class GradientDecoder(nn.Module):
         with torch.autocast(device_type=a.device.type, enabled=False):
             return expm_skew(a.double() - a.double().t()).to(a.dtype)
 
-    def forward(self, features: Sequence[Tensor], emb: Tensor, codes: Tensor, factor_index: Tensor) -> Tensor:
+    def forward(self, features: Sequence[Tensor], emb: Tensor, codes: Tensor, factor_index: Tensor,
+                positional: Optional[Tensor] = None) -> Tensor:
         """features: per-row frozen features; emb [B, E]; codes [B, D] (z^c of each row);
-        factor_index [B] (c of each row) → G^c [B, C, H, W]."""
+        factor_index [B] (c of each row) → G^c [B, C, H, W]. ``positional``: exp(A − Aᵀ) computed once
+        beforehand (sampling: the weights do not change between model calls), else computed here."""
         if not torch.is_autocast_enabled(emb.device.type):  # frozen outputs may be fp16/bf16
             dtype = self.repre_embed.weight.dtype
             features, emb, codes = [f.to(dtype) for f in features], emb.to(dtype), codes.to(dtype)
         if self.channels_last:
             features = [f.contiguous(memory_format=torch.channels_last) for f in features]
-        p = self.positional_embeddings()[factor_index]
+        p = (self.positional_embeddings() if positional is None else positional)[factor_index]
         t_emb = emb + self.part_emb(p)
         z_emb = self.repre_embed(codes)
         h = self.mid_in(features[-1], t_emb, z_emb)
@@ -307,17 +343,67 @@ class GradientDecoder(nn.Module):
         return self.out(h)
 
 
-class DisDiff(nn.Module):
-    """Encoder E_φ and decoder G_ψ with their config."""
+def check_image_decoder(decoder) -> None:
+    """Raise ValueError unless ``decoder`` is callable and none of its parameters requires gradients."""
+    if not callable(decoder):
+        raise ValueError(f"image_decoder must be a callable latent → image, got {type(decoder).__name__}")
+    params = decoder.parameters() if isinstance(decoder, nn.Module) else ()
+    if any(p.requires_grad for p in params):
+        raise ValueError("image_decoder must be frozen: call decoder.requires_grad_(False) (gradients still reach "
+                         "its input; its weights are not trained and not saved with DisDiff)")
 
-    def __init__(self, config: DisDiffConfig):
+
+def resize_image(image: Tensor, side: int) -> Tensor:
+    """An image batch [B, 3, H, W] resized to side × side by area averaging (an antialiased box filter;
+    exact 2×2 means for 128 → 64 px), differentiable and free of host synchronisation."""
+    if tuple(image.shape[-2:]) == (side, side):
+        return image
+    return F.interpolate(image, size=(side, side), mode="area")
+
+
+class DisDiff(nn.Module):
+    """Encoder E_φ and decoder G_ψ with their config. With ``encoder_input="image"`` it also holds a
+    reference to the frozen first-stage decoder (``image_decoder``, see :data:`ImageDecoder`): not a
+    submodule, so never in ``parameters()``, ``state_dict()`` or a checkpoint, and not moved by
+    ``.to()`` (the caller puts it on the device)."""
+
+    def __init__(self, config: DisDiffConfig, image_decoder: Optional[ImageDecoder] = None):
         super().__init__()
         self.config = config
         self.encoder = FactorEncoder(config)
         self.decoder = GradientDecoder(config)
+        self._image_decoder = None
+        if image_decoder is not None:
+            self.set_image_decoder(image_decoder)
 
-    def encode(self, x0: Tensor) -> Tensor:
-        return self.encoder(x0)
+    @property
+    def image_decoder(self) -> Optional[ImageDecoder]:
+        return self._image_decoder
+
+    def set_image_decoder(self, decoder: Optional[ImageDecoder]) -> "DisDiff":
+        """Attach the frozen first-stage decoder an ``encoder_input="image"`` model encodes through."""
+        if decoder is not None:
+            check_image_decoder(decoder)
+        object.__setattr__(self, "_image_decoder", decoder)   # a plain attribute, not a submodule
+        return self
+
+    def encoder_view(self, x0: Tensor, image_decoder: Optional[ImageDecoder] = None) -> Tensor:
+        """What E reads for model-space latents ``x0``: x0 itself (``"latent"``), or the decoded image
+        resized to ``image_side`` px (``"image"``, the reference's ``decode_first_stage`` before its
+        encoder), with gradients flowing through the decoder to x0. ``image_decoder`` overrides the
+        attached one."""
+        if self.config.encoder_input == "latent":
+            return x0
+        decoder = image_decoder if image_decoder is not None else self._image_decoder
+        if decoder is None:
+            raise ValueError("this DisDiff model's encoder reads images (encoder_input 'image'): supply the frozen "
+                             "first-stage decoder (latent → image in [-1, 1]), e.g. DisDiff(config, image_decoder=...), "
+                             "set_image_decoder(...) or load_checkpoint(..., image_decoder=...)")
+        return resize_image(decoder(x0), self.config.image_side)
+
+    def encode(self, x0: Tensor, image_decoder: Optional[ImageDecoder] = None) -> Tensor:
+        """z = E(x0) [B, N, D] for model-space latents x0 (through :meth:`encoder_view`)."""
+        return self.encoder(self.encoder_view(x0, image_decoder))
 
     def use_channels_last(self, enabled: bool = True) -> "DisDiff":
         """Run G's convolutions in the NHWC layout (weights and feature maps), which cuDNN's reduced-
@@ -326,9 +412,11 @@ class DisDiff(nn.Module):
         self.decoder.channels_last = enabled
         return self
 
-    def gradients(self, frozen_out: FrozenOutput, codes: Tensor, factors: Sequence[int]) -> Tensor:
+    def gradients(self, frozen_out: FrozenOutput, codes: Tensor, factors: Sequence[int],
+                  positional: Optional[Tensor] = None) -> Tensor:
         """G^c for every c in ``factors`` (a list, or a LongTensor on the device): [B, |S|, C, H, W], one
-        batched decoder pass of B·|S| rows. ``codes`` is [B, N, D] (or [1, N, D], broadcast)."""
+        batched decoder pass of B·|S| rows. ``codes`` is [B, N, D] (or [1, N, D], broadcast);
+        ``positional``: ``decoder.positional_embeddings()`` computed once (see GradientDecoder.forward)."""
         b = frozen_out.emb.shape[0]
         if isinstance(factors, Tensor):   # already on the device (no host-to-device copy: graph-safe)
             idx = factors.to(device=frozen_out.emb.device, dtype=torch.long)
@@ -347,7 +435,7 @@ class DisDiff(nn.Module):
             return t.unsqueeze(1).expand(b, s, *t.shape[1:]).reshape(b * s, *t.shape[1:])
 
         feats = [rep(f) for f in frozen_out.features]
-        g = self.decoder(feats, rep(frozen_out.emb), rows, idx.repeat(b))
+        g = self.decoder(feats, rep(frozen_out.emb), rows, idx.repeat(b), positional)
         return g.view(b, s, *g.shape[1:])
 
 
@@ -497,7 +585,9 @@ def disdiff_losses(model: DisDiff, frozen: Frozen, x0: Tensor, t: Tensor, noise:
     ``eval_encoder``), and the target codes are detached. As in the reference, the codes z^c that
     condition G^c keep their gradient, so E still learns which information each code must carry
     for its field; ``detach_codes=True`` cuts that path too (the disentangling loss then reaches G
-    only, in every path). ``weighting`` and ``logits``: see :func:`disentangle_weight`, :func:`code_logits`; ``recon_weighting``:
+    only, in every path). With ``encoder_input="image"`` every encoding (of x0, x̂0, x̂0^c) goes through
+    the model's frozen image decoder (:meth:`DisDiff.encoder_view`), and G's gradient from x̂0^c
+    through it. ``weighting`` and ``logits``: see :func:`disentangle_weight`, :func:`code_logits`; ``recon_weighting``:
     :func:`reconstruction_weights`."""
     ab = _gather(alphas_cumprod, t, x0.ndim)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
@@ -520,9 +610,9 @@ def disdiff_losses(model: DisDiff, frozen: Frozen, x0: Tensor, t: Tensor, noise:
     eps_c = out.eps.float() - sampling_coefficient(ab) * g_c.float()   # eq. 6, S = {c}
     with torch.no_grad():
         x0_hat = predicted_x0(x_t, out.eps.float(), ab)                 # eq. 7, unconditioned
-        z_hat = _detached_encode(model.encoder, x0_hat)
+        z_hat = _detached_encode(model.encoder, model.encoder_view(x0_hat))
     x0_hat_c = predicted_x0(x_t, eps_c, ab)                             # eq. 7, S = {c}
-    z_hat_c = _detached_encode(model.encoder, x0_hat_c)
+    z_hat_c = _detached_encode(model.encoder, model.encoder_view(x0_hat_c))   # "image": through the frozen decoder
     l_in = invariant_loss(z_hat, z_hat_c, c, z, logits)
     l_va = variant_loss(z_hat, z_hat_c, z, c, logits)
     gamma = disentangle_weight(x0_hat, x0_hat_c, dis_weight, weighting)
@@ -639,6 +729,15 @@ def save_checkpoint(path: str, model: DisDiff, optimizer: Optional[torch.optim.O
     os.replace(tmp, path)
 
 
+def check_decoder_supplied(config: DisDiffConfig, image_decoder, require_decoder: bool, name: str) -> None:
+    """Refuse (CheckpointError) an ``encoder_input="image"`` checkpoint loaded without its image decoder."""
+    if config.encoder_input == "image" and image_decoder is None and require_decoder:
+        raise CheckpointError(f"{name}: its encoder reads images (encoder_input 'image', {config.image_side} px): "
+                              "pass the frozen first-stage decoder of the model it was trained on "
+                              "(load_checkpoint(..., image_decoder=decoder), latent → image in [-1, 1]); "
+                              "its weights are not part of a DisDiff checkpoint")
+
+
 class LoadedCheckpoint(NamedTuple):
     model: DisDiff
     step: int
@@ -647,9 +746,16 @@ class LoadedCheckpoint(NamedTuple):
     rng_state: Optional[Tensor]
 
 
-def load_checkpoint(path: str, device="cpu") -> LoadedCheckpoint:
+def load_checkpoint(path: str, device="cpu", image_decoder: Optional[ImageDecoder] = None,
+                    require_decoder: bool = True) -> LoadedCheckpoint:
     """Read a checkpoint written by :func:`save_checkpoint`; clear :class:`CheckpointError` for a
-    truncated or foreign file, or tensors that do not fit the stored config."""
+    truncated or foreign file, or tensors that do not fit the stored config.
+
+    A model with ``encoder_input="image"`` encodes through a frozen first-stage decoder that is not
+    part of the file: pass it as ``image_decoder`` (attached to the model; the caller puts it on
+    ``device``). Without it the load is refused (CheckpointError, a ValueError, naming encoder_input)
+    unless ``require_decoder=False``, which loads the model without one (then pass a decoder to
+    :meth:`DisDiff.encode` or :meth:`DisDiff.set_image_decoder` before encoding; G alone needs none)."""
     from safetensors import safe_open
     name = os.path.basename(path)
     try:
@@ -668,7 +774,8 @@ def load_checkpoint(path: str, device="cpu") -> LoadedCheckpoint:
         config = DisDiffConfig.from_json(metadata["config"])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{name}: unreadable DisDiff config ({e})") from e
-    model = DisDiff(config)
+    check_decoder_supplied(config, image_decoder, require_decoder, name)
+    model = DisDiff(config, image_decoder)
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

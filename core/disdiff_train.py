@@ -232,6 +232,16 @@ def _agree_on_stop(stop: bool, ranks: Ranks, device) -> bool:
     return bool(flag.item() > 0)
 
 
+def _with_image_decoder(model: dd.DisDiff, image_decoder) -> dd.DisDiff:
+    """Attach ``image_decoder`` when given; refuse an ``encoder_input="image"`` model that has none."""
+    if image_decoder is not None:
+        model.set_image_decoder(image_decoder)
+    if model.config.encoder_input == "image" and model.image_decoder is None:
+        raise ValueError("encoder_input 'image': train_disdiff needs image_decoder, the frozen first-stage decoder "
+                         "(model-space latent → image in [-1, 1])")
+    return model
+
+
 def train_disdiff(latents: Tensor, frozen: dd.Frozen, alphas_cumprod: Tensor, *,
                   config: Optional[dd.DisDiffConfig] = None, model: Optional[dd.DisDiff] = None, steps: int = 1000,
                   batch_size: int = 128, lr: float = 1e-3, warmup: int = 100, weight_decay: float = 0.0,
@@ -242,7 +252,8 @@ def train_disdiff(latents: Tensor, frozen: dd.Frozen, alphas_cumprod: Tensor, *,
                   checkpoint_path: Optional[str] = None, checkpoint_every: int = 0, resume: bool = False,
                   callback: Optional[Callable[[int, int, dict], object]] = None,
                   on_step: Optional[Callable[[int, int], None]] = None, info: Optional[dict] = None,
-                  cuda_graph: Optional[bool] = None, channels_last: bool = False):
+                  cuda_graph: Optional[bool] = None, channels_last: bool = False,
+                  image_decoder: Optional[dd.ImageDecoder] = None):
     """Train E_φ and G_ψ on ``latents`` [M, C, H, W] (the model's latent space, already scaled as its
     UNet expects) on top of ``frozen``. Returns ``(model, history)``; history holds one dict per log
     point (step, losses, images/s over all processes).
@@ -261,6 +272,8 @@ def train_disdiff(latents: Tensor, frozen: dd.Frozen, alphas_cumprod: Tensor, *,
       optimizer stay fp32. Only E and G are trained; the frozen model's weights never enter the optimizer.
     * ``dis_weight``, ``loss_type``, ``detach_codes``, ``weighting``, ``logits``, ``recon_weighting``: the loss (eq. 8–14), see
       :func:`~.disdiff.disdiff_losses`.
+    * ``image_decoder``: the frozen first-stage decoder (:data:`~.disdiff.ImageDecoder`, on ``device``), required
+      when the config's ``encoder_input`` is ``"image"`` (new or resumed); attached to the returned model.
     """
     ranks = current_ranks()
     if batch_size % ranks.world:
@@ -270,7 +283,7 @@ def train_disdiff(latents: Tensor, frozen: dd.Frozen, alphas_cumprod: Tensor, *,
     alphas_cumprod = alphas_cumprod.to(device).float()
     start, opt_state, rng_state = 0, None, None
     if resume and checkpoint_path and os.path.exists(checkpoint_path):
-        loaded = dd.load_checkpoint(checkpoint_path, device)
+        loaded = dd.load_checkpoint(checkpoint_path, device, image_decoder=image_decoder)
         model, start, opt_state, rng_state = loaded.model, loaded.step, loaded.optimizer_state, loaded.rng_state
         if config is not None and config.to_json() != model.config.to_json():
             raise dd.CheckpointError(f"{os.path.basename(checkpoint_path)} was trained with another configuration "
@@ -278,7 +291,7 @@ def train_disdiff(latents: Tensor, frozen: dd.Frozen, alphas_cumprod: Tensor, *,
     if model is None:
         torch.manual_seed(seed)
         model = dd.DisDiff(config if config is not None else dd.make_config(latents, frozen))
-    model = model.to(device).train()
+    model = _with_image_decoder(model.to(device).train(), image_decoder)
     if channels_last:
         model.use_channels_last()
     _broadcast_parameters(model, ranks)

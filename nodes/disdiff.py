@@ -148,14 +148,18 @@ class DisDiffModel:
             self.model.to(device=device, dtype=dtype)
         return self.model
 
-    def latent_in(self, samples: torch.Tensor) -> torch.Tensor:
-        """A LATENT's samples in the model space the encoder reads (the training model's latent format)."""
+    def latent_format(self):
+        """The training model's latent format (a ``comfy.latent_formats`` object)."""
         import comfy.latent_formats
         name = self.config.extra.get("latent_format")
         fmt = getattr(comfy.latent_formats, name, None) if name else None
         if fmt is None:
             raise InputError(f"DisDiff model {self.name!r} does not name a known latent format ({name!r})")
-        return fmt().process_in(samples.float())
+        return fmt()
+
+    def latent_in(self, samples: torch.Tensor) -> torch.Tensor:
+        """A LATENT's samples in the model space the encoder reads (the training model's latent format)."""
+        return self.latent_format().process_in(samples.float())
 
     def __deepcopy__(self, memo):
         return self
@@ -205,15 +209,59 @@ def parse_strengths(text: str, count: int, name: str = "strengths") -> list[floa
     return values
 
 
-def encode_codes(disdiff: DisDiffModel, model_space_latents: torch.Tensor) -> torch.Tensor:
+class VAEImageDecoder(torch.nn.Module):
+    """core's image decoder (``core.disdiff.ImageDecoder``) from a ComfyUI VAE: model-space latent →
+    ``first_stage_model.decode(latent_format.process_out(x))``, the image in [-1, 1] that VAEDecode
+    turns into ``clamp((y + 1)/2, 0, 1)`` (no clamp here, so gradients reach every pixel's latent)."""
+
+    def __init__(self, first_stage: torch.nn.Module, latent_format):
+        super().__init__()
+        self.first_stage, self.latent_format = first_stage, latent_format
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        weight = next(self.first_stage.parameters())   # the VAE's own device and dtype (as VAE.decode casts)
+        image = self.first_stage.decode(self.latent_format.process_out(x0).to(weight.device, weight.dtype))
+        return image.to(x0.device, torch.float32)
+
+
+def vae_image_decoder(vae, latent_format, device=None, trainable_copy: bool = False) -> VAEImageDecoder:
+    """The VAE's differentiable decoder with frozen weights. ``trainable_copy``: a float32 copy of
+    ``vae.first_stage_model`` on ``device`` made outside inference mode (for training: autograd
+    refuses the inference tensors ComfyUI loads, and the VAE object itself stays untouched); else
+    the VAE's own module, loaded on its device (for no-grad encoding)."""
+    if trainable_copy:
+        import copy
+        with torch.inference_mode(False):
+            module = copy.deepcopy(vae.first_stage_model).float().to(device).eval().requires_grad_(False)
+    else:
+        mm.load_models_gpu([vae.patcher])
+        module = vae.first_stage_model
+    return VAEImageDecoder(module, latent_format)
+
+
+NEEDS_VAE = ("vae: this DisDiff model's encoder reads decoded images (encoder_input 'image'): connect the VAE of "
+             "the model it was trained on")
+
+
+def check_encoder_input(disdiff: DisDiffModel, vae) -> None:
+    """Refuse an image-input DisDiff without the VAE it decodes through (naming the input)."""
+    if disdiff.config.encoder_input == "image" and vae is None:
+        raise InputError(NEEDS_VAE)
+
+
+def encode_codes(disdiff: DisDiffModel, model_space_latents: torch.Tensor, image_decoder=None) -> torch.Tensor:
+    """Codes [B, N, D] of model-space latents, in chunks of 64 on the torch device; ``image_decoder``
+    (core.disdiff.ImageDecoder on that device) for an ``encoder_input="image"`` model without one attached."""
     cfg = disdiff.config
     if tuple(model_space_latents.shape[1:]) != (cfg.latent_channels, *cfg.latent_size):
         raise InputError(f"latent of shape {tuple(model_space_latents.shape[1:])} does not fit the DisDiff model, "
                          f"trained on {(cfg.latent_channels, *cfg.latent_size)}: use the same image size and VAE")
     device = mm.get_torch_device()
     model = disdiff.on(device)
+    if cfg.encoder_input == "image" and image_decoder is None and model.image_decoder is None:
+        raise InputError(NEEDS_VAE)
     with torch.no_grad():
-        codes = torch.cat([model.encode(chunk.to(device)) for chunk in model_space_latents.split(64)])
+        codes = torch.cat([model.encode(chunk.to(device), image_decoder) for chunk in model_space_latents.split(64)])
     return codes.float().to(mm.intermediate_device())
 
 
@@ -240,6 +288,18 @@ class PartialConditionWrapper:
         kept = [(f, w) for f, w in zip(factors, strengths) if w != 0]
         self.factors = [f for f, _ in kept]
         self.strengths = [w for _, w in kept]
+        self._per_device = {}   # device → (codes, factor indices, exp(A − Aᵀ)): made once, not at every model call
+
+    def _device_inputs(self, model: dd.DisDiff, device):
+        """The codes, S as a LongTensor and G's positional table on ``device``, computed at the first model
+        call of a sampling and reused (the weights do not change while sampling)."""
+        key = str(device)
+        if key not in self._per_device:
+            with torch.no_grad():
+                self._per_device[key] = (self.codes.to(device),
+                                         torch.tensor(self.factors, dtype=torch.long, device=device),
+                                         model.decoder.positional_embeddings())
+        return self._per_device[key]
 
     def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options; this object is immutable
         return self
@@ -274,8 +334,9 @@ class PartialConditionWrapper:
         device = out.emb.device
         half = out.features[0].dtype in (torch.float16, torch.bfloat16) and device.type == "cuda"
         model = self.disdiff.on(device)
+        codes, factors, positional = self._device_inputs(model, device)
         with torch.no_grad(), torch.autocast(device.type, dtype=out.features[0].dtype, enabled=half):
-            g = model.gradients(chunk, codes.to(device), self.factors)
+            g = model.gradients(chunk, codes, factors, positional)
         g = g.float().repeat(chunks, *([1] * (g.ndim - 1)))
         return dd.partial_condition_denoised(denoised, sigma.to(device), g, self.strengths)
 
@@ -580,7 +641,7 @@ class LoadDisDiff:
         path = shipped_first(DISDIFF_FOLDER, disdiff_name)
         check_checkpoint_file(path, disdiff_name)
         try:
-            loaded = dd.load_checkpoint(path)
+            loaded = dd.load_checkpoint(path, require_decoder=False)   # an image-input model: DisDiff Encode's vae
         except (ValueError, TypeError, KeyError) as e:  # CheckpointError, or what the checks above did not foresee
             raise InputError(f"disdiff_name: {disdiff_name} is not a readable DisDiff checkpoint "
                              f"({str(e).replace(path, disdiff_name)})") from None
@@ -600,7 +661,8 @@ class DisDiffEncode:
         return {"required": {"disdiff": (DISDIFF, {"tooltip": "Load DisDiff or Train DisDiff output (its encoder E)."})},
                 "optional": {"latent": ("LATENT", {"tooltip": "VAE Encode output of the model's VAE."}),
                              "image": ("IMAGE", {"tooltip": "Alternatively an image, with the vae."}),
-                             "vae": ("VAE", {"tooltip": "The model's VAE, to encode the image input."})}}
+                             "vae": ("VAE", {"tooltip": "The model's VAE, to encode the image input (and to decode, for "
+                                                             "a DisDiff whose encoder reads images)."})}}
 
     def encode(self, disdiff, latent=None, image=None, vae=None):
         disdiff = check_disdiff(disdiff)
@@ -614,7 +676,11 @@ class DisDiffEncode:
             samples = vae.encode(image[:, :, :, :3])
         else:
             raise InputError("connect a latent, or an image and its vae")
-        codes = encode_codes(disdiff, disdiff.latent_in(samples))
+        check_encoder_input(disdiff, vae)
+        decoder = None
+        if disdiff.config.encoder_input == "image":
+            decoder = vae_image_decoder(vae, disdiff.latent_format())
+        codes = encode_codes(disdiff, disdiff.latent_in(samples), decoder)
         return ({"codes": codes, "num_factors": disdiff.config.num_factors},)
 
 

@@ -12,6 +12,11 @@ and what the fields do — x̂0 error removed, factor fields alike or not, codes
 projection of the latents and the untrained encoder. Everything goes to ``<out stem>_log.json``; the
 final codes to ``<out stem>_codes.safetensors`` (``bench/disdiff_metrics.py`` reads them).
 
+``--encoder-input image`` (an option measured in issue 11): the encoder reads the scenes decoded by the
+toy VAE's frozen decoder (its ``first_stage_model.decode`` of ``process_latent_out`` latents, as
+VAEDecode before its clamp), resized to ``--image-side`` px, as the reference code does, in training
+and in the held-out evaluation alike.
+
     COMFYUI_PATH=/path/to/ComfyUI python scripts/train_disdiff.py --seed 0 --minutes 8 --out out/disdiff/seed0.safetensors
     COMFYUI_PATH=/path/to/ComfyUI torchrun --standalone --nproc_per_node 8 scripts/train_disdiff.py --seed 0 --out out/disdiff/s0.safetensors
     COMFYUI_PATH=/path/to/ComfyUI python scripts/train_disdiff.py --cpu --steps 20 --batch 8 --images 256 --eval-images 512 --out /tmp/dd.safetensors
@@ -38,6 +43,14 @@ def render_and_encode(fw, vae, model, factors, batch=1024):
     return model.model.process_latent_in(torch.cat(out))
 
 
+def image_decoder_for(args, node, model, vae):
+    """For ``--encoder-input image``: the toy VAE's frozen, differentiable decoder on the training device
+    (model-space latent → image in [-1, 1]; a float32 copy outside inference mode), else None."""
+    if args.encoder_input != "image":
+        return None
+    return node.vae_image_decoder(vae, model.get_model_object("latent_format"), model.load_device, trainable_copy=True)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=100000, help="step limit (the time budget may end it first)")
@@ -53,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--code-dim", type=int, default=32)
     p.add_argument("--encoder-width", type=int, default=128)
     p.add_argument("--decoder-width", type=float, default=1.0)
+    p.add_argument("--encoder-input", default="latent", choices=["latent", "image"],
+                   help="what E reads: the latent x0, or x0 decoded by the frozen toy VAE (the reference's way)")
+    p.add_argument("--image-side", type=int, default=64, help="--encoder-input image: the decoded image's side in px")
     p.add_argument("--dis-weight", type=float, default=0.05, help="λ of eq. 13")
     p.add_argument("--weighting", default="paper", choices=["paper", "normalized", "constant"])
     p.add_argument("--logits", default="distance", choices=["distance", "scale_free"])
@@ -114,6 +130,7 @@ def main():
         eval_factors = fw.sample_factors(args.eval_images, generator=torch.Generator().manual_seed(999_999))
         latents = render_and_encode(fw, vae, model, train_factors)
         eval_latents = render_and_encode(fw, vae, model, eval_factors)
+    image_decoder = image_decoder_for(args, node, model, vae)
     say(f"{len(train_factors)} training + {args.eval_images} held-out scenes encoded in "
         f"{time.perf_counter() - t_start:.1f} s on {device_name()}, {world} process(es)")
 
@@ -140,12 +157,14 @@ def main():
             config = dd.make_config(latents[:1].to(model.load_device), node.make_frozen(model, empty),
                                     num_factors=args.num_factors, code_dim=args.code_dim,
                                     encoder_width=args.encoder_width, decoder_width=args.decoder_width,
+                                    encoder_input=args.encoder_input, image_side=args.image_side,
                                     extra={"latent_format": "SD15"})
         with torch.inference_mode(False):
             torch.manual_seed(args.seed)
             untrained = node.DisDiffModel(dd.DisDiff(config))
         with torch.inference_mode():
-            log["evals"].append(score(node.encode_codes(untrained, eval_latents).cpu(), "untrained encoder", 0))
+            codes = node.encode_codes(untrained, eval_latents, image_decoder)
+            log["evals"].append(score(codes.cpu(), "untrained encoder", 0))
 
     budget = args.minutes * 60
     t0 = time.perf_counter()
@@ -162,7 +181,7 @@ def main():
                 "weighting": args.weighting, "logits": args.logits, "loss_type": args.loss_type,
                 "recon_weighting": args.recon_weighting,
                 "weight_decay": args.weight_decay, "cuda_graph": False if args.no_cuda_graph else None,
-                "channels_last": args.channels_last}
+                "channels_last": args.channels_last, "image_decoder": image_decoder}
     points = stages + [args.steps]
     resume, disdiff, reached = args.resume, None, 0
     # one call of train_disdiff per evaluation stage: each resumes the previous checkpoint (one resume path)
@@ -172,7 +191,8 @@ def main():
                 model, empty, latents, num_factors=args.num_factors, code_dim=args.code_dim, steps=point,
                 batch_size=args.batch, learning_rate=args.lr, seed=args.seed, checkpoint_path=args.out,
                 checkpoint_every=args.checkpoint_every, resume=resume, log_every=args.log_every, callback=callback,
-                encoder_width=args.encoder_width, decoder_width=args.decoder_width, train_kw=train_kw)
+                encoder_width=args.encoder_width, decoder_width=args.decoder_width, encoder_input=args.encoder_input,
+                image_side=args.image_side, train_kw=train_kw)
         resume = True
         steps_done = [h["step"] for h in hist if "step" in h]
         notes = [h["note"] for h in hist if "note" in h]
@@ -181,7 +201,7 @@ def main():
         reached = steps_done[-1] if steps_done else reached
         if main_rank:
             with torch.inference_mode():
-                codes = node.encode_codes(disdiff, eval_latents)
+                codes = node.encode_codes(disdiff, eval_latents, image_decoder)
             log["evals"].append(score(codes.cpu(), "DisDiff", reached))
             if args.diagnose:
                 node.load_frozen(model)
@@ -190,7 +210,7 @@ def main():
                 with torch.inference_mode(False), torch.enable_grad():
                     # a copy with ordinary tensors: the trained weights may be inference tensors by now
                     # (moved between devices by the node under inference mode), which autograd refuses
-                    net = dd.DisDiff(disdiff.model.config)
+                    net = dd.DisDiff(disdiff.model.config, image_decoder)
                     net.load_state_dict({k: v.clone() for k, v in disdiff.model.state_dict().items()})
                     net = net.to(device).train()
                     lat = latents[:4096].clone().to(device)
@@ -227,7 +247,7 @@ def main():
     if main_rank:
         from safetensors.torch import save_file
         with torch.inference_mode():
-            codes = node.encode_codes(disdiff, eval_latents)
+            codes = node.encode_codes(disdiff, eval_latents, image_decoder)
         meta = {"seed": str(args.seed), "step": str(reached), "factor_names": json.dumps(list(fw.FACTOR_NAMES)),
                 "factor_sizes": json.dumps(list(fw.FACTOR_SIZES))}
         save_file({"codes": codes.float().contiguous().cpu(), "factors": eval_factors.contiguous()},

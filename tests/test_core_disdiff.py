@@ -507,7 +507,7 @@ def test_field_diagnosis_tells_one_shared_field_from_factor_fields_and_reads_the
     coef = (1 - ab_t).sqrt() * (1 - ab_t).sqrt() / ab_t.sqrt()          # Δx̂0 = √(1−ᾱ)·√(1−ᾱ)/√ᾱ·ΣG
     exact = residual / coef
 
-    def shared(features, emb, codes, factor_index):
+    def shared(features, emb, codes, factor_index, positional=None):
         return exact.repeat_interleave(3, 0)[: codes.shape[0]] / 3
     model.decoder.forward = shared
     d1 = dd.field_diagnosis(model, frozen, x0, t, ab, noise)
@@ -516,9 +516,145 @@ def test_field_diagnosis_tells_one_shared_field_from_factor_fields_and_reads_the
     assert d1["field_shares"] == pytest.approx([1 / 3] * 3, rel=1e-5)
 
     # fields that differ per factor and follow the code: cosine below 1, codes used
-    def distinct(features, emb, codes, factor_index):
+    def distinct(features, emb, codes, factor_index, positional=None):
         base = torch.randn(3, C, H, H, generator=torch.Generator().manual_seed(9))[factor_index]
         return base * (1 + codes.sum(1)).view(-1, 1, 1, 1)
     model.decoder.forward = distinct
     d2 = dd.field_diagnosis(model, frozen, x0, t, ab, noise)
     assert d2["field_cosine"] < 0.5 and d2["code_use"] > 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# encoder_input "image": E reads x0 decoded by a frozen first-stage decoder (the reference's way)
+# --------------------------------------------------------------------------------------------
+
+class TinyImageDecoder(torch.nn.Module):
+    """A frozen random conv 'first-stage decoder': latent [B, C, 8, 8] → RGB [B, 3, 16, 16] in (−1, 1).
+    ``record``: keep each input (with its gradient retained) to see what passes through it."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.conv = torch.nn.Conv2d(C, 12, 3, padding=1)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+        self.requires_grad_(False)
+        self.record, self.inputs = False, []
+
+    def forward(self, x):
+        if self.record:
+            if x.requires_grad:
+                x.retain_grad()
+            self.inputs.append(x)
+        return torch.tanh(F.pixel_shuffle(self.conv(x), 2))
+
+
+def image_setup(side=8):
+    torch.manual_seed(0)
+    frozen, decoder = TinyFrozen(), TinyImageDecoder()
+    latents = torch.randn(16, C, H, H)
+    config = dd.make_config(latents, frozen, num_factors=3, code_dim=8, encoder_width=16,
+                            encoder_input="image", image_side=side)
+    model = dd.DisDiff(config, decoder)
+    with torch.no_grad():  # non-zero zero-initialised layers, so that every path carries gradient
+        for p in model.decoder.parameters():
+            if p.ndim > 1 and p.abs().max() == 0:
+                p.normal_(0, 0.05)
+    return frozen, decoder, latents, model
+
+
+def test_image_encoder_reads_the_decoded_image_and_G_learns_through_the_decoder():
+    frozen, decoder, latents, model = image_setup()
+    ab, _ = schedule()
+    assert model.encoder.body[0].weight.shape == (16, 3, 3, 3)          # a conv encoder for RGB images
+    assert not any(p is q for p in model.parameters() for q in decoder.parameters())   # not trained, not saved
+    x = latents[:4]
+    want = model.encoder(F.interpolate(decoder(x), size=(8, 8), mode="area"))
+    torch.testing.assert_close(model.encode(x), want, rtol=0, atol=0)
+    t, noise, c = torch.tensor([100, 300, 500, 700]), torch.randn(4, C, H, H), torch.tensor([0, 1, 2, 0])
+    dec = list(model.decoder.parameters())
+    decoder.record = True
+    terms = dd.disdiff_losses(model, frozen, x, t, noise, c, ab, dis_weight=10.0)
+    decoder.record = False
+    assert len(decoder.inputs) == 3                                     # x0, x̂0, x̂0^c all decoded
+    x0_hat_c = [v for v in decoder.inputs if v.requires_grad]
+    assert len(x0_hat_c) == 1                                           # only x̂0^c carries G's gradient
+    (terms.total - terms.recon).backward()
+    assert x0_hat_c[0].grad.abs().max() > 0                             # the gradient went through the decoder
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in dec)
+    assert all(p.grad is None for p in decoder.parameters())
+    # with the codes cut, the decoder is G's only way into the disentangling loss
+    model.zero_grad()
+    cut = dd.disdiff_losses(model, frozen, x, t, noise, c, ab, dis_weight=10.0, detach_codes=True)
+    grads = torch.autograd.grad(cut.total - cut.recon, dec, allow_unused=True, retain_graph=True)
+    assert any(g is not None and g.abs().max() > 0 for g in grads)
+    assert any(g.abs().max() > 0 for g in torch.autograd.grad(cut.recon, list(model.encoder.parameters())))
+
+
+def test_image_encoder_trains_and_the_decoder_stays_frozen():
+    frozen, decoder, latents, model = image_setup()
+    ab, _ = schedule()
+    frozen_weights = {k: v.clone() for k, v in decoder.state_dict().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trained, history = dtrain.train_disdiff(latents, frozen, ab, model=model, image_decoder=decoder, steps=4,
+                                            batch_size=4, lr=1e-2, warmup=1, log_every=2, dis_weight=1.0)
+    assert trained.image_decoder is decoder
+    for k, v in decoder.state_dict().items():
+        assert torch.equal(v, frozen_weights[k]), k
+    changed = {k.split(".")[0] for k, v in trained.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"encoder", "decoder"}
+    assert all(math.isfinite(h["loss"]) for h in history if "loss" in h)
+    with pytest.raises(ValueError, match="image_decoder"):
+        dtrain.train_disdiff(latents, frozen, ab, config=model.config, steps=1, batch_size=4)
+    with pytest.raises(ValueError, match="frozen"):
+        dd.DisDiff(model.config, TinyImageDecoder().requires_grad_(True))
+
+
+def test_image_encoder_checkpoint_records_the_option_and_needs_the_decoder(tmp_path):
+    from safetensors import safe_open
+    frozen, decoder, latents, model = image_setup(side=4)
+    path = str(tmp_path / "img.safetensors")
+    dd.save_checkpoint(path, model, step=2)
+    with safe_open(path, "pt") as f:
+        stored = json.loads(f.metadata()["config"])
+        keys = list(f.keys())
+    assert stored["encoder_input"] == "image" and stored["image_side"] == 4
+    assert sorted(k for k in keys if k.startswith("model.")) == sorted(f"model.{k}" for k in model.state_dict())
+    assert not any("image_decoder" in k for k in keys)                 # the decoder's weights are not in the file
+    loaded = dd.load_checkpoint(path, image_decoder=decoder)
+    assert loaded.model.config == model.config and loaded.model.image_decoder is decoder
+    torch.testing.assert_close(loaded.model.encode(latents[:3]), model.encode(latents[:3]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="encoder_input 'image'.*image_decoder"):
+        dd.load_checkpoint(path)
+    bare = dd.load_checkpoint(path, require_decoder=False).model      # G alone; E needs a decoder
+    assert bare.image_decoder is None
+    with pytest.raises(ValueError, match="encoder_input 'image'"):
+        bare.encode(latents[:1])
+    torch.testing.assert_close(bare.encode(latents[:1], decoder), model.encode(latents[:1]), rtol=0, atol=0)
+    with pytest.raises(dd.CheckpointError, match="encoder_input 'image'"):   # resuming without it
+        dtrain.train_disdiff(latents, frozen, schedule()[0], steps=3, batch_size=4, checkpoint_path=path, resume=True)
+
+
+def test_latent_input_default_is_unchanged(setup):
+    """Configs without the new fields (every checkpoint written before) are the latent default; a latent
+    config's JSON is the one before the option; the latent path computes bit for bit what E(x0) did."""
+    frozen, latents, model = setup
+    cfg = model.config
+    data = json.loads(cfg.to_json())
+    assert "encoder_input" not in data and "image_side" not in data
+    explicit = dd.DisDiffConfig(**{**data, "encoder_input": "latent"})
+    assert explicit == cfg and explicit.to_json() == cfg.to_json() and cfg.encoder_input == "latent"
+    assert model.encoder.body[0].weight.shape == (32, C, 3, 3)
+    x = latents[:4]
+    assert model.encoder_view(x) is x and torch.equal(model.encode(x), model.encoder(x))
+    ab, _ = schedule()
+    args = (frozen, x, torch.tensor([100, 300, 500, 700]), torch.randn(4, C, H, H), torch.tensor([0, 1, 2, 0]), ab)
+    torch.manual_seed(0)
+    twin = dd.DisDiff(explicit)
+    twin.load_state_dict(model.state_dict())
+    a, b = dd.disdiff_losses(model, *args, dis_weight=1.0), dd.disdiff_losses(twin, *args, dis_weight=1.0)
+    assert all(torch.equal(u, v) for u, v in zip(a[:6], b[:6]))
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
+                           "toy_world_disdiff.safetensors")
+    if os.path.exists(shipped):   # a checkpoint written before the option loads as a latent model
+        assert dd.load_checkpoint(shipped).model.config.encoder_input == "latent"
