@@ -64,7 +64,15 @@ def speed_rows(label, model, disdiff, positive, negative, latent_shape, batch, s
     with torch.inference_mode():
         run(every)  # warm-up and call count
         per_call = g_calls.n / max(1, unet_calls.n)
-        t = timed_rounds({"stock": lambda: run(model), "one": lambda: run(one), "all": lambda: run(every)}, repeats)
+        def channels_last_one():
+            disdiff.model.use_channels_last(True)
+            try:
+                return run(one)
+            finally:
+                disdiff.model.use_channels_last(False)
+
+        t = timed_rounds({"stock": lambda: run(model), "one": lambda: run(one), "all": lambda: run(every),
+                          "one_cl": channels_last_one}, repeats)
     unet_calls.handle.remove()
     g_calls.handle.remove()
     med = {k: statistics.median(v) for k, v in t.items()}
@@ -73,6 +81,8 @@ def speed_rows(label, model, disdiff, positive, negative, latent_shape, batch, s
         [label, f"stock, cfg {cfg}", batch, med["stock"], 1.0, ""],
         [label, "DisDiff, |S| = 1", batch, med["one"], median_ratio(t["one"], t["stock"]), f"{per_call:.2f}"],
         [label, f"DisDiff, |S| = {n}", batch, med["all"], median_ratio(t["all"], t["stock"]), f"{per_call:.2f}"],
+        [label, "DisDiff, |S| = 1, G channels-last", batch, med["one_cl"], median_ratio(t["one_cl"], t["stock"]),
+         f"{per_call:.2f}"],
     ]
 
 
