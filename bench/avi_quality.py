@@ -12,7 +12,10 @@ is quality.py's) are edited by text from the same noise (50 steps ddim / ddim_un
 * AVI options, each alone, at the T_x where the toy model commits the factor (:data:`COMMIT_T_X`): Algorithm 1,
   z's strongest k, the top-k directions of z − x (k 1 or all, γ 1 or 2), with z from the seed at T_x (Δτ = 0) or
   "target's x̂0 at x";
-* the defaults of AVI Capture and AVI Integrate (every input at its widget default), ρ from 0 to 1.
+* the defaults of AVI Capture and AVI Integrate (every input at its widget default), ρ from 0 to 1;
+* ``--groups sweep`` (not run by default; run it on seed 3, where the defaults are chosen): the two-probe z
+  ("target's x̂0 at x and at t_early") over ``--sweep-scales`` (nodes/avi.EARLY_SCALE) × ``--sweep-t-early`` ×
+  ``--sweep-t-x`` × ``--sweep-ks`` × ``--sweep-gains`` × ``--sweep-rhos``.
 
 Everything goes through the nodes (AVI Capture, Train, Integrate, stock KSamplerAdvanced, VAE Decode), judged by
 the shipped factor classifiers: target value reached, each other factor kept, all five others kept (against the
@@ -26,6 +29,7 @@ Writes ``results_<n>_seed<seed>.json`` (the cache) and ``table_<n>_seed<seed>.md
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -46,8 +50,9 @@ PAPER = dict(z_source="seed (paper)", t_x=0.8, delta_tau=-0.3, integration="Algo
              singular_values="Φ: S (paper)", phi="per seed", gain=1.0, k=0)
 DIFFERENCE = "x + top-k directions of z − x"
 STRONGEST = "z's strongest k in place of x's"
-# The defaults (T_x 0.2, γ 3, k 1) were chosen on the scenes and noise of seed 3 (bench/avi_premises.py's set, the
-# first 32 of its 64); the table is measured on another seed's scenes and noise.
+# The defaults (T_x 0.2, γ 3, k 1; z: target's x̂0 at x and at t_early 0.9, early scale 1) were chosen on the scenes
+# and noise of seed 3 (16 and 32 edits: ``--seed 3 --edits 32 --groups sweep``); the table is measured on another
+# seed's scenes and noise.
 EVALUATION_SEED = 11
 
 
@@ -111,14 +116,15 @@ class Bench:
 
     # ---- AVI --------------------------------------------------------------------------------
 
-    def capture(self, e: Edits, z_source, t_x, delta_tau):
-        key = (e.factor, z_source, t_x, delta_tau)
+    def capture(self, e: Edits, z_source, t_x, delta_tau, t_early=None):
+        key = (e.factor, z_source, t_x, delta_tau, t_early, self.avi_nodes.EARLY_SCALE, self.avi_nodes.EARLY_THRESHOLD)
         if key not in self.captures:
+            extra = {} if t_early is None else {"t_early": t_early}
             latent = call("EmptyLatentImage", width=128, height=128, batch_size=self.n)[0]
             self.captures[key] = call("DisentangleAVICapture", model=self.world.model, positive=e.positive,
                                       target=e.styled, negative=e.negative, latent_image=latent, seed=self.seed, steps=50,
                                       cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform", t_x=t_x,
-                                      delta_tau=delta_tau, z_source=z_source)
+                                      delta_tau=delta_tau, z_source=z_source, **extra)
         return self.captures[key]
 
     def phi_on_pairs(self, e: Edits, pairs: int, t_x, delta_tau):
@@ -139,12 +145,14 @@ class Bench:
         return phis
 
     def avi(self, factor, rho, z_source, t_x, delta_tau, integration, singular_values="x's own (no Φ)", phi=None,
-            gain=1.0, k=0, label=""):
+            gain=1.0, k=0, label="", t_early=None):
         import torch
-        key = (f"AVI {label}: z {z_source}, T_x {t_x}, Δτ {delta_tau}, {integration}, S {singular_values}, "
+        early = "" if t_early is None else (f", T_early {t_early}, early scale {self.avi_nodes.EARLY_SCALE:g}, "
+                                            f"gate {self.avi_nodes.EARLY_THRESHOLD:g}")
+        key = (f"AVI {label}: z {z_source}{early}, T_x {t_x}, Δτ {delta_tau}, {integration}, S {singular_values}, "
                f"Φ {phi}, k {k}, γ {gain}, ρ {rho}")
         def make(e):
-            x, z, start = self.capture(e, z_source, t_x, delta_tau)
+            x, z, start = self.capture(e, z_source, t_x, delta_tau, t_early)
             phis, pkey = None, (factor, z_source, t_x, delta_tau, phi)
             if phi and pkey not in self.phis:
                 self.phis[pkey] = (train_phi_per_seed(x, z) if phi == "per seed"
@@ -164,19 +172,23 @@ class Bench:
 
 
 ROW_GROUPS = ("paper", "paper-own-S", "pairs", "options", "commit", "defaults")
+EXTRA_GROUPS = ("sweep",)   # not run by default: the grid the defaults are chosen from (run it on seed 3)
+TWO_PROBE = "target's x̂0 at x and at t_early (fast)"
 
 
-def avi_rows(b: Bench, factor: str, rhos, pairs: int, groups=ROW_GROUPS, commit_gains=(1.5,)):
+def avi_rows(b: Bench, factor: str, rhos, pairs: int, groups=ROW_GROUPS, commit_gains=(1.5,), sweep=None,
+             paper_rhos=None):
     t_c = COMMIT_T_X[factor]
     seed_same = dict(z_source="seed (paper)", t_x=t_c, delta_tau=0.0)
     fast = dict(z_source="target's x̂0 at x (fast)", t_x=t_c, delta_tau=0.0)
     rows = []
     if "paper" in groups:
         rows += [(f"AVI, paper: T_x 0.8, z from the seed at 0.5T, Algorithm 1, Φ per seed, ρ {rho}",
-                  b.avi(factor, rho, **PAPER)[1]) for rho in rhos[1:]]
+                  b.avi(factor, rho, **PAPER)[1]) for rho in (rhos[1:] if paper_rhos is None else paper_rhos)]
     if "paper-own-S" in groups:   # Algorithm 1 at the paper's T_x and Δτ without Φ (S = z's own): no training
         rows += [(f"AVI, paper's T_x 0.8, z from the seed at 0.5T, Algorithm 1, S = z's own (no Φ), ρ {rho}",
-                  b.avi(factor, rho, **dict(PAPER, singular_values="z's own (no Φ)", phi=None))[1]) for rho in rhos[2::2]]
+                  b.avi(factor, rho, **dict(PAPER, singular_values="z's own (no Φ)", phi=None))[1])
+                 for rho in (rhos[2::2] if paper_rhos is None else paper_rhos)]
     if "pairs" in groups and pairs:
         rows.append((f"AVI, paper, Φ trained on {pairs} pairs ({pairs} noise seeds of the caption pair), ρ 1",
                      b.avi(factor, 1.0, **dict(PAPER, phi=f"{pairs} pairs"))[1]))
@@ -201,6 +213,16 @@ def avi_rows(b: Bench, factor: str, rhos, pairs: int, groups=ROW_GROUPS, commit_
         for gain in commit_gains:
             rows += [(f"AVI per factor: top-1 direction of z − x, γ {gain:g}, z from the seed, T_x {t_c}, Δτ 0, ρ {rho}",
                       b.avi(factor, rho, integration=DIFFERENCE, gain=gain, k=1, **seed_same)[1]) for rho in rhos]
+    if "sweep" in groups:   # z: target's x̂0 at x and at t_early, top-1 of z − x: T_early × T_x × γ at the sweep's ρ
+        scale0 = b.avi_nodes.EARLY_SCALE
+        for scale, t_early, t_x, k, gain, rho in itertools.product(sweep["scales"], sweep["t_early"], sweep["t_x"],
+                                                                    sweep["ks"], sweep["gains"], sweep["rhos"]):
+            b.avi_nodes.EARLY_SCALE = scale
+            rows.append((f"AVI sweep: z {TWO_PROBE}, T_early {t_early} (scale {scale:g}), T_x {t_x}, top-{k} of z − x, "
+                         f"γ {gain:g}, ρ {rho}",
+                         b.avi(factor, rho, z_source=TWO_PROBE, t_x=t_x, delta_tau=-0.3, t_early=t_early,
+                               integration=DIFFERENCE, gain=gain, k=k)[1]))
+        b.avi_nodes.EARLY_SCALE = scale0
     if "defaults" in groups:
         d = b.avi_defaults()
         for rho in rhos:
@@ -218,10 +240,12 @@ def baseline_rows(b: Bench, factor: str, skip_lambda: bool):
 
 def defaults(avi):
     """Every AVI Capture / AVI Integrate input that the default path sets, at its widget default."""
-    capture = avi.AVICapture.INPUT_TYPES()["required"]
+    capture = avi.AVICapture.INPUT_TYPES()
+    capture, early = capture["required"], capture.get("optional", {})
     integrate = avi.AVIIntegrate.INPUT_TYPES()
     return {"z_source": capture["z_source"][1]["default"], "t_x": capture["t_x"][1]["default"],
             "delta_tau": capture["delta_tau"][1]["default"],
+            **({"t_early": early["t_early"][1]["default"]} if "t_early" in early else {}),
             "integration": integrate["optional"]["integration"][1]["default"],
             "gain": integrate["optional"]["gain"][1]["default"], "k": integrate["required"]["k"][1]["default"]}
 
@@ -240,13 +264,23 @@ def main():
     parser.add_argument("--pairs", type=int, default=8, help="pairs for the 'Φ on more pairs' row (0: skip)")
     parser.add_argument("--seed", type=int, default=EVALUATION_SEED,
                         help="scene and noise seed of the evaluation set (3: the set the defaults were chosen on)")
-    parser.add_argument("--groups", nargs="*", default=list(ROW_GROUPS), choices=ROW_GROUPS,
+    parser.add_argument("--groups", nargs="*", default=list(ROW_GROUPS), choices=ROW_GROUPS + EXTRA_GROUPS,
                         help="AVI row groups: the paper's setting with Φ per seed (ρ sweep), the same with z's own S (no Φ), "
                              "Φ on more pairs, the "
                              "options at the commit T_x, the node defaults (ρ sweep)")
     parser.add_argument("--commit-gains", type=float, nargs="*", default=[1.5],
                         help="γ of the per-factor rows (group 'commit')")
+    parser.add_argument("--paper-rhos", type=float, nargs="*", default=None,
+                        help="ρ of the paper rows (default: every ρ of --rhos but 0 with Φ, 0.5 and 1 without)")
+    parser.add_argument("--sweep-t-early", type=float, nargs="*", default=[0.9, 0.8, 0.7])
+    parser.add_argument("--sweep-t-x", type=float, nargs="*", default=[0.2, 0.3])
+    parser.add_argument("--sweep-gains", type=float, nargs="*", default=[2.0, 3.0, 4.0])
+    parser.add_argument("--sweep-rhos", type=float, nargs="*", default=[0.75, 1.0])
+    parser.add_argument("--sweep-ks", type=int, nargs="*", default=[1])
+    parser.add_argument("--sweep-scales", type=float, nargs="*", default=[1.0])
     args = parser.parse_args()
+    sweep = {"t_early": args.sweep_t_early, "t_x": args.sweep_t_x, "gains": args.sweep_gains, "rhos": args.sweep_rhos,
+             "ks": args.sweep_ks, "scales": args.sweep_scales}
     if not comfy_host.host_available():
         sys.exit(comfy_host.SKIP_REASON)
     comfy_host.start_host()
@@ -255,7 +289,7 @@ def main():
     t0 = time.time()
     with torch.inference_mode():
         b = Bench(args.edits, args.out, args.fresh, args.seed)
-        avi = {f: avi_rows(b, f, args.rhos, args.pairs, args.groups, args.commit_gains) for f in args.factors}         # AVI first: the λ rows are slow
+        avi = {f: avi_rows(b, f, args.rhos, args.pairs, args.groups, args.commit_gains, sweep, args.paper_rhos) for f in args.factors}         # AVI first: the λ rows are slow
         tables = {f: baseline_rows(b, f, args.skip_lambda) + avi[f] for f in args.factors}
     import contextlib
     import io

@@ -191,6 +191,45 @@ def difference_directions(x: Tensor, z: Tensor, k: int) -> Tensor:
     return compose(a[..., :k], d[..., :k], bh[..., :k, :])
 
 
+def committed_change(late: Tensor, early: Tensor, guidance: float, threshold: float = 0.5, scale: float = 1.0) -> Tensor:
+    """The change of the clean-image estimate for the two-probe z ("target's x̂0 at x and at t_early"; our
+    option, not the paper's), per batch item (dimension 0)::
+
+        Δ = Δ_late + scale·w·Δ_early/g,   w = clamp(1 − r/threshold, 0, 1),   r = ‖Δ_late‖_F / ‖Δ_early/g‖_F
+
+    ``late``, ``early`` [B, ...]: x̂0_T − x̂0_O, the target minus the original prompt's clean-image estimate, both
+    predicted at the same sampler state of the original trajectory, at x's step (late) and at an early step.
+    With classifier-free guidance g and the same negative prompt the unconditional prediction cancels, so
+    Δ_early/g is the prompts' own (unguided) difference there. r says whether the target prompt still changes the
+    image at x: r ≳ threshold (on the toy world an object's colour, r ≈ 1.2) gives Δ_late alone (the one-probe z);
+    r ≈ 0 (a floor or wall colour, r ≈ 0.05: committed before x, so the late prediction no longer shows it) adds the
+    early change. An item whose early change is zero (or g ≤ 0, where guidance has no prompt left) keeps Δ_late."""
+    if not isinstance(late, Tensor) or not isinstance(early, Tensor) or late.shape != early.shape or late.ndim < 1:
+        raise ValueError(f"late and early must be tensors of one shape [batch, ...], got "
+                         f"{tuple(getattr(late, 'shape', ()))} and {tuple(getattr(early, 'shape', ()))}")
+    for name, t in (("late", late), ("early", early)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+    guidance, threshold, scale = float(guidance), float(threshold), float(scale)
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be finite, got {guidance}")
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"threshold must be a finite number > 0, got {threshold}")
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"scale must be a finite number ≥ 0, got {scale}")
+    dtype = _work_dtype(late)
+    late_w = late.to(dtype)
+    if guidance <= 0:
+        return late_w.to(late.dtype)
+    early_u = early.to(dtype) / guidance
+    n_early = early_u.flatten(1).norm(dim=1) if late.ndim > 1 else early_u.abs()
+    n_late = late_w.flatten(1).norm(dim=1) if late.ndim > 1 else late_w.abs()
+    w = torch.where(n_early > 0, (1 - n_late / (threshold * n_early.clamp_min(torch.finfo(dtype).tiny))).clamp(0, 1),
+                    torch.zeros_like(n_early))
+    w = w.reshape(-1, *([1] * (late.ndim - 1)))
+    return (late_w + scale * w * early_u).to(late.dtype)
+
+
 INTEGRATIONS = ("paper", "strongest", "difference")
 """How Û, V̂ (or ŷ) are built: Algorithm 1 as written; z's strongest k directions in place of x's; or
 x plus the top-k singular directions of z − x (:func:`difference_directions`)."""

@@ -37,9 +37,11 @@ META_KEY = "avi_capture"
 AVI_CATEGORY = f"{CATEGORY}/avi"
 # Combo labels (saved workflows store them: never rename one) → internal keys.
 Z_SOURCE_KEYS = {"seed (paper)": "seed", "continue from x": "continue", "one step from x (fast)": "one_step",
-                 "target's x̂0 at x (fast)": "repredict"}
+                 "target's x̂0 at x (fast)": "repredict",
+                 "target's x̂0 at x and at t_early (fast)": "repredict_early"}
 Z_SOURCES = tuple(Z_SOURCE_KEYS)
-DEFAULT_Z_SOURCE = "target's x̂0 at x (fast)"
+DEFAULT_Z_SOURCE = "target's x̂0 at x and at t_early (fast)"
+REPREDICTED = ("repredict", "repredict_early")
 SINGULAR_VALUE_KEYS = {"Φ: S (paper)": ("phi", "S"), "Φ: S + Δs": ("phi", "S+ds"), "x's own (no Φ)": ("own", "x"),
                        "z's own (no Φ)": ("own", "z")}
 SINGULAR_VALUES = tuple(SINGULAR_VALUE_KEYS)
@@ -52,6 +54,12 @@ DIFFERENCE_K = 1      # k = 0 with the difference integration (measured: bench/a
 DEFAULT_GAIN = 3.0    # γ (measured: bench/avi_quality.py)
 MAX_GAIN = 10.0
 DEFAULT_T_X = 0.2     # T_x (measured: bench/avi_premises.py, bench/avi_quality.py; the paper: 0.8)
+# 'target's x̂0 at x and at t_early' (core_avi.committed_change): the early probe's time, the gate threshold on
+# r = ‖Δ_late‖/‖Δ_early/cfg‖ (toy world, seed 3: r ≈ 1.2 for object hue, ≈ 0.05 for floor/wall hue) and the weight of
+# the unguided early change (measured: bench/avi_quality.py --groups sweep, README)
+DEFAULT_T_EARLY = 0.9
+EARLY_THRESHOLD = 0.5
+EARLY_SCALE = 1.0
 
 
 @dataclass
@@ -160,14 +168,27 @@ CAPTURE_COST = (
     "so the edit costs steps + (s_z − s_x) (65 = 1.3×; not the paper's definition of z). 'one step from x (fast)': "
     "z is one sampler step from x at σ(s_x) straight to σ(s_z) with the target prompt (for ddim/euler: the DDIM "
     "update x̂0 of the target prompt re-noised to σ(s_z)), so the edit costs steps + 1 evaluations (51 = 1.02×); "
-    "a coarser z than the paper's, for speed. 'target's x̂0 at x (fast)' (the default): z is x with its clean-image "
+    "a coarser z than the paper's, for speed. 'target's x̂0 at x (fast)': z is x with its clean-image "
     "estimate x̂0 moved from the original prompt's to the target prompt's, both predicted at x's last sampler state "
     "(the original's is the sampler's own, the target's costs one evaluation), so z has x's noise, layout and step "
     "(Δτ unused) and differs from x only where the target prompt would change the image: steps + 1 evaluations "
     "(measured on the toy world: it keeps x's layout, where the paper's z from the seed brings its own; "
-    "bench/avi_quality.py). Capture once per seed: "
+    "bench/avi_quality.py). 'target's x̂0 at x and at t_early (fast)' (the default): the same, plus a second "
+    "prediction of the target prompt at the original trajectory's state nearest t_early (0.9T): where the late "
+    "prediction no longer shows the change (an attribute the model committed before T_x, e.g. a floor or wall "
+    "colour on the toy world) the early, unguided change Δx̂0/cfg is added to z (core/avi.committed_change); where "
+    "it still shows it (an object's colour) z is the one-probe z. steps + 2 evaluations (52 = 1.04×). Capture once per seed: "
     "every further ρ or Φ costs the resume alone (steps − s_x). Multistep samplers (dpmpp_2m, ...) restart their "
     "history at the resume step, as at any KSamplerAdvanced split; one-step samplers (ddim, euler) resume exactly."
+)
+
+
+T_EARLY_TOOLTIP = (
+    "Only for z_source 'target's x̂0 at x and at t_early': the diffusion time (1 = pure noise, 0 = clean; at least "
+    "t_x) of the early probe, where the target prompt's x̂0 is predicted a second time along the original trajectory "
+    "(one more UNet evaluation). It must come before the model commits the coarse attributes you may edit (on the toy "
+    "world the floor and wall colours are committed by 0.6T: bench/avi_premises.py); the change seen there is added "
+    "to z at x's step, where the model no longer pulls it back."
 )
 
 
@@ -180,27 +201,46 @@ def one_step(model, x: torch.Tensor, target, negative, cfg: float, sampler_name:
                                       x, noise_mask=noise_mask, callback=callback, disable_pbar=True, seed=seed)
 
 
-def repredicted_z(model, x: torch.Tensor, previous: dict, target, negative, cfg: float, sampler_name: str,
-                  sigmas: torch.Tensor, s_x: int, seed: int, noise_mask=None) -> torch.Tensor:
-    """z for 'target's x̂0 at x': x with its clean estimate moved from the original prompt's to the target's, both
-    predicted at x's previous sampler state (σ_{s−1}); x̂0_O is the sampler's own last prediction (``previous``),
-    x̂0_T costs one UNet evaluation. In the sampler's state space z = x + noise_scaling(σ_x, 0, x̂0_T − x̂0_O), i.e.
-    for ε/v models z_t = x_t + √ᾱ_t·(x̂0_T − x̂0_O) in the paper's latent: same noise, the target's content."""
+def target_x0_change(model, probe: dict, step: int, target, negative, cfg: float, sampler_name: str,
+                     sigmas: torch.Tensor, seed: int, dtype, noise_mask=None) -> torch.Tensor:
+    """x̂0_T − x̂0_O at the original trajectory's sampler state of ``step`` (``probe``: that state and the sampler's
+    own x̂0_O there, recorded by the sampling callback), in the sampler's state space; x̂0_T costs one UNet evaluation
+    (one sampler step with the target prompt from that state, of which only the prediction is kept)."""
     sampling = model.get_model_object("model_sampling")
-    sig_prev, sig_x = float(sigmas[s_x - 1]), float(sigmas[s_x])
-    a_prev, b_prev = paper_space_map(model, sig_prev, x.shape[1])
-    latent_prev = (sampling.calculate_input(torch.tensor(sig_prev), previous["state"].float()) - b_prev) / a_prev
+    sig = float(sigmas[step])
+    channels = probe["state"].shape[1]
+    a, b = paper_space_map(model, sig, channels)
+    latent = (sampling.calculate_input(torch.tensor(sig), probe["state"].float()) - b) / a
     got = {}
 
     def keep(i, x0, state, total):
         got.setdefault("x0", x0.detach().float().cpu())
 
-    one_step(model, latent_prev.to(x.dtype), target, negative, cfg, sampler_name, sigmas[[s_x - 1, s_x]], seed,
-             noise_mask, callback=keep)
-    delta = got["x0"] - previous["x0"]
-    sig = torch.tensor(sig_x)
+    one_step(model, latent.to(dtype), target, negative, cfg, sampler_name, sigmas[[step, step + 1]], seed, noise_mask,
+             callback=keep)
+    return got["x0"] - probe["x0"]
+
+
+def repredicted_z(model, x: torch.Tensor, probes: dict, target, negative, cfg: float, sampler_name: str,
+                  sigmas: torch.Tensor, s_x: int, seed: int, noise_mask=None) -> torch.Tensor:
+    """z for 'target's x̂0 at x' (``probes`` = {s_x − 1: …}) and 'target's x̂0 at x and at t_early' (also
+    {s_early: …}): x with its clean estimate moved by Σ_probes (x̂0_T − x̂0_O), each predicted at a sampler state of
+    the original trajectory (x̂0_O is the sampler's own prediction there, x̂0_T costs one UNet evaluation per probe).
+    In the sampler's state space z = x + noise_scaling(σ_x, 0, Σ Δx̂0), i.e. for ε/v models
+    z_t = x_t + √ᾱ_t·Σ(x̂0_T − x̂0_O) in the paper's latent: x's noise, the target's content. The late probe
+    (s_x − 1) sees what the target prompt still changes at x (an object's colour on the toy world); an early probe
+    sees what it changes before the model commits coarse attributes (a floor or wall colour), which a late x̂0 no
+    longer shows although the change, once added, is no longer pulled back (bench/avi_quality.py)."""
+    sampling = model.get_model_object("model_sampling")
+    changes = [target_x0_change(model, probe, step, target, negative, cfg, sampler_name, sigmas, seed, x.dtype, noise_mask)
+               for step, probe in sorted(probes.items(), reverse=True)]     # the late probe (s_x − 1) first
+    if len(changes) == 1:
+        delta = changes[0]
+    else:
+        delta = core_avi.committed_change(changes[0], changes[1], cfg, EARLY_THRESHOLD, EARLY_SCALE)
+    sig = torch.tensor(float(sigmas[s_x]))
     shift = sampling.calculate_input(sig, sampling.noise_scaling(sig, torch.zeros_like(delta), delta, False))
-    a_x, _ = paper_space_map(model, sig_x, x.shape[1])
+    a_x, _ = paper_space_map(model, float(sig), x.shape[1])
     return (x.float() + shift / a_x).to(x.dtype)
 
 
@@ -244,43 +284,58 @@ class AVICapture:
                                              "model has laid out the image and before it commits the attribute you "
                                              "edit: measured on the toy world (bench/avi_premises.py, README), an "
                                              "object's colour at 0.2T (the default), a floor or wall colour at 0.76T "
-                                             "with z_source 'seed (paper)', Δτ 0 and AVI Integrate's γ 1.5."}),
+                                             "with z_source 'seed (paper)', Δτ 0 and AVI Integrate's γ 1.5; the "
+                                             "default z_source also reaches attributes committed before T_x through "
+                                             "its early probe (t_early), so T_x 0.2 serves all three hues."}),
                 "delta_tau": ("FLOAT", {"default": -0.3, "min": -1.0, "max": 0.0, "step": 0.01,
                                         "tooltip": "Δτ: z is taken at diffusion time T_x + Δτ (the paper: −0.3, i.e. 0.5T, less noisy than x). "
-                                                   "Unused by z_source 'target's x̂0 at x', whose z is at T_x; 0 puts "
+                                                   "Unused by z_source 'target's x̂0 at x' (and 'and at t_early'), whose z is at T_x; 0 puts "
                                                    "the paper's z from the seed at T_x too, as the difference "
                                                    "integration wants."}),
                 "z_source": (list(Z_SOURCES), {"default": DEFAULT_Z_SOURCE, "tooltip": CAPTURE_COST}),
-            }
+            },
+            "optional": {
+                "t_early": ("FLOAT", {"default": DEFAULT_T_EARLY, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": T_EARLY_TOOLTIP}),
+            },
         }
 
     def capture(self, model, positive, target, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                t_x, delta_tau, z_source):
+                t_x, delta_tau, z_source, t_early=DEFAULT_T_EARLY):
         steps = check_int("steps", steps, 2, 10000)  # x needs a step strictly between the first and the last
         cfg = check_finite("cfg", cfg, 0.0, 100.0)
         t_x, delta_tau = check_finite("t_x", t_x, 0.0, 1.0), check_finite("delta_tau", delta_tau, -1.0, 0.0)
+        t_early = check_finite("t_early", t_early, 0.0, 1.0)
         for cond, name in ((positive, "positive"), (target, "target"), (negative, "negative")):
             check_conditioning(cond, name)
         if z_source not in Z_SOURCES:
             raise InputError(f"z_source must be one of {Z_SOURCES}, got {z_source!r}")
         source = Z_SOURCE_KEYS[z_source]
-        if source != "repredict" and not 0.0 <= t_x + delta_tau <= 1.0:
+        if source in ("repredict_early",) and t_early < t_x:
+            raise InputError(f"t_early must be at least t_x (the early probe comes before x: 1 = pure noise, 0 = clean), "
+                             f"got t_early {t_early} and t_x {t_x}")
+        if source not in REPREDICTED and not 0.0 <= t_x + delta_tau <= 1.0:
             raise InputError(f"t_x + delta_tau must lie in [0, 1], got {t_x} + {delta_tau}")
         samples = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         check_latent(model, {"samples": samples}, "latent_image")
         sigmas = sampling_sigmas(model, steps, sampler_name, scheduler)
         s_x = step_at_time(model, sigmas, t_x, 1, steps - 1)
         # the re-predicted z sits at x's own step (Δτ unused)
-        s_z = s_x if source == "repredict" else step_at_time(model, sigmas, t_x + delta_tau, s_x, steps)
+        s_z = s_x if source in REPREDICTED else step_at_time(model, sigmas, t_x + delta_tau, s_x, steps)
+        # the sampler states (and x̂0_O) where the target prompt's x̂0 is predicted: x's last one, and for
+        # 'at t_early' the step nearest T_early too (the same step once T_early is that close to T_x)
+        probe_steps = {s_x - 1}
+        if source == "repredict_early":
+            probe_steps.add(step_at_time(model, sigmas, t_early, 0, s_x - 1))
+        probes = {}
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
-        previous = {}
 
         def run(cond, latent, start, last, add_noise, record=False):
             preview = latent_preview.prepare_callback(model, steps)
 
             def callback(step, x0, state, total):
-                if record and step == last - 1:     # x's last sampler state before T_x and its x̂0 there
-                    previous.update(state=state.detach().clone().cpu(), x0=x0.detach().float().cpu())
+                if record and step in probe_steps:  # sampler states of the original trajectory and x̂0_O there
+                    probes[step] = dict(state=state.detach().clone().cpu(), x0=x0.detach().float().cpu())
                 preview(step, x0, state, total)
 
             out = comfy.sample.sample(model, noise if add_noise else torch.zeros_like(noise), steps, cfg, sampler_name,
@@ -291,8 +346,8 @@ class AVICapture:
             return out
 
         x = run(positive, samples, 0, s_x, True, record=True)
-        if source == "repredict":
-            z = repredicted_z(model, x, previous, target, negative, cfg, sampler_name, sigmas, s_x, seed,
+        if source in REPREDICTED:
+            z = repredicted_z(model, x, probes, target, negative, cfg, sampler_name, sigmas, s_x, seed,
                               latent_image.get("noise_mask"))
         elif source == "seed":
             z = run(target, samples, 0, s_z, True)
@@ -313,8 +368,11 @@ class AVICapture:
             if "batch_index" in latent_image:
                 d["batch_index"] = latent_image["batch_index"]
             out.append(d)
-        evaluations = steps + {"seed": s_z, "continue": s_z - s_x, "one_step": int(s_z > s_x), "repredict": 1}[source]
-        text = (f"x at step {s_x}/{steps} (σ {float(sigmas[s_x]):.3f}), z at step {s_z} (σ {float(sigmas[s_z]):.3f}); "
+        evaluations = steps + {"seed": s_z, "continue": s_z - s_x, "one_step": int(s_z > s_x)}.get(source, len(probes))
+        probed = (f" (target's x̂0 at step{'s' if len(probes) > 1 else ''} {', '.join(map(str, sorted(probes)))})"
+                  if source in REPREDICTED else "")
+        text = (f"x at step {s_x}/{steps} (σ {float(sigmas[s_x]):.3f}), z at step {s_z} (σ {float(sigmas[s_z]):.3f})"
+                f"{probed}; "
                 f"resume at {s_x}; the edit costs {evaluations} UNet evaluations ({evaluations / steps:.2f}× one sampling)")
         return {"ui": {"text": [text]}, "result": (out[0], out[1], s_x)}
 

@@ -75,7 +75,13 @@ def test_rho_zero_with_own_singular_values_resumes_to_the_plain_sampling(kind, s
                      start_at_step=0, end_at_step=start, return_with_leftover_noise="enable")[0]
         plain = resume(model, pos, neg, first, start, sampler, scheduler)
     scale = plain.abs().max()
-    assert (edited - plain).abs().max() < 1e-3 * scale
+    # the resume of y starts from x plus the SVD's rounding (above); a MODEL computing in half precision (a GPU)
+    # rounds each step's output to its ε, so that tiny start difference comes back as a few ε of the dtype
+    # (the H200: 0.25 % = 2.5 ε16 for sd1_v/euler): 1e-3 in float32, 8 ε of the compute dtype otherwise
+    tolerance = max(1e-3, 8 * torch.finfo(comfy_host.compute_dtype(model)).eps)
+    assert (edited - plain).abs().max() < tolerance * scale
+    if sampler in ("ddim", "euler"):  # x itself (no SVD) resumes to the plain run at the float32 bound on any device
+        assert (resume(model, pos, neg, x, start, sampler, scheduler) - plain).abs().max() < 1e-3 * scale
     # a real integration (ρ = 1) changes the result
     y1 = call("DisentangleAVIIntegrate", x=x, z=z, rho=1.0, k=0, singular_values="x's own (no Φ)", integration=PAPER,
               gain=1.0)[0]

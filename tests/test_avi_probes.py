@@ -1,0 +1,173 @@
+"""The two-probe z of AVI Capture ("target's x̂0 at x and at t_early"): core/avi.committed_change against a NumPy
+re-computation (CPU, no ComfyUI), and the node against an oracle built from stock KSamplerAdvanced steps only
+(real ComfyUI, tiny random-weight models; skipped loudly without COMFYUI_PATH)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from comfyui_disentangle.core import avi
+
+TWO_PROBE = "target's x̂0 at x and at t_early (fast)"
+
+
+def numpy_committed_change(late, early, g, threshold, scale):
+    """Δ_late + scale·w·Δ_early/g per item, w = clamp(1 − r/threshold, 0, 1), r = ‖Δ_late‖/‖Δ_early/g‖, literally."""
+    out = np.array(late, dtype=np.float64, copy=True)
+    if g <= 0:
+        return out
+    for i in range(late.shape[0]):
+        e = early[i].astype(np.float64) / g
+        ne = math.sqrt(float((e ** 2).sum()))
+        if ne == 0:
+            continue
+        r = math.sqrt(float((late[i].astype(np.float64) ** 2).sum())) / ne
+        w = min(1.0, max(0.0, 1.0 - r / threshold))
+        out[i] += scale * w * e
+    return out
+
+
+def test_committed_change_against_numpy():
+    g = torch.Generator().manual_seed(0)
+    late = torch.randn(6, 4, 8, 8, generator=g, dtype=torch.float64)
+    early = torch.randn(6, 4, 8, 8, generator=g, dtype=torch.float64) * 5.0
+    # items spanning the gate: r from ≈ 0 (committed early) through the threshold to ≫ it (still changing at x)
+    late *= torch.tensor([0.001, 0.05, 0.2, 0.45, 1.0, 3.0], dtype=torch.float64).reshape(-1, 1, 1, 1)
+    early[5] = 0                                   # no early change: Δ_late alone
+    for cfg, threshold, scale in ((5.0, 0.5, 1.0), (7.5, 0.3, 0.7), (1.0, 2.0, 0.0)):
+        got = avi.committed_change(late, early, cfg, threshold, scale)
+        want = numpy_committed_change(late.numpy(), early.numpy(), cfg, threshold, scale)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+    # the gate takes effect: item 0 gets (nearly) the whole unguided early change, item 4 none of it
+    got = avi.committed_change(late, early, 5.0, 0.5, 1.0)
+    torch.testing.assert_close(got[4], late[4])
+    assert float((got[0] - late[0] - early[0] / 5.0).abs().max()) < 0.05 * float((early[0] / 5.0).abs().max())
+    # float32 in, float32 out; cfg 0 (no prompt left in the prediction): Δ_late
+    f = avi.committed_change(late.float(), early.float(), 5.0)
+    assert f.dtype == torch.float32
+    torch.testing.assert_close(avi.committed_change(late, early, 0.0), late)
+
+
+@pytest.mark.parametrize("bad", [dict(threshold=0.0), dict(threshold=float("nan")), dict(scale=-1.0),
+                                 dict(scale=float("inf")), dict(guidance=float("nan"))])
+def test_committed_change_refuses_bad_settings(bad):
+    late, early = torch.zeros(2, 3, 3), torch.ones(2, 3, 3)
+    kwargs = dict(guidance=5.0, threshold=0.5, scale=1.0) | bad
+    with pytest.raises(ValueError):
+        avi.committed_change(late, early, **kwargs)
+
+
+def test_committed_change_refuses_mismatched_or_non_finite_inputs():
+    with pytest.raises(ValueError, match="shape"):
+        avi.committed_change(torch.zeros(2, 3, 3), torch.zeros(2, 3, 4), 5.0)
+    bad = torch.zeros(2, 3, 3)
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        avi.committed_change(torch.zeros(2, 3, 3), bad, 5.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The node (real ComfyUI)
+# --------------------------------------------------------------------------------------------
+
+STEPS = 20
+
+
+@pytest.fixture
+def nodes_avi(host):
+    from comfyui_disentangle.tests import comfy_host
+    return comfy_host.pack_module("nodes.avi")
+
+
+def _prompts(kind):
+    from comfyui_disentangle.tests import comfy_host
+    from comfyui_disentangle.tests.reconstruction import call
+    model, clip, _ = comfy_host.tiny_models(kind)
+    enc = [call("CLIPTextEncode", clip=clip, text=t)[0] for t in ("a photo of a house", "a photo of a snowy house", "")]
+    return (model, *enc)
+
+
+def _capture(model, pos, target, neg, sampler, z_source, t_x=0.3, **extra):
+    from comfyui_disentangle.tests.reconstruction import call
+    latent = call("EmptyLatentImage", width=64, height=64, batch_size=2)[0]
+    return call("DisentangleAVICapture", model=model, positive=pos, target=target, negative=neg, latent_image=latent,
+                seed=5, steps=STEPS, cfg=4.0, sampler_name=sampler, scheduler="normal", t_x=t_x, delta_tau=-0.3,
+                z_source=z_source, **extra)
+
+
+@pytest.mark.parametrize("kind,sampler", [("sd1", "ddim"), ("sd1_v", "euler")])
+def test_two_probe_z_against_stock_ksampler_advanced(nodes_avi, kind, sampler, monkeypatch):
+    """z = x + noise_scaling(Σ): Δ = committed_change(Δ_late, Δ_early, cfg). Oracle from stock nodes only: one
+    DDIM/Euler step from a sampler state s with each prompt gives x_T − x_O = (1 − σ_{s+1}/σ_s)·(x̂0_T − x̂0_O), at
+    x's last state (s_x − 1) and at the early step; the gate is then applied as the NumPy re-computation above."""
+    from comfyui_disentangle.tests.reconstruction import call
+    model, pos, target, neg = _prompts(kind)
+    sig = call("BasicScheduler", model=model, scheduler="normal", steps=STEPS, denoise=1.0)[0]
+    empty = call("EmptyLatentImage", width=64, height=64, batch_size=2)[0]
+
+    def advanced(cond, latent, first, last, add):
+        return call("KSamplerAdvanced", model=model, add_noise="enable" if add else "disable", noise_seed=5, steps=STEPS,
+                    cfg=4.0, sampler_name=sampler, scheduler="normal", positive=cond, negative=neg, latent_image=latent,
+                    start_at_step=first, end_at_step=last, return_with_leftover_noise="enable")[0]
+
+    def change(step):   # x̂0_T − x̂0_O at the original trajectory's state of `step`, in LATENT units
+        state = advanced(pos, empty, 0, step, True) if step > 0 else None
+        start = state if state is not None else empty
+        add = state is None
+        x_o = advanced(pos, start, step, step + 1, add)["samples"]
+        x_t = advanced(target, start, step, step + 1, add)["samples"]
+        return (x_t - x_o) / (1 - float(sig[step + 1]) / float(sig[step]))
+
+    # the default gate, and one wide open (w ≈ 1: the early change shows in z whatever the tiny model predicts)
+    for threshold in (nodes_avi.EARLY_THRESHOLD, 1e6):
+        monkeypatch.setattr(nodes_avi, "EARLY_THRESHOLD", threshold)
+        x, z, start = _capture(model, pos, target, neg, sampler, TWO_PROBE, t_early=0.9)
+        sigmas = nodes_avi.sampling_sigmas(model, STEPS, sampler, "normal")
+        s_e = nodes_avi.step_at_time(model, sigmas, 0.9, 0, start - 1)
+        assert s_e < start - 1 and z["avi_capture"]["step"] == start
+        late, early = change(start - 1), change(s_e)
+        want = numpy_committed_change(late.double().numpy(), early.double().numpy(), 4.0, threshold,
+                                      nodes_avi.EARLY_SCALE)
+        expected = x["samples"] + torch.from_numpy(want).float()
+        assert (z["samples"] - expected).abs().max() < 2e-3 * expected.abs().max()
+    # wide open, the early change is really there: z differs from the one-probe z
+    _, z1, _ = _capture(model, pos, target, neg, sampler, "target's x̂0 at x (fast)")
+    assert (z["samples"] - z1["samples"]).abs().max() > 1e-2 * (z1["samples"] - x["samples"]).abs().max()
+
+
+def test_two_probe_option_defaults_cost_and_checks(nodes_avi):
+    from comfyui_disentangle.tests.reconstruction import call
+    from comfyui_disentangle.tests.comfy_host import pack_module
+    InputError = pack_module("nodes.common").InputError
+    inputs = nodes_avi.AVICapture.INPUT_TYPES()
+    # the old labels stay (saved workflows), the new one is appended and is the default; t_early is optional
+    assert nodes_avi.Z_SOURCES == ("seed (paper)", "continue from x", "one step from x (fast)",
+                                   "target's x̂0 at x (fast)", TWO_PROBE)
+    assert inputs["required"]["z_source"][1]["default"] == nodes_avi.DEFAULT_Z_SOURCE == TWO_PROBE
+    t_early = inputs["optional"]["t_early"][1]
+    assert t_early["default"] == nodes_avi.DEFAULT_T_EARLY and t_early["tooltip"]
+    assert t_early["default"] >= inputs["required"]["t_x"][1]["default"]
+    model, pos, target, neg = _prompts("sd1")
+    # a prompt without t_early (saved before it existed) gets the default
+    node = nodes_avi.AVICapture()
+    latent = call("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
+    args = dict(model=model, positive=pos, target=target, negative=neg, latent_image=latent, seed=5, steps=STEPS,
+                cfg=4.0, sampler_name="ddim", scheduler="normal", t_x=0.3, delta_tau=-0.3, z_source=TWO_PROBE)
+    out = node.capture(**args)
+    text = out["ui"]["text"][0]
+    assert f"costs {STEPS + 2} UNet evaluations" in text, text            # two probes: steps + 2
+    same = node.capture(**args, t_early=nodes_avi.DEFAULT_T_EARLY)
+    torch.testing.assert_close(out["result"][1]["samples"], same["result"][1]["samples"])
+    one = node.capture(**dict(args, z_source="target's x̂0 at x (fast)"))
+    assert f"costs {STEPS + 1} UNet evaluations" in one["ui"]["text"][0]
+    # t_early at x's own step: a single probe (steps + 1), the one-probe z
+    at_x = node.capture(**args, t_early=0.3)
+    assert f"costs {STEPS + 1} UNet evaluations" in at_x["ui"]["text"][0]
+    torch.testing.assert_close(at_x["result"][1]["samples"], one["result"][1]["samples"])
+    # the node boundary (an HTTP prompt bypasses widget limits)
+    for bad in (float("nan"), float("inf"), -0.1, 1.5, 0.2):    # 0.2 < t_x 0.3: the probe must come before x
+        with pytest.raises(InputError, match="t_early"):
+            node.capture(**args, t_early=bad)
