@@ -75,7 +75,8 @@ def optimiser_sampling(model, clip, vae, loss_model, values, steps, cfg, seed=No
     (c0, _), (c1, _) = lam_node.encode_text(clip, NEUTRAL, "neutral_text"), lam_node.encode_text(clip, styled, "styled_text")
     uncond, _ = lam_node.encode_text(clip, "", "negative_text")
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps).tolist()
-    mm.load_models_gpu([model])
+    with torch.inference_mode():  # loaded as Optimize λ Schedule loads it: on the H200 the stock sampling after
+        mm.load_models_gpu([model])  # a load outside inference mode failed ("Inference tensors do not track version counter")
     with torch.inference_mode(False), torch.no_grad():
         objective = lam_node.LambdaObjective(model, vae, loss_model, 0.05)
         if trajectory is None:

@@ -153,6 +153,13 @@ def test_two_probe_option_defaults_cost_and_checks(nodes_avi):
     model, pos, target, neg = _prompts("sd1")
     # a prompt without t_early (saved before it existed) gets the default
     node = nodes_avi.AVICapture()
+    capture = node.capture
+
+    def in_inference_mode(**kw):  # as ComfyUI's executor runs a node (on a GPU the weights are inference tensors)
+        with torch.inference_mode():
+            return capture(**kw)
+
+    node.capture = in_inference_mode
     latent = call("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
     args = dict(model=model, positive=pos, target=target, negative=neg, latent_image=latent, seed=5, steps=STEPS,
                 cfg=4.0, sampler_name="ddim", scheduler="normal", t_x=0.3, delta_tau=-0.3, z_source=TWO_PROBE)
