@@ -311,7 +311,7 @@ class AVICapture:
         if z_source not in Z_SOURCES:
             raise InputError(f"z_source must be one of {Z_SOURCES}, got {z_source!r}")
         source = Z_SOURCE_KEYS[z_source]
-        if source in ("repredict_early",) and t_early < t_x:
+        if source == "repredict_early" and t_early < t_x:
             raise InputError(f"t_early must be at least t_x (the early probe comes before x: 1 = pure noise, 0 = clean), "
                              f"got t_early {t_early} and t_x {t_x}")
         if source not in REPREDICTED and not 0.0 <= t_x + delta_tau <= 1.0:

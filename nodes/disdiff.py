@@ -243,12 +243,6 @@ NEEDS_VAE = ("vae: this DisDiff model's encoder reads decoded images (encoder_in
              "the model it was trained on")
 
 
-def check_encoder_input(disdiff: DisDiffModel, vae) -> None:
-    """Refuse an image-input DisDiff without the VAE it decodes through (naming the input)."""
-    if disdiff.config.encoder_input == "image" and vae is None:
-        raise InputError(NEEDS_VAE)
-
-
 def encode_codes(disdiff: DisDiffModel, model_space_latents: torch.Tensor, image_decoder=None) -> torch.Tensor:
     """Codes [B, N, D] of model-space latents, in chunks of 64 on the torch device; ``image_decoder``
     (core.disdiff.ImageDecoder on that device) for an ``encoder_input="image"`` model without one attached."""
@@ -676,9 +670,8 @@ class DisDiffEncode:
             samples = vae.encode(image[:, :, :, :3])
         else:
             raise InputError("connect a latent, or an image and its vae")
-        check_encoder_input(disdiff, vae)
-        decoder = None
-        if disdiff.config.encoder_input == "image":
+        decoder = None   # an image-input model without a vae: encode_codes refuses it (NEEDS_VAE)
+        if disdiff.config.encoder_input == "image" and vae is not None:
             decoder = vae_image_decoder(vae, disdiff.latent_format())
         codes = encode_codes(disdiff, disdiff.latent_in(samples), decoder)
         return ({"codes": codes, "num_factors": disdiff.config.num_factors},)

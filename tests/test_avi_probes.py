@@ -83,11 +83,9 @@ def nodes_avi(host):
 
 
 def _prompts(kind):
-    from comfyui_disentangle.tests import comfy_host
-    from comfyui_disentangle.tests.reconstruction import call
-    model, clip, _ = comfy_host.tiny_models(kind)
-    enc = [call("CLIPTextEncode", clip=clip, text=t)[0] for t in ("a photo of a house", "a photo of a snowy house", "")]
-    return (model, *enc)
+    """(model, positive, target, negative) as the AVI node tests build them."""
+    from comfyui_disentangle.tests.test_avi_nodes import prompts
+    return prompts(kind)
 
 
 def _capture(model, pos, target, neg, sampler, z_source, t_x=0.3, **extra):
