@@ -16,14 +16,15 @@ PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "comfyui_disentangle"
 
 
-def start_comfy(cpu: bool = False):
-    """Import ComfyUI from COMFYUI_PATH (its own GPU management) and the pack as a package."""
+def start_comfy(cpu: bool = False, extra_args: list[str] | None = None):
+    """Import ComfyUI from COMFYUI_PATH (its own GPU management, with ``extra_args`` as main.py's
+    arguments, e.g. --lowvram) and the pack as a package."""
     path = os.environ.get("COMFYUI_PATH")
     if not path or not os.path.isfile(os.path.join(path, "comfy", "model_management.py")):
         sys.exit("set COMFYUI_PATH to a ComfyUI work tree")
     if path not in sys.path:
         sys.path.insert(0, path)
-    sys.argv = [sys.argv[0]] + (["--cpu"] if cpu else [])
+    sys.argv = [sys.argv[0]] + (["--cpu"] if cpu else []) + list(extra_args or [])
     import comfy.options
     comfy.options.enable_args_parsing()
     if PACK_NAME not in sys.modules:
@@ -113,6 +114,7 @@ def device_name() -> str:
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    rows = [list(r) + [""] * (len(header) - len(r)) for r in rows]
     cells = [header] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"\n{title}")

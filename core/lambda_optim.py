@@ -124,12 +124,14 @@ class GraphedStepRunner(MixedStepRunner):
     """The same steps replayed from two CUDA graphs, one step's forward and one step's VJP, captured
     on first use for the shapes at hand. Sampling and its gradient then cost GPU time only, not
     Python's per-kernel launch time (which otherwise dominates a 50-step backward). Falls back to
-    the eager steps, with ``fallback_reason`` set, on the CPU or if capture fails.
+    the eager steps, with ``fallback_reason`` set, on the CPU or if capture fails. The two graphs share
+    one memory pool unless ``share_pool`` is off (the memory benchmark compares both).
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, share_pool: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self._key = None
+        self.share_pool = share_pool
         self.fallback_reason: Optional[str] = None
 
     def _capture(self, x: Tensor, lam: Tensor) -> bool:
@@ -161,12 +163,15 @@ class GraphedStepRunner(MixedStepRunner):
             forward_graph, vjp_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             with torch.cuda.graph(forward_graph), torch.no_grad():
                 st["out"] = self.step(st["x"], st["sig"], st["sig_next"], st["lam"])
-            with torch.cuda.graph(vjp_graph):
+            # One memory pool for both graphs (the larger of the two instead of their sum): they never
+            # run concurrently and each one's outputs are copied out right after its replay.
+            with torch.cuda.graph(vjp_graph, pool=forward_graph.pool() if self.share_pool else None):
                 st["grad_x"], st["grad_lam"] = vjp_static()
         except Exception as e:  # a host sync or an op that cannot be captured: stay eager
             self.fallback_reason = f"CUDA graph capture failed ({type(e).__name__}: {e})"
             return False
         self._static, self._graphs, self._key = st, (forward_graph, vjp_graph), key
+        torch.cuda.empty_cache()  # the warm-up's cached blocks: the graphs' pool now holds what they need
         return True
 
     def _load(self, i: int, x: Tensor, lam: Tensor) -> None:

@@ -2,13 +2,16 @@
 (Wu et al. 2023, Sec. 3.3) on a ComfyUI MODEL / VAE / CLIP, with core.lambda_optim doing the maths.
 
 ComfyUI runs nodes under inference mode and loads weights as inference tensors, which autograd
-cannot save. The node therefore optimises against differentiable copies of the UNet and the VAE
-decoder (made outside inference mode once the model is loaded, patches included); the MODEL
-itself is never patched, so Cancel leaves nothing behind.
+cannot save. The node therefore optimises against differentiable views of the UNet, the VAE decoder
+and the loss models (nodes.differentiable: ordinary tensors on the loaded weights' memory, patches
+included, nothing duplicated); the MODEL itself is never patched, so Cancel leaves nothing behind.
+Memory: the loaded weights, one sampler step's activations (the adjoint pass), and the decoder's and
+loss models' activations, which are recomputed block by block in backward.
 """
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import math
 
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from ..core import lambda_optim as lo
 from ..core.lambda_schedule import LambdaSchedule
 from ..core.trajectory import InversionTrajectory
+from .differentiable import UNET_BLOCKS, VAE_DECODER_BLOCKS, differentiable_view, recompute_in_backward
 from .common import (CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError, check_finite, check_int,
                      check_vp_model, latent_channels)
 from .plot import draw_loss_curve, image_tensor
@@ -31,12 +35,70 @@ from .perceptual import PerceptualModel
 from .clip_loss import ClipLossModel
 
 
-def differentiable_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy whose weights are ordinary tensors (autograd can save them for backward)."""
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+# Peak activation memory of the optimisation in units of ComfyUI's own inference estimates, measured by
+# bench/lambda_memory.py on the H200 (fp16 UNet, cfg 7.5): the CUDA graphs' pool, one sampler step's VJP,
+# per ``model.memory_required`` of that step's UNet batch is 10.2 (SD1.5 512²) and 19.9 (SDXL 1024²) with
+# the activations stored, 2.7 and 3.1 with the UNet's blocks recomputed; the decoder + CLIP + LPIPS
+# backward (blocks recomputed) is 1.36 × ``vae.memory_used_decode``. Rounded up to the larger family.
+STEP_VJP_PER_FORWARD_ESTIMATE = 20.0
+RECOMPUTED_STEP_VJP_PER_FORWARD_ESTIMATE = 3.5
+DECODE_BACKWARD_PER_DECODE_ESTIMATE = 1.4
+
+
+def weight_bytes(module: torch.nn.Module | None, device) -> int:
+    """Bytes of the parameters and buffers that the optimisation must put on ``device`` (0 if already there)."""
+    if module is None:
+        return 0
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device != torch.device(device))
+
+
+def optimisation_memory(model, vae, latent_shape, cfg: float, clip_loss_model, perceptual_model,
+                        recompute_unet: bool = False) -> int:
+    """Bytes beyond the UNet's and VAE's weights that one optimisation needs at its peak, what the node
+    asks ComfyUI to make room for: the loss models' weights, the CUDA graphs' pool (one sampler step's
+    VJP: UNet batch 2 with cfg, 1 without; smaller with the UNet's blocks recomputed) and, beside it,
+    the decoder + loss backward."""
+    device = mm.get_torch_device()
+    batch = latent_shape[0] * (1 if cfg == 1.0 else 2)
+    factor = RECOMPUTED_STEP_VJP_PER_FORWARD_ESTIMATE if recompute_unet else STEP_VJP_PER_FORWARD_ESTIMATE
+    step = factor * model.memory_required((batch, *latent_shape[1:]))
+    decode = DECODE_BACKWARD_PER_DECODE_ESTIMATE * vae.memory_used_decode(latent_shape, vae.vae_dtype)
+    losses = weight_bytes(clip_loss_model.model, device)
+    losses += weight_bytes(getattr(perceptual_model, "net", None), device)
+    return int(losses + step + decode)
+
+
+def recompute_unet_needed(need: int, device: torch.device, free: int, reserved: int) -> bool:
+    """Whether the UNet's blocks must be recomputed in each step's VJP (~25% slower) because the GPU's
+    free memory, less ComfyUI's reserve, cannot hold ``need``, the optimisation with them stored."""
+    return device.type == "cuda" and free - reserved < need
+
+
+def out_of_memory_advice(width: int, height: int, cfg: float, need: int, detail: str) -> str:
+    return (f"Optimize λ Schedule ran out of GPU memory at {width}×{height} (it needs about {need / 2**30:.1f} GiB "
+            f"beyond the model's weights; {detail}). Lower width and height"
+            + (", or use cfg 1 (one UNet pass per step instead of two)" if cfg != 1.0 else "")
+            + ", or close other programs on the GPU; starting ComfyUI with --lowvram keeps part of the weights in "
+              "CPU memory (slower). ComfyUI unloads its models after this error, so the next run starts clean.")
+
+
+def differentiable_copy(module: torch.nn.Module, device=None) -> torch.nn.Module:
+    """A frozen deep copy whose weights are ordinary tensors: twice the weights' memory (the benchmarks
+    compare it with :func:`differentiable_view`, which shares them)."""
     with torch.inference_mode(False):
         clone = copy.deepcopy(module)
+        if device is not None:
+            clone.to(device)
     clone.requires_grad_(False)
     return clone.eval()
+
+
+def is_lpips_slice(name: str, module: torch.nn.Module) -> bool:
+    """lpips' VGG / AlexNet / SqueezeNet feature slices (``net.slice1`` ...): recomputed in backward."""
+    return name.rsplit(".", 1)[-1].startswith("slice") and isinstance(module, torch.nn.Sequential)
 
 
 def encode_text(clip, text: str, name: str):
@@ -115,23 +177,39 @@ def optimisation_ticks(steps: int, iterations: int, real_image: bool) -> int:
 
 
 class LambdaObjective:
-    """Wu et al.'s objective for one or more edits, on differentiable copies of the host's models.
+    """Wu et al.'s objective for one or more edits, on differentiable views of the host's models.
 
     L(λ) = L_dir(E_I(X0(λ)) − E_I(X0(0)), E_T(styled) − E_T(neutral)) + β·(1 − cos(E_I(X0(λ)), E_I(X0(0))))
     averaged over the batch. The perceptual term is LPIPS(X0(λ), X0(0)) when a perceptual model is
     given (the paper: VGG-16), else the CLIP-image-feature distance 1 − cos(E_I(X0(λ)), E_I(X0(0))).
+
+    Memory options (the defaults are what the node uses; ``bench/lambda_memory.py`` measures each):
+    ``share_weights``: differentiable views on the loaded weights instead of deep copies;
+    ``recompute_decoder`` / ``recompute_loss``: the VAE decoder's blocks and LPIPS' feature slices keep
+    only their inputs for backward; ``recompute_unet``: the same for the UNet's blocks inside each
+    sampler step's VJP (one more UNet forward per step; for large images on small cards).
     """
 
     def __init__(self, model, vae, clip_loss_model: ClipLossModel, beta: float,
-                 perceptual_model: PerceptualModel | None = None):
+                 perceptual_model: PerceptualModel | None = None, share_weights: bool = True,
+                 recompute_decoder: bool = True, recompute_loss: bool = True, recompute_unet: bool = False):
         self.model, self.vae, self.beta = model, vae, beta
         self.device = mm.get_torch_device()
-        self.denoise = unet_denoiser(model, differentiable_copy(model.model.diffusion_model))
-        self.decoder = differentiable_copy(vae.first_stage_model).to(vae.device)
-        self.scorer = ClipLossModel(differentiable_copy(clip_loss_model.model).to(self.device), clip_loss_model.tokenizer,
+        frozen = differentiable_view if share_weights else differentiable_copy
+        self.unet = frozen(model.model.diffusion_model)  # where ComfyUI loaded it (partly on the CPU with --lowvram)
+        if recompute_unet:
+            recompute_in_backward(self.unet, UNET_BLOCKS)
+        self.denoise = unet_denoiser(model, self.unet)
+        self.decoder = frozen(vae.first_stage_model, vae.device)
+        if recompute_decoder:
+            recompute_in_backward(self.decoder, VAE_DECODER_BLOCKS)
+        self.scorer = ClipLossModel(frozen(clip_loss_model.model, self.device), clip_loss_model.tokenizer,
                                     clip_loss_model.image_size, clip_loss_model.mean, clip_loss_model.std)
-        self.perceptual = None if perceptual_model is None else PerceptualModel(
-            differentiable_copy(perceptual_model.net).to(self.device))
+        self.perceptual = None
+        if perceptual_model is not None:
+            self.perceptual = PerceptualModel(frozen(perceptual_model.net, self.device))
+            if recompute_loss:
+                recompute_in_backward(self.perceptual.net, where=is_lpips_slice)
         self.neutral_emb = self.direction = self.neutral_image = self.last_image = None
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
@@ -170,7 +248,7 @@ class LambdaEdit:
 
     def __init__(self, objective: LambdaObjective, sigmas: list[float], cfg: float, conds, adms, start,
                  rediffusion_steps: int = 20, per_item: bool = False, use_checkpoint: bool = True,
-                 cuda_graphs: bool = True, on_step: lo.StepHook | None = None):
+                 cuda_graphs: bool = True, on_step: lo.StepHook | None = None, share_graph_pool: bool = True):
         device = objective.device
         self.objective, self.sigmas, self.cfg = objective, sigmas, cfg
         self.per_item, self.use_checkpoint, self.on_step = per_item, use_checkpoint, on_step
@@ -186,8 +264,9 @@ class LambdaEdit:
                                                          rediffusion_steps, y0=y0, y_uncond=yu, on_step=on_step)
         else:
             self.x_T = start.clone().to(device)
-        runner = lo.GraphedStepRunner if cuda_graphs else lo.MixedStepRunner
-        self.runner = runner(objective.denoise, sigmas, self.c0, self.c1, self.uncond, cfg, y0, y1, yu)
+        args = (objective.denoise, sigmas, self.c0, self.c1, self.uncond, cfg, y0, y1, yu)
+        self.runner = (lo.GraphedStepRunner(*args, share_pool=share_graph_pool) if cuda_graphs
+                       else lo.MixedStepRunner(*args))
 
     @property
     def steps(self) -> int:
@@ -306,36 +385,40 @@ class OptimizeLambdaSchedule:
             if not 0 <= rediffusion_steps <= n:
                 raise InputError(f"rediffusion_steps must lie in [0, {n}], got {rediffusion_steps}")
 
-        mm.load_models_gpu([model])
+        downscale = vae.spacial_compression_encode()
+        latent_shape = (1, channels, height // downscale, width // downscale)
+        need = optimisation_memory(model, vae, latent_shape, cfg, clip_loss_model, perceptual_model)
+        lean = optimisation_memory(model, vae, latent_shape, cfg, clip_loss_model, perceptual_model, recompute_unet=True)
+        # ComfyUI unloads other models to make room for the fast path, and offloads part of the UNet only
+        # if not even the lean path (the UNet's blocks recomputed) fits beside it.
+        mm.load_models_gpu([model, vae.patcher], memory_required=need, minimum_memory_required=lean)
+        device = mm.get_torch_device()
+        recompute_unet = recompute_unet_needed(need, device, mm.get_free_memory(device), mm.extra_reserved_memory())
+        partial = bool(getattr(model.model, "model_lowvram", False))  # --lowvram / small card: weights cast per step
         progress = StepProgress(optimisation_ticks(n, iterations, trajectory is not None))
         history = []
-        with torch.inference_mode(False), torch.enable_grad():
-            objective = LambdaObjective(model, vae, clip_loss_model, beta, perceptual_model)
-            device = objective.device
-            if trajectory is None:
-                downscale = vae.spacial_compression_encode()
-                empty = torch.zeros(1, channels, height // downscale, width // downscale)
-                start = initial_noise(model, empty, seed, sigmas[0])
-            else:
-                start = trajectory
-            edit = LambdaEdit(objective, sigmas, cfg, (c0, c1, uncond), (y0, y1, yu), start, rediffusion_steps,
-                              on_step=progress)
-            neutral_x0 = edit.set_reference([neutral_text], [styled_text])
-
-            def on_iteration(i, loss, lam):
-                history.append(loss)
-                mm.throw_exception_if_processing_interrupted()
-                progress.show(preview_of(objective.last_image))
-
-            init = lo.paper_init(n, neutral_steps, styled_weight)
-            best, _ = lo.optimize_lambdas(edit.loss, init, iterations, learning_rate, on_iteration)
-            if not any(math.isfinite(v) for v in history):
-                raise InputError("the loss was NaN or infinite at every iteration, so nothing was learned: check the "
-                                 "models (a NaN-producing model or VAE) and the float inputs")
-            with torch.no_grad():
-                edited_x0 = edit.sample(best)
-        if edit.runner.fallback_reason and device.type == "cuda":
-            logging.warning("Optimize λ Schedule ran without CUDA graphs (slower): %s", edit.runner.fallback_reason)
+        failure = None
+        try:
+            runner, best, neutral_x0, edited_x0 = self.learn(
+                model, vae, clip_loss_model, perceptual_model, beta, sigmas, cfg, (c0, c1, uncond), (y0, y1, yu),
+                trajectory if trajectory is not None else torch.zeros(latent_shape), seed, rediffusion_steps,
+                (neutral_text, styled_text), lo.paper_init(n, neutral_steps, styled_weight), iterations,
+                learning_rate, progress, history, cuda_graphs=not partial, recompute_unet=recompute_unet)
+        except OUT_OF_MEMORY as e:  # leave the except block first, so that its frames (and tensors) are freed
+            failure = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if failure is not None:
+            gc.collect()
+            mm.soft_empty_cache()
+            raise OUT_OF_MEMORY(out_of_memory_advice(width, height, cfg, lean if recompute_unet else need, failure))
+        fallback = getattr(runner, "fallback_reason", None)
+        if recompute_unet:
+            logging.info("Optimize λ Schedule: %.1f GiB free for a %.1f GiB optimisation, so the UNet's blocks are "
+                         "recomputed in backward (slower, %.1f GiB)", mm.get_free_memory(device) / 2**30,
+                         need / 2**30, lean / 2**30)
+        if partial:
+            logging.info("Optimize λ Schedule: the model is partly offloaded (low VRAM), so it runs without CUDA graphs")
+        elif fallback and mm.get_torch_device().type == "cuda":
+            logging.warning("Optimize λ Schedule ran without CUDA graphs (slower): %s", fallback)
 
         schedule = LambdaSchedule(tuple(step_progress_for_model(model, sigmas[:-1])), tuple(best.tolist()))
         out = mm.intermediate_device()
@@ -344,6 +427,35 @@ class OptimizeLambdaSchedule:
         summary = "loss per iteration: " + ", ".join(f"{v:.4f}" for v in history)
         plot = image_tensor(draw_loss_curve(history, "Optimize λ: L(λ) per iteration", "iteration"))
         return {"ui": {"text": [summary]}, "result": (schedule, edited, neutral, plot)}
+
+    @staticmethod
+    def learn(model, vae, clip_loss_model, perceptual_model, beta, sigmas, cfg, conds, adms, start, seed,
+              rediffusion_steps, texts, init, iterations, learning_rate, progress, history, cuda_graphs=True,
+              recompute_unet=False):
+        """Adam on λ against differentiable views of the models; returns (the step runner, the best λ,
+        X0(0), X0(best λ)). ``start``: an InversionTrajectory, or the empty latent whose x_T ``seed`` makes.
+        Everything it allocates on the GPU dies with its frame (the out-of-memory path relies on it)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            objective = LambdaObjective(model, vae, clip_loss_model, beta, perceptual_model,
+                                        recompute_unet=recompute_unet)
+            if not isinstance(start, InversionTrajectory):
+                start = initial_noise(model, start, seed, sigmas[0])
+            edit = LambdaEdit(objective, sigmas, cfg, conds, adms, start, rediffusion_steps, on_step=progress,
+                              cuda_graphs=cuda_graphs)
+            neutral_x0 = edit.set_reference([texts[0]], [texts[1]])
+
+            def on_iteration(i, loss, lam):
+                history.append(loss)
+                mm.throw_exception_if_processing_interrupted()
+                progress.show(preview_of(objective.last_image))
+
+            best, _ = lo.optimize_lambdas(edit.loss, init, iterations, learning_rate, on_iteration)
+            if not any(math.isfinite(v) for v in history):
+                raise InputError("the loss was NaN or infinite at every iteration, so nothing was learned: check the "
+                                 "models (a NaN-producing model or VAE) and the float inputs")
+            with torch.no_grad():
+                edited_x0 = edit.sample(best)
+        return edit.runner, best, neutral_x0.detach(), edited_x0.detach()
 
 
 NODE_CLASS_MAPPINGS = {"DisentangleOptimizeLambda": OptimizeLambdaSchedule}

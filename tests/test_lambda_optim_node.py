@@ -246,3 +246,64 @@ def test_loss_plot_is_an_image_of_the_curve(toy):
     curve = torch.tensor([90, 170, 255]) / 255.0  # nodes/plot.py's CURVE colour
     on_curve = ((plot[0] - curve).abs().max(dim=-1).values < 0.02).sum()
     assert on_curve > 200, f"only {int(on_curve)} curve pixels for losses {losses}"
+
+
+def test_out_of_memory_names_what_to_lower_and_frees_the_optimisation(toy, monkeypatch):
+    """A CUDA out-of-memory error mid-optimisation reaches ComfyUI's executor as an out-of-memory error
+    (it unloads the models on that type) whose message says what to lower, and the optimisation's
+    tensors are freed before it is raised."""
+    import gc
+    import weakref
+    lo = comfy_host.pack_module("nodes.lambda_optim").lo  # the module the node, as ComfyUI loaded it, calls
+    held = []
+
+    def out_of_memory(loss_of, init, *args, **kwargs):
+        held.append(weakref.ref(loss_of.__self__))  # the LambdaEdit, which holds the views and the latents
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(lo, "optimize_lambdas", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        optimize(toy, width=96, height=128)
+    message = str(raised.value)
+    assert "96×128" in message and "Lower width and height" in message and "--lowvram" in message
+    assert "cfg 1" in message and "Tried to allocate 2.00 GiB" in message
+    assert raised.value.__context__ is None and raised.value.__cause__ is None  # no frame of the run is kept
+    gc.collect()
+    assert held and held[0]() is None, "the optimisation's tensors outlive the error"
+    import comfy.model_management as mm
+    assert isinstance(raised.value, mm.OOM_EXCEPTION)  # so the executor unloads the models
+
+
+def test_memory_request_grows_with_the_image_and_names_the_vae(toy, monkeypatch):
+    """The node asks ComfyUI's model management for the UNet and the VAE together, with room for the
+    optimisation's activations that grows with the image (and halves without cfg's second UNet pass)."""
+    import comfy.model_management as mm
+    node_module = comfy_host.pack_module("nodes.lambda_optim")
+    model, clip, vae, loss_model = toy
+    calls = []
+    real = mm.load_models_gpu
+
+    def record(models, memory_required=0, **kwargs):
+        calls.append((list(models), memory_required))
+        return real(models, memory_required=memory_required, **kwargs)
+
+    monkeypatch.setattr(mm, "load_models_gpu", record)
+    optimize(toy, iterations=1, steps=2, neutral_steps=1)
+    ours = [(models, need) for models, need in calls if vae.patcher in models]
+    assert ours, "the VAE was not loaded with the UNet"
+    models, need = ours[0]
+    assert model in models
+    small = node_module.optimisation_memory(model, vae, (1, 4, 16, 16), 5.0, loss_model, None)
+    large = node_module.optimisation_memory(model, vae, (1, 4, 32, 32), 5.0, loss_model, None)
+    no_cfg = node_module.optimisation_memory(model, vae, (1, 4, 32, 32), 1.0, loss_model, None)
+    assert need == small and 0 < small < large and no_cfg < large
+
+
+def test_unet_recomputation_only_when_the_fast_path_does_not_fit(host):
+    """The node recomputes the UNet's blocks (slower, less memory) only on a GPU whose free memory, less
+    ComfyUI's reserve, cannot hold the fast path; never on the CPU."""
+    node_module = comfy_host.pack_module("nodes.lambda_optim")
+    gib, cuda = 2**30, torch.device("cuda")
+    assert not node_module.recompute_unet_needed(10 * gib, cuda, free=12 * gib, reserved=gib)
+    assert node_module.recompute_unet_needed(10 * gib, cuda, free=10 * gib, reserved=gib // 2)
+    assert not node_module.recompute_unet_needed(10 * gib, torch.device("cpu"), free=0, reserved=gib)
