@@ -40,9 +40,9 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (conditioning, device_name, median_ratio, print_table, random_sd15, start_comfy,  # noqa: E402
-                    timed_rounds)
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+from common import median_ratio, print_table, timed_rounds  # noqa: E402
+from comfyui_disentangle.harness import conditioning, device_name, random_sd15, start_comfy  # noqa: E402
 
 
 def main():

@@ -20,9 +20,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality import (call, comfy_host, encode_batch, generate, integrate_per_seed, load_yardstick,  # noqa: E402
-                     print_table, resume, train_phi_per_seed)
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+from comfyui_disentangle import harness as comfy_host  # noqa: E402
+from comfyui_disentangle.harness import call  # noqa: E402
+from quality import (encode_batch, generate, integrate_per_seed, load_yardstick,  # noqa: E402
+                    print_table, resume, train_phi_per_seed)
 
 
 def partial(model, latent, positive, negative, seed, end, steps, cfg):

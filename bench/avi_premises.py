@@ -36,9 +36,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from plots import heatmaps, line_plot  # noqa: E402
-from quality import call, comfy_host, encode_batch, load_yardstick, print_table  # noqa: E402
+from comfyui_disentangle import harness as comfy_host  # noqa: E402
+from comfyui_disentangle.harness import call  # noqa: E402
+from quality import encode_batch, load_yardstick, print_table  # noqa: E402
 
 TEXT_FACTORS = ("floor_hue", "wall_hue", "object_hue", "scale", "shape")
 P = 4  # the paper's subspace dimension

@@ -35,10 +35,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from avi_premises import Edits, World  # noqa: E402
-from quality import (call, comfy_host, learn_per_seed_schedules, lam_images, print_table,  # noqa: E402
-                     train_phi_per_seed)
+from comfyui_disentangle import harness as comfy_host  # noqa: E402
+from comfyui_disentangle.harness import call  # noqa: E402
+from quality import learn_per_seed_schedules, lam_images, print_table, train_phi_per_seed  # noqa: E402
 
 HUE_FACTORS = ("object_hue", "floor_hue", "wall_hue")
 # T_x where the toy model commits each factor (bench/avi_premises.py, "commit"): the floor and wall hue from about

@@ -23,17 +23,16 @@ import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (PACK_ROOT, conditioning, device_name, median_ratio, print_table, random_sd15,  # noqa: E402
-                    start_comfy, timed_rounds)
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+from common import median_ratio, print_table, timed_rounds  # noqa: E402
+from comfyui_disentangle import harness  # noqa: E402
+from comfyui_disentangle.harness import PACK_ROOT, conditioning, device_name, random_sd15, start_comfy  # noqa: E402
 
 
-def random_disdiff(node, dd, model, positive, latent_shape, num_factors=6, code_dim=32, decoder_width=1.0, seed=0):
+def random_disdiff(model, positive, latent_shape, num_factors=6, code_dim=32, decoder_width=1.0, seed=0):
     """A DisDiff with random weights (zero-initialised layers too) fitting ``model``'s UNet features."""
-    from comfyui_disentangle.tests import comfy_host
-    return comfy_host.random_disdiff(model, positive, latent_shape, num_factors=num_factors, code_dim=code_dim,
-                                     encoder_width=128, decoder_width=decoder_width, seed=seed, init_std=0.02,
-                                     modules=(dd, node))
+    return harness.random_disdiff(model, positive, latent_shape, num_factors=num_factors, code_dim=code_dim,
+                                  encoder_width=128, decoder_width=decoder_width, seed=seed, init_std=0.02)
 
 
 class Counter:
@@ -216,7 +215,7 @@ def main():
         if args.checkpoint:
             disdiff = node.DisDiffModel(dd.load_checkpoint(args.checkpoint).model, "trained")
         else:
-            disdiff = random_disdiff(node, dd, model, empty, (4, 16, 16))
+            disdiff = random_disdiff(model, empty, (4, 16, 16))
         rows += speed_rows("toy world 128 px", model, disdiff, empty, empty, (4, 16, 16), args.toy_batch, args.steps,
                            1.0, args.repeats, node)
         rows += speed_rows("toy world 128 px", model, disdiff, caption, empty, (4, 16, 16), args.toy_batch, args.steps,
@@ -225,7 +224,7 @@ def main():
             sd = random_sd15(args.dtype)
             pos, neg = conditioning(seed=1), conditioning(seed=2)
             side = args.sd_size // 8
-            sd_dd = random_disdiff(node, dd, sd, neg, (4, side, side), decoder_width=args.sd_decoder_width)
+            sd_dd = random_disdiff(sd, neg, (4, side, side), decoder_width=args.sd_decoder_width)
             rows += speed_rows(f"SD1.5 arch {args.sd_size} px {args.dtype}", sd, sd_dd, pos, neg, (4, side, side), 1,
                                args.steps, 7.5, args.repeats, node)
         print_table(f"Partial-condition sampling cost, {args.steps} ddim steps, {device_name()} (median of {args.repeats} "

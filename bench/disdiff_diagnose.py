@@ -19,8 +19,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, print_table, start_comfy  # noqa: E402
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+from common import print_table  # noqa: E402
+from comfyui_disentangle.harness import device_name, start_comfy  # noqa: E402
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,16 +40,14 @@ def main():
     from comfyui_disentangle.core import disdiff as dd
     from comfyui_disentangle.core import factor_world as fw
     from comfyui_disentangle.nodes import disdiff as node
-    from comfyui_disentangle.nodes.toy_world import load_toy_world
+    from comfyui_disentangle.nodes.toy_world import load_toy_world, scene_latents
 
-    sys.path.insert(0, os.path.join(PACK_ROOT, "scripts"))
-    from train_disdiff import render_and_encode
 
     with torch.inference_mode():
         model, clip, vae = load_toy_world("toy_world")
         empty = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
         factors = fw.sample_factors(args.scenes, generator=torch.Generator().manual_seed(4242))
-        x0 = render_and_encode(fw, vae, model, factors)
+        x0 = scene_latents(vae, model, factors)
         node.load_frozen(model)
         frozen = node.make_frozen(model, empty)
         device = mm.get_torch_device()

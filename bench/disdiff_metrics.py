@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from disentangle_metrics import COLUMNS, dm, print_summary, summary_row  # noqa: E402
 
 

@@ -11,8 +11,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, print_table, start_comfy  # noqa: E402
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+from common import print_table  # noqa: E402
+from comfyui_disentangle.harness import device_name, start_comfy  # noqa: E402
 
 
 def main():
@@ -31,14 +32,12 @@ def main():
     from comfyui_disentangle.core import disdiff_train as dtrain
     from comfyui_disentangle.core import factor_world as fw
     from comfyui_disentangle.nodes import disdiff as node
-    from comfyui_disentangle.nodes.toy_world import load_toy_world
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    from train_disdiff import render_and_encode
+    from comfyui_disentangle.nodes.toy_world import load_toy_world, scene_latents
 
     with torch.inference_mode():
         model, clip, vae = load_toy_world("toy_world")
         empty = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
-        latents = render_and_encode(fw, vae, model, fw.sample_factors(args.images, torch.Generator().manual_seed(0)))
+        latents = scene_latents(vae, model, fw.sample_factors(args.images, torch.Generator().manual_seed(0)))
     node.load_frozen(model)
     device = model.load_device
     frozen = node.make_frozen(model, empty)

@@ -14,36 +14,17 @@ scores saved autoencoders instead (one per seed). Other encoders (DisDiff's) are
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.machinery
 import json
 import os
 import statistics
 import sys
 import time
-import types
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import print_table  # noqa: E402
+from comfyui_disentangle.core import autoencoder_baseline as ab  # noqa: E402
+from comfyui_disentangle.core import disentangle_metrics as dm  # noqa: E402
 
-PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE_NAME = "comfyui_disentangle"
-
-
-def _pack_core():
-    """The pack's core modules, imported as ``comfyui_disentangle.core`` without running the pack's
-    ``__init__.py`` (which needs ComfyUI); the same alias as tests/conftest.py."""
-    if PACKAGE_NAME not in sys.modules:
-        spec = importlib.machinery.ModuleSpec(PACKAGE_NAME, None, is_package=True)
-        spec.submodule_search_locations = [PACK_ROOT]
-        module = types.ModuleType(PACKAGE_NAME)
-        module.__spec__, module.__path__, module.__package__ = spec, [PACK_ROOT], PACKAGE_NAME
-        sys.modules[PACKAGE_NAME] = module
-    return (importlib.import_module(PACKAGE_NAME + ".core.disentangle_metrics"),
-            importlib.import_module(PACKAGE_NAME + ".core.autoencoder_baseline"))
-
-
-dm, ab = _pack_core()
 evaluate_encoder = dm.evaluate_encoder
 
 COLUMNS = (("factor_vae", "FactorVAE"), ("dci_disentanglement", "DCI D"), ("dci_completeness", "DCI C"),

@@ -11,11 +11,11 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 import statistics  # noqa: E402
 
-from common import (conditioning, device_name, median_ratio, print_table, random_sd15, start_comfy,  # noqa: E402
-                    timed_rounds)
+from common import median_ratio, print_table, timed_rounds  # noqa: E402
+from comfyui_disentangle.harness import conditioning, device_name, random_sd15, start_comfy  # noqa: E402
 
 
 def main():

@@ -29,8 +29,10 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, median_ratio, print_table, random_sd15, start_comfy, timed_rounds  # noqa: E402
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+from common import median_ratio, print_table, timed_rounds  # noqa: E402
+from comfyui_disentangle.harness import (device_name, random_sd1_clip, random_sd15, random_sd_vae, random_sdxl,  # noqa: E402
+                                         random_sdxl_clip, start_comfy)
 
 GIB = 2**30
 COPIES = {"share_weights": False, "recompute_decoder": False, "recompute_loss": False}
@@ -192,28 +194,15 @@ def family_rows(pack, args, case, title, size, target, full_copies=True):
 
 
 def make_case(pack, family, size, args, loss_model, perceptual):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from lambda_optim import Case, random_sd1_clip, random_sd_vae, random_sdxl
+    from lambda_optim import Case
     if family == "sd15":
         case = Case(pack, random_sd15("fp16"), random_sd_vae(), loss_model, perceptual, size, args.steps, 7.5)
         case.clip = random_sd1_clip()
     else:
         case = Case(pack, random_sdxl(), random_sd_vae(), loss_model, perceptual, size, args.steps, 7.5,
                     pooled=1280, ctx=2048)
-        case.clip = sdxl_clip()
+        case.clip = random_sdxl_clip()
     return case
-
-
-def sdxl_clip(seed: int = 2):
-    """SDXL's two text encoders (CLIP-L + bigG) with random weights and ComfyUI's SDXL tokenizer."""
-    import comfy.sd
-    import comfy.sdxl_clip
-    import comfy.supported_models_base
-    from common import init_random_weights
-    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
-    clip = comfy.sd.CLIP(target, parameters=0)
-    init_random_weights(clip.cond_stage_model, seed)
-    return clip
 
 
 @contextlib.contextmanager
@@ -280,7 +269,6 @@ def main():
         extra += ["--reserve-vram", f"{total - args.card_gib:.2f}"]
     pack = start_comfy(extra_args=extra)
     import comfyui_disentangle.nodes.clip_loss  # noqa: F401  (pack.nodes.* attributes)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from lambda_optim import loss_models
     t0 = time.time()
     loss_model, perceptual = loss_models(pack)

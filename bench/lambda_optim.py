@@ -26,54 +26,10 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (SD15_UNET, conditioning, device_name, init_random_weights, median_ratio, print_table,  # noqa: E402
-                    random_sd15, start_comfy, timed_rounds)
-
-SDXL_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
-assert SD15_UNET["context_dim"] == 768
-
-
-def random_sdxl(seed: int = 0):
-    import torch
-    import comfy.model_detection
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    config = comfy.model_detection.model_config_from_unet_config(dict(SDXL_UNET))
-    config.set_inference_dtype(torch.float16, None)
-    model = config.get_model({}, "", device=torch.device("cpu"))
-    init_random_weights(model.diffusion_model, seed)
-    model.diffusion_model.to(torch.float16)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-
-
-def random_sd_vae(seed: int = 1):
-    """The SD1/SD2/SDXL KL VAE architecture (8×, 4 channels) with random weights, as comfy.sd.VAE loads it."""
-    import comfy.sd
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    ref = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-    init_random_weights(ref, seed)
-    return comfy.sd.VAE(sd={k: v.clone() for k, v in ref.state_dict().items()})
-
-
-def random_sd1_clip(seed: int = 2):
-    """SD1's CLIP-L text encoder with random weights and ComfyUI's SD1 tokenizer."""
-    import comfy.sd
-    import comfy.sd1_clip
-    import comfy.supported_models_base
-    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    clip = comfy.sd.CLIP(target, parameters=0)
-    init_random_weights(clip.cond_stage_model, seed)
-    return clip
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+from common import median_ratio, print_table, timed_rounds  # noqa: E402
+from comfyui_disentangle.harness import (conditioning, device_name, random_sd1_clip, random_sd15,  # noqa: E402
+                                         random_sd_vae, random_sdxl, start_comfy)
 
 
 def loss_models(pack):

@@ -24,13 +24,10 @@ import contextlib
 import os
 import sys
 
-TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-sys.path.insert(0, TESTS)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import conftest  # noqa: E402,F401  (registers the comfyui_disentangle package alias)
-from common import device_name, print_table  # noqa: E402
-from comfyui_disentangle.tests import comfy_host  # noqa: E402
-from comfyui_disentangle.tests.reconstruction import call  # noqa: E402
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+from common import print_table  # noqa: E402
+from comfyui_disentangle import harness  # noqa: E402
+from comfyui_disentangle.harness import call, device_name  # noqa: E402
 
 NEUTRAL = "a large red cube on a green floor in front of a blue wall"
 STYLED = "a large yellow cube on a green floor in front of a blue wall"
@@ -71,7 +68,7 @@ def optimiser_sampling(model, clip, vae, loss_model, values, steps, cfg, seed=No
     import comfy.model_management as mm
     import comfy.samplers
     import torch
-    lam_node = comfy_host.pack_module("nodes.lambda_optim")
+    lam_node = harness.pack_module("nodes.lambda_optim")
     (c0, _), (c1, _) = lam_node.encode_text(clip, NEUTRAL, "neutral_text"), lam_node.encode_text(clip, styled, "styled_text")
     uncond, _ = lam_node.encode_text(clip, "", "negative_text")
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps).tolist()
@@ -125,11 +122,11 @@ def main():
     args = parser.parse_args()
 
     import torch
-    comfy_host.start_host()
+    harness.start_host()
     model, clip, vae = call("DisentangleLoadToyWorld", checkpoint="toy_world")
     loss_model = call("DisentangleLoadToyClipLoss", clip_name="toy_world_clip.safetensors")[0]
-    model32 = comfy_host.fp32_copy(model)
-    dtype = comfy_host.compute_dtype(model)
+    model32 = harness.fp32_copy(model)
+    dtype = harness.compute_dtype(model)
     steps, cfg, seed = args.steps, args.cfg, args.seed
     print(f"device: {device_name()}; MODEL computes in {dtype}; toy world, {steps} ddim steps, cfg {cfg}, seed {seed}")
 

@@ -13,9 +13,10 @@ import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, median_ratio, print_table, random_sd15, start_comfy, timed_rounds  # noqa: E402
-from lambda_optim import Case, loss_models, random_sd_vae  # noqa: E402
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+from common import median_ratio, print_table, timed_rounds  # noqa: E402
+from comfyui_disentangle.harness import device_name, random_sd15, random_sd_vae, start_comfy  # noqa: E402
+from lambda_optim import Case, loss_models  # noqa: E402
 
 
 def main():

@@ -23,13 +23,10 @@ import os
 import sys
 import time
 
-TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-sys.path.insert(0, TESTS)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import conftest  # noqa: E402,F401  (registers the comfyui_disentangle package alias)
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import print_table  # noqa: E402
-from comfyui_disentangle.tests import comfy_host  # noqa: E402
-from comfyui_disentangle.tests.reconstruction import call, latent_psnr  # noqa: E402
+from comfyui_disentangle import harness  # noqa: E402
+from comfyui_disentangle.harness.reconstruction import call, latent_psnr  # noqa: E402
 
 OTHER = {"floor_hue", "wall_hue", "scale", "shape", "orientation"}
 
@@ -65,7 +62,7 @@ def text_control(model, clip, vae, judge, fw, n, seed):
 
 def inversion_quality(model, clip, vae, fw, n, seed):
     import torch
-    from comfyui_disentangle.tests.reconstruction import reconstruction_routes
+    from comfyui_disentangle.harness.reconstruction import reconstruction_routes
     factors = fw.sample_factors(n, generator=torch.Generator().manual_seed(seed))
     images = fw.render_at(factors, 128)
     latent = call("VAEEncode", pixels=images.movedim(1, -1), vae=vae)[0]
@@ -92,7 +89,7 @@ def edit_rates(judge, fw, original, edited, target_col, target_values):
 def editing_methods(model, clip, vae, judge, fw, n, seed, optimise_on=8, per_seed_betas=(0.03,), disdiff=""):
     """Object-hue edits by text over n seeds (each with its own scene and target hue)."""
     import torch
-    pack_ls = comfy_host.pack_module("core.lambda_schedule")
+    pack_ls = harness.pack_module("core.lambda_schedule")
     g = torch.Generator().manual_seed(seed)
     factors = fw.sample_factors(n, generator=g)
     target = (factors[:, fw.OBJECT_HUE] + torch.randint(1, 10, (n,), generator=g)) % 10
@@ -185,7 +182,7 @@ def resume(model, latent, positive, negative, start, steps, cfg):
 def load_yardstick():
     """The shipped factor classifier (the judge) and the toy world's MODEL, CLIP and VAE."""
     from comfyui_disentangle.core import factor_judges
-    judge, _ = factor_judges.load_factor_classifier(os.path.join(comfy_host.PACK_ROOT, "weights",
+    judge, _ = factor_judges.load_factor_classifier(os.path.join(harness.PACK_ROOT, "weights",
                                                                  "toy_world_factor_classifier.safetensors"))
     model, clip, vae = call("DisentangleLoadToyWorld", checkpoint="toy_world")
     return judge, model, clip, vae
@@ -198,11 +195,11 @@ def disdiff_rows(model, clip, vae, judge, fw, factors, target, seed, checkpoint,
     second image; all factors are imposed (partial-condition patch, stock KSampler, empty prompt, cfg 1).
     Judged against the reconstruction from the scene's own codes with the same seed."""
     import torch
-    node = comfy_host.pack_module("nodes.disdiff")
+    node = harness.pack_module("nodes.disdiff")
     if not os.path.isfile(checkpoint):
         print(f"DisDiff row skipped: no checkpoint at {checkpoint}")
         return [["DisDiff swap (issue 6): no checkpoint", None, None, None]]
-    disdiff = node.DisDiffModel(comfy_host.pack_module("core.disdiff").load_checkpoint(checkpoint).model, "bench")
+    disdiff = node.DisDiffModel(harness.pack_module("core.disdiff").load_checkpoint(checkpoint).model, "bench")
     n = len(factors)
     g = torch.Generator().manual_seed(seed + 77)
     other = fw.sample_factors(n, generator=g)
@@ -239,7 +236,7 @@ def toy_edit(model, clip, vae, fw, factors, edited_factors, seed, steps=50, cfg=
     evaluation batch of ``batch`` items gets from ``seed`` (its first len(factors) items); toy CLIP loss model."""
     import comfy.samplers
     import torch
-    node = comfy_host.pack_module("nodes.lambda_optim")
+    node = harness.pack_module("nodes.lambda_optim")
     loss_model = call("DisentangleLoadToyClipLoss", clip_name="toy_world_clip.safetensors")[0]
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps).tolist()
     neutral_texts, styled_texts = fw.full_caption(factors), fw.full_caption(edited_factors)
@@ -256,7 +253,7 @@ def learn_per_seed_schedules(model, clip, vae, fw, factors, edited_factors, seed
     """Wu et al.'s use: one λ schedule optimised for each seed's own edit (all seeds in one batch,
     independent Adam optimisations); returns (λ [steps, n], mean loss per iteration)."""
     import torch
-    lo = comfy_host.pack_module("core.lambda_optim")
+    lo = harness.pack_module("core.lambda_optim")
     edit = toy_edit(model, clip, vae, fw, factors, edited_factors, seed, beta=beta, per_item=True)
     with torch.inference_mode(False), torch.enable_grad():
         init = lo.paper_init(edit.steps, 20, 1.0)[:, None].repeat(1, len(factors))
@@ -278,9 +275,9 @@ def learn_shared_schedule(model, clip, vae, fw, factors, edited_factors, seed, b
     """One λ schedule for several edits at once (Wu et al.'s loss averaged over the batch), from the
     same noise as the first items of the evaluation batch; returns (LAMBDA_SCHEDULE, losses)."""
     import torch
-    lo = comfy_host.pack_module("core.lambda_optim")
-    ls = comfy_host.pack_module("core.lambda_schedule")
-    step_progress = comfy_host.pack_module("nodes.schedules").step_progress_for_model
+    lo = harness.pack_module("core.lambda_optim")
+    ls = harness.pack_module("core.lambda_schedule")
+    step_progress = harness.pack_module("nodes.schedules").step_progress_for_model
     edit = toy_edit(model, clip, vae, fw, factors, edited_factors, seed, beta=beta, batch=batch)
     with torch.inference_mode(False), torch.enable_grad():
         best, losses = lo.optimize_lambdas(edit.loss, lo.paper_init(edit.steps, 20, 1.0), iterations, lr)
@@ -297,9 +294,9 @@ def main():
     parser.add_argument("--per-seed-betas", type=float, nargs="*", default=[0.03],
                         help="β values of the per-seed optimised rows (none: skip)")
     args = parser.parse_args()
-    if not comfy_host.host_available():
-        sys.exit(comfy_host.SKIP_REASON)
-    comfy_host.start_host()
+    if not harness.host_available():
+        sys.exit(harness.SKIP_REASON)
+    harness.start_host()
     import torch
     from comfyui_disentangle.core import factor_world as fw
     t0 = time.time()

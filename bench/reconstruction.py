@@ -2,7 +2,7 @@
 
 Invert a VAE-encoded image, reconstruct with stock KSamplerAdvanced (add_noise off, ddim,
 ddim_uniform, same steps and prompt), compare latents. Tiny random-weight models built from
-ComfyUI's classes (tests/comfy_host.py); "tame" scales the UNet's ε by 0.1, a smooth ODE like a
+ComfyUI's classes (harness/host.py); "tame" scales the UNet's ε by 0.1, a smooth ODE like a
 trained denoiser's, "raw" is the random network as built. Runs on the CPU in about a minute.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/reconstruction.py
@@ -12,23 +12,19 @@ from __future__ import annotations
 import os
 import sys
 
-TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-sys.path.insert(0, TESTS)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import conftest  # noqa: E402,F401  (registers the comfyui_disentangle package alias)
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import print_table  # noqa: E402
-from comfyui_disentangle.tests import comfy_host  # noqa: E402
-from comfyui_disentangle.tests.reconstruction import psnr_table  # noqa: E402
-from comfyui_disentangle.tests.test_comfy_nodes import encode, image_latent, tame  # noqa: E402
+from comfyui_disentangle import harness  # noqa: E402
+from comfyui_disentangle.harness.reconstruction import encode, image_latent, psnr_table, tame  # noqa: E402
 
 
 def main():
-    if not comfy_host.host_available():
-        sys.exit(comfy_host.SKIP_REASON)
-    comfy_host.start_host()
+    if not harness.host_available():
+        sys.exit(harness.SKIP_REASON)
+    harness.start_host()
     rows = []
     for kind in ("sd1", "sd1_v", "sdxl"):
-        model, clip, vae = comfy_host.tiny_models(kind)
+        model, clip, vae = harness.tiny_models(kind)
         positive, negative = encode(clip, "a photo"), encode(clip, "blurry")
         latent = image_latent(vae)
         for label, m in (("tame", tame(model)), ("raw", model)):

@@ -25,10 +25,9 @@ import sys
 import time
 
 PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(PACK, "tests")
-sys.path.insert(0, TESTS)
-import conftest  # noqa: E402,F401  (registers the comfyui_disentangle package alias)
-from comfyui_disentangle.tests import comfy_host, comfy_server  # noqa: E402
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+from comfyui_disentangle import harness  # noqa: E402
+from comfyui_disentangle.harness import server as comfy_server  # noqa: E402
 
 WORKFLOW_DIR = os.path.join(PACK, "workflows")
 WORKFLOWS = sorted(f for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json") and f != "index.json")
@@ -101,7 +100,7 @@ def thumbnail(images: list[str], path: str, side: int = 512) -> None:
 
 
 class ServerRunner:
-    """Prompts through ComfyUI's HTTP server (tests/comfy_server.py), in a fresh base directory."""
+    """Prompts through ComfyUI's HTTP server (harness/server.py), in a fresh base directory."""
 
     def __init__(self, gpu: bool):
         self.server = comfy_server.ComfyServer(gpu=gpu)
@@ -112,7 +111,7 @@ class ServerRunner:
         self.input_types = {name: d["input"] for name, d in self.server.get_json("/object_info").items()}
 
     def to_api(self, workflow: dict) -> dict:
-        return comfy_host.ui_to_api(workflow, self.input_types)
+        return harness.ui_to_api(workflow, self.input_types)
 
     def run(self, prompt: dict) -> list[tuple[str, str]]:
         entry = self.server.run_prompt(prompt, timeout=3600)
@@ -124,26 +123,26 @@ class ServerRunner:
 
 
 class ExecutorRunner:
-    """Prompts through ComfyUI's executor in this process (tests/comfy_host.py)."""
+    """Prompts through ComfyUI's executor in this process (harness/host.py)."""
 
     def __init__(self, gpu: bool):
-        if gpu and "--cpu" in comfy_host.BASE_ARGS:
-            comfy_host.BASE_ARGS.remove("--cpu")
+        if gpu and "--cpu" in harness.BASE_ARGS:
+            harness.BASE_ARGS.remove("--cpu")
 
     def start(self) -> None:
-        comfy_host.start_host()
+        harness.start_host()
         import folder_paths
         write_scene_image(folder_paths.get_input_directory())
 
     def to_api(self, workflow: dict) -> dict:
-        return comfy_host.ui_to_api(workflow)
+        return harness.ui_to_api(workflow)
 
     def run(self, prompt: dict) -> list[tuple[str, str]]:
         import folder_paths
-        history = comfy_host.run_prompt(prompt)
+        history = harness.run_prompt(prompt)
         output = os.path.realpath(folder_paths.get_output_directory())
         return [("output" if os.path.realpath(p).startswith(output) else "temp", p)
-                for p in comfy_host.output_images(history)]
+                for p in harness.output_images(history)]
 
     def stop(self) -> None:
         pass
@@ -157,7 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", help="workflow names to run (default: all)")
     parser.add_argument("--thumbnails", action="store_true", help="write workflows/<name>.jpg from the saved images")
     args = parser.parse_args(argv)
-    problem = comfy_server.server_problem() if args.via == "server" else comfy_host.host_problem()
+    problem = comfy_server.server_problem() if args.via == "server" else harness.host_problem()
     if problem:
         print(f"cannot run the workflows: {problem}", file=sys.stderr)
         return 2

@@ -27,8 +27,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import start_comfy  # noqa: E402
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+from comfyui_disentangle.harness import start_comfy  # noqa: E402
 
 MODEL_SIZE = 128  # pixels the diffusion model sees (factor-world renders are 64×64)
 LATENT_SCALE = 0.18215  # SD1 latent format

@@ -133,6 +133,16 @@ def load_toy_world(name: str):
     return model, clip, vae
 
 
+def scene_latents(vae, model, factors: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """Model-space latents of the scenes of ``factors`` (rendered at 128 px, the toy model's size),
+    encoded by the toy world's VAE: the training data of DisDiff (scripts/train_disdiff.py)."""
+    out = []
+    for i in range(0, len(factors), batch):
+        images = fw.render_at(factors[i:i + batch], 128).movedim(1, -1).contiguous()
+        out.append(vae.encode(images).float().cpu())
+    return model.model.process_latent_in(torch.cat(out))
+
+
 class LoadToyWorldCheckpoint:
     DESCRIPTION = (
         "The pack's own small text-to-image model of the factor world (one object on a floor in front of "

@@ -29,18 +29,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from common import device_name, start_comfy  # noqa: E402
-
-
-def render_and_encode(fw, vae, model, factors, batch=1024):
-    """Model-space latents of the scenes of ``factors`` (rendered at 128 px, the toy model's size)."""
-    import torch
-    out = []
-    for i in range(0, len(factors), batch):
-        images = fw.render_at(factors[i:i + batch], 128).movedim(1, -1).contiguous()
-        out.append(vae.encode(images).float().cpu())
-    return model.model.process_latent_in(torch.cat(out))
+import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+from comfyui_disentangle.harness import device_name, start_comfy  # noqa: E402
 
 
 def image_decoder_for(args, node, model, vae):
@@ -117,7 +107,7 @@ def main():
     from comfyui_disentangle.core import disentangle_metrics as dm
     from comfyui_disentangle.core import factor_world as fw
     from comfyui_disentangle.nodes import disdiff as node
-    from comfyui_disentangle.nodes.toy_world import load_toy_world
+    from comfyui_disentangle.nodes.toy_world import load_toy_world, scene_latents
 
     t_start = time.perf_counter()
     with torch.inference_mode():
@@ -128,8 +118,8 @@ def main():
         else:
             train_factors = fw.sample_factors(args.images, generator=torch.Generator().manual_seed(1000 + args.seed))
         eval_factors = fw.sample_factors(args.eval_images, generator=torch.Generator().manual_seed(999_999))
-        latents = render_and_encode(fw, vae, model, train_factors)
-        eval_latents = render_and_encode(fw, vae, model, eval_factors)
+        latents = scene_latents(vae, model, train_factors)
+        eval_latents = scene_latents(vae, model, eval_factors)
     image_decoder = image_decoder_for(args, node, model, vae)
     say(f"{len(train_factors)} training + {args.eval_images} held-out scenes encoded in "
         f"{time.perf_counter() - t_start:.1f} s on {device_name()}, {world} process(es)")

@@ -1,38 +1,23 @@
 """pytest setup for ComfyUI-Disentangle.
 
 * ``comfyui_disentangle`` is registered as a package whose ``__path__`` is the pack root, WITHOUT
-  running the pack's ``__init__.py`` (which imports ComfyUI). ``import comfyui_disentangle.core.x``
-  and ``from comfyui_disentangle.tests import comfy_host`` work from any test, with or without
-  ComfyUI.
+  running the pack's ``__init__.py`` (which imports ComfyUI): harness/alias.py, the one alias of the
+  pack. ``import comfyui_disentangle.core.x`` and ``from comfyui_disentangle import harness`` work
+  from any test, with or without ComfyUI.
 * ``host`` (session fixture): skips loudly unless COMFYUI_PATH names a ComfyUI work tree, else
   starts headless ComfyUI on CPU, loads the pack through ``nodes.load_custom_node`` and returns the
-  pack module ComfyUI registered (see tests/comfy_host.py).
+  pack module ComfyUI registered (see harness/host.py).
 * The terminal summary says whether the ComfyUI suite ran, against which ComfyUI version, or why not.
 """
-import importlib.machinery
 import os
+import runpy
 import sys
 import types
 
 import pytest
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE_NAME = "comfyui_disentangle"
-
-
-def _register_pack_alias():
-    mod = sys.modules.get(PACKAGE_NAME)
-    if mod is not None and list(getattr(mod, "__path__", [])) == [PACK_ROOT]:
-        return mod
-    spec = importlib.machinery.ModuleSpec(PACKAGE_NAME, None, is_package=True)
-    spec.submodule_search_locations = [PACK_ROOT]
-    mod = types.ModuleType(PACKAGE_NAME, "ComfyUI-Disentangle (test alias of the pack root; __init__.py not run)")
-    mod.__spec__ = spec
-    mod.__path__ = [PACK_ROOT]
-    mod.__package__ = PACKAGE_NAME
-    mod.__file__ = None
-    sys.modules[PACKAGE_NAME] = mod
-    return mod
+runpy.run_path(os.path.join(PACK_ROOT, "harness", "alias.py"))  # registers comfyui_disentangle
 
 
 def _shield_pack_init():
@@ -65,7 +50,7 @@ def _shield_pack_init():
         if not name or name in sys.modules:
             continue
         shield = types.ModuleType(name, "placeholder for the pack root registered by tests/conftest.py; "
-                                        "the pack's __init__.py was NOT run (see comfyui_disentangle / comfy_host)")
+                                        "the pack's __init__.py was NOT run (see harness/alias.py)")
         shield.__file__ = init
         shield.__path__ = [PACK_ROOT]
         shield.__package__ = name
@@ -89,25 +74,25 @@ def _share_cpu_threads_between_workers():
         pass
 
 
-_register_pack_alias()
 _shield_pack_init()
 _share_cpu_threads_between_workers()
 
-from comfyui_disentangle.tests import comfy_host  # noqa: E402  (needs the alias above)
+from comfyui_disentangle import harness  # noqa: E402  (needs the alias above)
+from comfyui_disentangle.harness import host as _host  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def host():
     """The pack module as loaded by ComfyUI (skips loudly without COMFYUI_PATH)."""
-    comfy_host.require_host()
-    return comfy_host.start_host()
+    harness.require_host()
+    return harness.start_host()
 
 
 @pytest.fixture(scope="session")
 def comfy_server():
     """ComfyUI's own HTTP server (main.py on 127.0.0.1) with the pack, in a fresh base directory
-    (tests/comfy_server.py); skips loudly when it cannot start here."""
-    from comfyui_disentangle.tests.comfy_server import ComfyServer, server_problem
+    (harness/server.py); skips loudly when it cannot start here."""
+    from comfyui_disentangle.harness.server import ComfyServer, server_problem
     problem = server_problem()
     if problem:
         pytest.skip(f"ComfyUI server tests SKIPPED: {problem}")
@@ -117,9 +102,9 @@ def comfy_server():
 
 
 def pytest_report_header(config):
-    problem = comfy_host.host_problem()
+    problem = harness.host_problem()
     if problem is None:
-        return (f"ComfyUI host: {comfy_host.comfyui_path()} (version {comfy_host.comfyui_version() or 'unknown'}); "
+        return (f"ComfyUI host: {harness.comfyui_path()} (version {harness.comfyui_version() or 'unknown'}); "
                 f"pack root {PACK_ROOT}")
     return f"ComfyUI host: NONE ({problem}) -> ComfyUI integration tests will be SKIPPED"
 
@@ -141,24 +126,24 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
     where = "headless, GPU" if os.environ.get("DISENTANGLE_HOST_GPU") == "1" else "headless, --cpu"
     xdist_controller = bool(getattr(config.option, "numprocesses", None)) and "PYTEST_XDIST_WORKER" not in os.environ
-    if comfy_host.host_started():
-        info = comfy_host._STATE
+    if harness.host_started():
+        info = _host._STATE
         tr.write_sep("=", f"ComfyUI integration suite RAN against ComfyUI {info.get('version') or '?'} "
                           f"at {info.get('root')} ({where})", green=True, bold=True)
-    elif xdist_controller and comfy_host.host_problem() is None:
+    elif xdist_controller and harness.host_problem() is None:
         # the host lives in the workers (each starts its own); this process only collects their reports
         tr.write_sep("=", f"ComfyUI integration tests ran in the xdist workers, each with its own headless ComfyUI "
-                          f"{comfy_host.comfyui_version() or '?'} at {comfy_host.comfyui_path()} ({where}); "
+                          f"{harness.comfyui_version() or '?'} at {harness.comfyui_path()} ({where}); "
                           f"{skipped_host} skipped for want of the host", green=not skipped_host, bold=True)
-    elif comfy_host.host_problem() is not None:
+    elif harness.host_problem() is not None:
         tr.write_sep("!", f"ComfyUI integration suite SKIPPED ({skipped_host} tests): "
-                          f"{comfy_host.host_problem()}", red=True, bold=True)
-        tr.write_line(comfy_host.SKIP_REASON, red=True, bold=True)
-    elif "error" in comfy_host._STATE:
-        first = comfy_host._STATE["error"].splitlines()[0]
+                          f"{harness.host_problem()}", red=True, bold=True)
+        tr.write_line(harness.SKIP_REASON, red=True, bold=True)
+    elif "error" in _host._STATE:
+        first = _host._STATE["error"].splitlines()[0]
         tr.write_sep("!", "ComfyUI integration suite FAILED TO START (details in the errors above)", red=True, bold=True)
         tr.write_line(first, red=True, bold=True)
     else:
         tr.write_sep("-", f"ComfyUI integration suite not exercised (no selected test used the host; "
-                          f"COMFYUI_PATH={comfy_host.comfyui_path()}, "
-                          f"ComfyUI {comfy_host.comfyui_version() or '?'})", yellow=True)
+                          f"COMFYUI_PATH={harness.comfyui_path()}, "
+                          f"ComfyUI {harness.comfyui_version() or '?'})", yellow=True)

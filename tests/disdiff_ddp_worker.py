@@ -6,25 +6,16 @@
 Trains the tiny DisDiff of the core tests with core's ``train_disdiff`` (global batch 4) and writes
 CHECKPOINT; under torchrun each process joins a gloo group first and trains on its half of the batch.
 """
-import importlib.machinery
 import os
+import runpy
 import sys
-import types
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _register_pack_alias():   # as tests/conftest.py does: the pack as a package, its __init__ not run
-    spec = importlib.machinery.ModuleSpec("comfyui_disentangle", None, is_package=True)
-    spec.submodule_search_locations = [PACK_ROOT]
-    mod = types.ModuleType("comfyui_disentangle")
-    mod.__spec__, mod.__path__, mod.__package__ = spec, [PACK_ROOT], "comfyui_disentangle"
-    sys.modules["comfyui_disentangle"] = mod
-
-
 def main():
     path, steps, resume = sys.argv[1], int(sys.argv[2]), "--resume" in sys.argv
-    _register_pack_alias()
+    runpy.run_path(os.path.join(PACK_ROOT, "harness", "alias.py"))  # registers comfyui_disentangle
     import torch
     import torch.distributed as dist
     from comfyui_disentangle.core import disdiff as dd

@@ -12,7 +12,7 @@ import torch
 
 from comfyui_disentangle.core import autoencoder_baseline as ab
 from comfyui_disentangle.core import disentangle_metrics as dm
-from comfyui_disentangle.tests import comfy_host
+from comfyui_disentangle import harness
 
 TINY = dict(width=8, image_size=32)  # small and fast on a CPU; renders are area-downsampled to 32 px
 
@@ -91,7 +91,7 @@ SMOKE_METRICS = dict(factor_vae=dict(num_train=200, num_eval=200, num_variance_e
 
 def test_evaluate_encoder_scores_a_ground_truth_encoder_high_and_a_constant_one_zero():
     from comfyui_disentangle.core import factor_world as fw
-    judge_path = os.path.join(comfy_host.PACK_ROOT, "weights", "toy_world_factor_classifier.safetensors")
+    judge_path = os.path.join(harness.PACK_ROOT, "weights", "toy_world_factor_classifier.safetensors")
     from comfyui_disentangle.core.factor_judges import load_factor_classifier
     judge, _ = load_factor_classifier(judge_path)
 
@@ -111,7 +111,7 @@ def test_evaluate_encoder_scores_a_ground_truth_encoder_high_and_a_constant_one_
 
 
 def _bench_module():
-    path = os.path.join(comfy_host.PACK_ROOT, "bench", "disentangle_metrics.py")
+    path = os.path.join(harness.PACK_ROOT, "bench", "disentangle_metrics.py")
     spec = importlib.util.spec_from_file_location("bench_disentangle_metrics", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -146,7 +146,7 @@ def test_bench_script_starts_standalone():
     """As a script, outside pytest's package alias (catches import-time errors)."""
     import subprocess
     import sys
-    path = os.path.join(comfy_host.PACK_ROOT, "bench", "disentangle_metrics.py")
+    path = os.path.join(harness.PACK_ROOT, "bench", "disentangle_metrics.py")
     done = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, timeout=300,
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert done.returncode == 0, done.stderr

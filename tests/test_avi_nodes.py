@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from comfyui_disentangle.tests import comfy_host
-from comfyui_disentangle.tests.reconstruction import call
+from comfyui_disentangle import harness as comfy_host
+from comfyui_disentangle.harness import call
 
 pytestmark = pytest.mark.usefixtures("host")
 
@@ -163,7 +163,7 @@ def test_train_integrate_save_load_on_a_batch_of_pairs(tmp_path):
 
 
 def test_node_errors_are_clear():
-    from comfyui_disentangle.tests.comfy_host import pack_module
+    from comfyui_disentangle.harness import pack_module
     InputError = pack_module("nodes.common").InputError
     model, pos, target, neg = prompts("sd1")
     x, z, _ = capture(model, pos, target, neg)

@@ -78,7 +78,7 @@ STEPS = 20
 
 @pytest.fixture
 def nodes_avi(host):
-    from comfyui_disentangle.tests import comfy_host
+    from comfyui_disentangle import harness as comfy_host
     return comfy_host.pack_module("nodes.avi")
 
 
@@ -89,7 +89,7 @@ def _prompts(kind):
 
 
 def _capture(model, pos, target, neg, sampler, z_source, t_x=0.3, **extra):
-    from comfyui_disentangle.tests.reconstruction import call
+    from comfyui_disentangle.harness import call
     latent = call("EmptyLatentImage", width=64, height=64, batch_size=2)[0]
     return call("DisentangleAVICapture", model=model, positive=pos, target=target, negative=neg, latent_image=latent,
                 seed=5, steps=STEPS, cfg=4.0, sampler_name=sampler, scheduler="normal", t_x=t_x, delta_tau=-0.3,
@@ -101,7 +101,7 @@ def test_two_probe_z_against_stock_ksampler_advanced(nodes_avi, kind, sampler, m
     """z = x + noise_scaling(Σ): Δ = committed_change(Δ_late, Δ_early, cfg). Oracle from stock nodes only: one
     DDIM/Euler step from a sampler state s with each prompt gives x_T − x_O = (1 − σ_{s+1}/σ_s)·(x̂0_T − x̂0_O), at
     x's last state (s_x − 1) and at the early step; the gate is then applied as the NumPy re-computation above."""
-    from comfyui_disentangle.tests.reconstruction import call
+    from comfyui_disentangle.harness import call
     model, pos, target, neg = _prompts(kind)
     sig = call("BasicScheduler", model=model, scheduler="normal", steps=STEPS, denoise=1.0)[0]
     empty = call("EmptyLatentImage", width=64, height=64, batch_size=2)[0]
@@ -137,8 +137,8 @@ def test_two_probe_z_against_stock_ksampler_advanced(nodes_avi, kind, sampler, m
 
 
 def test_two_probe_option_defaults_cost_and_checks(nodes_avi):
-    from comfyui_disentangle.tests.reconstruction import call
-    from comfyui_disentangle.tests.comfy_host import pack_module
+    from comfyui_disentangle.harness import call
+    from comfyui_disentangle.harness import pack_module
     InputError = pack_module("nodes.common").InputError
     inputs = nodes_avi.AVICapture.INPUT_TYPES()
     # the old labels stay (saved workflows), the new one is appended and is the default; t_early is optional

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from comfyui_disentangle.tests.reconstruction import call
+from comfyui_disentangle.harness import call
 
 TINY = {"embed_dim": 32,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
@@ -62,7 +62,7 @@ def test_wrong_files_and_names_give_clear_errors(clip_files, clip_name, model_na
 
 def test_cache_failure_explains_the_offline_route(clip_files, monkeypatch):
     import open_clip
-    from comfyui_disentangle.tests.comfy_host import pack_module
+    from comfyui_disentangle.harness import pack_module
     node = pack_module("nodes.clip_loss")
 
     def offline(*args, **kwargs):

@@ -9,51 +9,28 @@ import os
 import pytest
 import torch
 
-from comfyui_disentangle.tests import comfy_host
-from comfyui_disentangle.tests.reconstruction import call, latent_psnr, reconstruct, stock_flip_sigmas_inversion
+from comfyui_disentangle import harness
+from comfyui_disentangle.harness.reconstruction import (call, encode, image_latent, latent_psnr, reconstruct,
+                                                      stock_flip_sigmas_inversion, tame)
 
 pytestmark = pytest.mark.usefixtures("host")
 
 
 def lambda_schedule():
     """The pack's λ-schedule module as ComfyUI loaded it (same class identities as the nodes)."""
-    return comfy_host.pack_module("core.lambda_schedule")
-
-
-def encode(clip, text):
-    return call("CLIPTextEncode", clip=clip, text=text)[0]
-
-
-def image_latent(vae, seed=0, size=64):
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    image = torch.stack([xx, yy, (xx * yy) ** 0.5], -1)[None] * 0.8 + 0.1 * torch.rand(1, size, size, 3, generator=g)
-    return call("VAEEncode", pixels=image, vae=vae)[0]
+    return harness.pack_module("core.lambda_schedule")
 
 
 # --------------------------------------------------------------------------------------------
 # DDIM inversion
 # --------------------------------------------------------------------------------------------
 
-def tame(model, scale=0.1):
-    """A clone whose UNet output is scaled by ``scale``: random weights give a very rough ODE
-    (x_T std ≈ 30 instead of σ_max ≈ 15); real denoisers are smooth, and so is this one."""
-    patched = model.clone()
-
-    def wrapper(apply_model, args):  # apply_model returns x̂0; scale ε̂ = (x − x̂0)/σ
-        x = args["input"]
-        return x - scale * (x - apply_model(x, args["timestep"], **args["c"]))
-
-    patched.set_model_unet_function_wrapper(wrapper)
-    return patched
-
-
-@pytest.mark.parametrize("kind", comfy_host.KINDS)
+@pytest.mark.parametrize("kind", harness.KINDS)
 def test_inversion_then_stock_ksampler_advanced_reconstructs(kind):
     """Invert, then stock KSamplerAdvanced (add_noise off, ddim, ddim_uniform, same steps/cond)
     gives back the latent. At one UNet call per step ours matches the stock FlipSigmas + euler
     route (both are first-order); two refine iterations make the inversion exact."""
-    model, clip, vae = comfy_host.tiny_models(kind)
+    model, clip, vae = harness.tiny_models(kind)
     model = tame(model)
     positive, negative = encode(clip, "a photo"), encode(clip, "")
     latent = image_latent(vae)
@@ -77,7 +54,7 @@ def test_inversion_then_stock_ksampler_advanced_reconstructs(kind):
 
 
 def test_refinement_tightens_inversion_at_high_cfg_and_few_steps():
-    model, clip, vae = comfy_host.tiny_models("sd1")
+    model, clip, vae = harness.tiny_models("sd1")
     model = tame(model)
     positive, negative = encode(clip, "a photo of a cat"), encode(clip, "blurry")
     latent = image_latent(vae, seed=1)
@@ -93,7 +70,7 @@ def test_refinement_tightens_inversion_at_high_cfg_and_few_steps():
 
 def test_trajectory_step_resumes_stock_sampler():
     """Latent k of the trajectory + KSamplerAdvanced(start_at_step=k) also reconstructs."""
-    model, clip, vae = comfy_host.tiny_models("sd1")
+    model, clip, vae = harness.tiny_models("sd1")
     model = tame(model)
     positive, negative = encode(clip, "a photo"), encode(clip, "")
     latent = image_latent(vae, seed=2)
@@ -112,7 +89,7 @@ def test_trajectory_step_resumes_stock_sampler():
     (dict(latent={"samples": torch.full((1, 4, 8, 8), float("nan"))}), "latent contains NaN"),
 ])
 def test_inversion_bad_input_names_the_input(bad, match):
-    model, clip, _ = comfy_host.tiny_models("sd1")
+    model, clip, _ = harness.tiny_models("sd1")
     inputs = dict(model=model, positive=encode(clip, "a"), latent={"samples": torch.zeros(1, 4, 8, 8)}, steps=5,
                   cfg=1.0, scheduler="ddim_uniform", refine_iterations=0)
     inputs.update(bad)
@@ -121,7 +98,7 @@ def test_inversion_bad_input_names_the_input(bad, match):
 
 
 def test_trajectory_from_other_step_count_is_rejected():
-    model, clip, vae = comfy_host.tiny_models("sd1")
+    model, clip, vae = harness.tiny_models("sd1")
     _, trajectory = call("DisentangleDDIMInversion", model=model, positive=encode(clip, "a"),
                          latent=image_latent(vae), steps=5, cfg=1.0, scheduler="ddim_uniform", refine_iterations=0)
     with pytest.raises(ValueError, match="made with 5 steps but 10"):
@@ -166,7 +143,7 @@ def cond_rows(c, cond_or_uncond, key):
 ])
 def test_mixed_conditioning_feeds_the_unet_the_expected_context_at_each_step(kind, scheduler, steps):
     ls = lambda_schedule()
-    model, clip, _ = comfy_host.tiny_models(kind)
+    model, clip, _ = harness.tiny_models(kind)
     c0, c1, negative = encode(clip, "a photo of a house"), encode(clip, "a photo of a house, snowy"), encode(clip, "")
     values = [round(math.sin(1.3 * k) * 0.8 + 0.3, 3) for k in range(20)]  # 20 knots, distinct values
     schedule = ls.from_step_values(values)
@@ -199,7 +176,7 @@ def test_mixed_conditioning_feeds_the_unet_the_expected_context_at_each_step(kin
 
 def test_mixed_conditioning_handles_token_length_and_existing_ranges():
     ls = lambda_schedule()
-    _, clip, _ = comfy_host.tiny_models("sd1")
+    _, clip, _ = harness.tiny_models("sd1")
     c0 = encode(clip, "a photo")
     long_text = ", ".join(["a very detailed photo of a house in a snowy field"] * 12)
     c1 = encode(clip, long_text)
@@ -216,7 +193,7 @@ def test_mixed_conditioning_handles_token_length_and_existing_ranges():
 def test_mixed_sampling_with_constant_schedule_equals_stock_average():
     """End to end: a constant λ gives the same latent as stock ConditioningAverage."""
     ls = lambda_schedule()
-    model, clip, _ = comfy_host.tiny_models("sd1")
+    model, clip, _ = harness.tiny_models("sd1")
     c0, c1, negative = encode(clip, "a cat"), encode(clip, "a cat, watercolor"), encode(clip, "")
     mixed = call("DisentangleMixConditioning", neutral=c0, styled=c1, schedule=ls.constant(0.3))[0]
     avg = call("ConditioningAverage", conditioning_to=c1, conditioning_from=c0, conditioning_to_strength=0.3)[0]
@@ -251,7 +228,7 @@ def test_schedule_save_load_round_trip_and_bad_files(tmp_path):
 
 def test_schedule_plot_and_text():
     ls = lambda_schedule()
-    model, _, _ = comfy_host.tiny_models("sd1")
+    model, _, _ = harness.tiny_models("sd1")
     schedule = ls.switch_at_step(50, 20)
     image = call("DisentangleLambdaPlot", schedule=schedule, steps=50, scheduler="ddim_uniform", width=320, height=160)[0]
     assert image.shape == (1, 160, 320, 3) and 0 <= float(image.min()) and float(image.max()) <= 1
@@ -275,7 +252,7 @@ def test_schedule_nodes_reject_bad_input(name, inputs, match):
 def test_inversion_honours_cancel():
     """ComfyUI's Cancel sets the interrupt flag; the inversion stops at the next step."""
     import comfy.model_management as mm
-    model, clip, vae = comfy_host.tiny_models("sd1")
+    model, clip, vae = harness.tiny_models("sd1")
     inputs = dict(model=model, positive=encode(clip, "a"), latent=image_latent(vae), steps=5, cfg=1.0,
                   scheduler="ddim_uniform", refine_iterations=0)
     mm.interrupt_current_processing(True)

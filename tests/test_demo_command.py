@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from comfyui_disentangle.tests.comfy_server import PACK_ROOT, server_problem
+from comfyui_disentangle.harness.server import PACK_ROOT, server_problem
 
 WORKFLOWS = sorted(f[:-5] for f in os.listdir(PACK_ROOT / "workflows") if f.endswith(".json") and f != "index.json")
 

@@ -142,7 +142,7 @@ def test_recompute_skips_blocks_nested_in_a_chosen_one(diff):
 
 @pytest.fixture(scope="module")
 def toy(host):
-    from comfyui_disentangle.tests.reconstruction import call
+    from comfyui_disentangle.harness import call
     pytest.importorskip("open_clip", reason="open_clip_torch is not installed")
     pytest.importorskip("lpips", reason="lpips is not installed")
     import lpips

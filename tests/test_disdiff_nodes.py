@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from comfyui_disentangle.tests import comfy_host
-from comfyui_disentangle.tests.reconstruction import call
+from comfyui_disentangle import harness
+from comfyui_disentangle.harness import call
 
 pytestmark = pytest.mark.usefixtures("host")
 
@@ -31,7 +31,7 @@ def toy(host):
 
 @pytest.fixture(scope="module")
 def scene():
-    fw = comfy_host.pack_module("core.factor_world")
+    fw = harness.pack_module("core.factor_world")
     factors = torch.tensor([[4, 6, 0, 5, 0, 7], [1, 2, 8, 2, 2, 3]])
     return fw.render_at(factors, 128).movedim(1, -1).contiguous()
 
@@ -128,7 +128,7 @@ def test_all_factors_reconstruct_better_than_the_unconditional_model(trained, to
 
 
 def _random_disdiff(model, cond, seed=0):
-    return comfy_host.random_disdiff(model, cond, (4, 8, 8), seed=seed)
+    return harness.random_disdiff(model, cond, (4, 8, 8), seed=seed)
 
 
 def _fields(disdiff, out, codes, factors):
@@ -142,9 +142,9 @@ def _fields(disdiff, out, codes, factors):
 
 @pytest.mark.parametrize("kind", ["sd1", "sd1_v"])
 def test_patch_is_eq6_for_eps_and_v_models_with_cfg_batches(kind):
-    model, clip, _ = comfy_host.tiny_models(kind)
-    node = comfy_host.pack_module("nodes.disdiff")
-    dd = comfy_host.pack_module("core.disdiff")
+    model, clip, _ = harness.tiny_models(kind)
+    node = harness.pack_module("nodes.disdiff")
+    dd = harness.pack_module("core.disdiff")
     cond = call("CLIPTextEncode", clip=clip, text="a photo")[0]
     uncond = call("CLIPTextEncode", clip=clip, text="")[0]
     disdiff = _random_disdiff(model, uncond)
@@ -200,7 +200,7 @@ def test_swap_factors_and_toggles(trained, toy, scene):
     s = call("DisentangleDisDiffSwapFactors", factors=a, other=b, swap=sel)[0]["codes"]
     torch.testing.assert_close(s[:, [0, 2]], b["codes"][:, [0, 2]])
     torch.testing.assert_close(s[:, 1], a["codes"][:, 1])
-    node = comfy_host.pack_module("nodes.common")
+    node = harness.pack_module("nodes.common")
     with pytest.raises(node.InputError, match="indices must lie"):
         call("DisentangleDisDiffSwapFactors", factors=a, other=b, swap="5")
     with pytest.raises(node.InputError, match="one value or one per selected factor"):
@@ -211,9 +211,9 @@ def test_swap_factors_and_toggles(trained, toy, scene):
 def test_wrong_model_and_bad_checkpoints_give_clear_errors(trained, toy, scene, disdiff_dir):
     disdiff, _ = trained
     _, _, vae, _ = toy
-    common = comfy_host.pack_module("nodes.common")
+    common = harness.pack_module("nodes.common")
     factors = call("DisentangleDisDiffEncode", disdiff=disdiff, image=scene[:1], vae=vae)[0]
-    tiny, clip, _ = comfy_host.tiny_models("sd1")
+    tiny, clip, _ = harness.tiny_models("sd1")
     patched = call("DisentangleDisDiffPartialCondition", model=tiny, disdiff=disdiff, factors=factors,
                    condition_on="all", strengths="1")[0]
     empty = call("CLIPTextEncode", clip=clip, text="")[0]

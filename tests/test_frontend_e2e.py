@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from comfyui_disentangle.tests.comfy_server import PACK_ROOT
+from comfyui_disentangle.harness.server import PACK_ROOT
 
 WORKFLOW_DIR = PACK_ROOT / "workflows"
 NAMES = sorted(f[:-5] for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json") and f != "index.json")

@@ -1,5 +1,5 @@
 """Issue 12: the pack on a shared ComfyUI server. Every input reaches the nodes as an HTTP prompt would bring
-it: through ComfyUI's own validation and executor (tests/comfy_host.run_prompt), with the values a client can
+it: through ComfyUI's own validation and executor (tests/harness.run_prompt), with the values a client can
 send (JSON NaN passes the widgets' min/max; a linked INT skips them). Each finding of the issue is a test
 here: file access outside ComfyUI's folders, downloads, overwriting and shadowing, server paths in errors,
 NaN turned into a result, raw errors, crafted files, unbounded work, and the cancel latency of Optimize λ.
@@ -16,7 +16,7 @@ import uuid
 import pytest
 import torch
 
-from comfyui_disentangle.tests import comfy_host
+from comfyui_disentangle import harness
 
 pytestmark = pytest.mark.usefixtures("host")
 
@@ -47,19 +47,19 @@ def toy():
 
 def server_paths() -> list[str]:
     """Absolute folders a message must never show: the host's temp tree, the pack, ComfyUI, the home folder."""
-    info = comfy_host.host_info()
-    return [p for p in {info["tmp"], comfy_host.PACK_ROOT, info["root"], os.path.expanduser("~"), "/tmp/"} if p]
+    info = harness.host_info()
+    return [p for p in {info["tmp"], harness.PACK_ROOT, info["root"], os.path.expanduser("~"), "/tmp/"} if p]
 
 
 def failure(prompt: dict, target: str) -> dict:
     """Run ``prompt`` up to node ``target``; the error it must end with: ComfyUI's validation text as
     {"rejected": text}, or the executor's execution_error (exception_message, exception_type, node_id)."""
     with pytest.raises(AssertionError) as info:
-        comfy_host.run_prompt(prompt, outputs=[target])
+        harness.run_prompt(prompt, outputs=[target])
     text = str(info.value)
     if text.startswith("ComfyUI rejected the prompt"):
         return {"rejected": text}
-    for event, data in comfy_host.LAST_RUN["executor"].status_messages:
+    for event, data in harness.LAST_RUN["executor"].status_messages:
         if event == "execution_error":
             return data
     raise AssertionError(f"expected an execution error, got: {text}")
@@ -173,8 +173,8 @@ def test_every_image_folder_refusal_reads_the_same(input_dirs):
     """Not listed, outside, a link out, empty, not a folder: one message, which does not echo the value, so
     a prompt cannot tell which paths exist. Called directly: past validation only the empty folder reaches
     the node, and the node repeats the check for anything that gets past it."""
-    disdiff = comfy_host.pack_module("nodes.disdiff")
-    common = comfy_host.pack_module("nodes.common")
+    disdiff = harness.pack_module("nodes.disdiff")
+    common = harness.pack_module("nodes.common")
     messages = set()
     for value in (input_dirs["empty"], input_dirs["outside"], "/etc", "/no/such/folder", input_dirs["link"],
                   "hardening_images/img0.png", "../" + os.path.basename(input_dirs["outside"])):
@@ -208,15 +208,15 @@ def test_training_twice_with_one_name_keeps_both_checkpoints(input_dirs, disdiff
     """Through the executor from an input subfolder: the second run writes <name>_00001, the first file is
     untouched."""
     name = unique("twice")
-    comfy_host.run_prompt(train_prompt(input_dirs["inside"], save_name=name), outputs=["train"])
+    harness.run_prompt(train_prompt(input_dirs["inside"], save_name=name), outputs=["train"])
     first = os.path.join(disdiff_dir, f"{name}.safetensors")
     with open(first, "rb") as f:
         before = f.read()
-    comfy_host.run_prompt(train_prompt(input_dirs["inside"], save_name=name, seed=1), outputs=["train"])
+    harness.run_prompt(train_prompt(input_dirs["inside"], save_name=name, seed=1), outputs=["train"])
     with open(first, "rb") as f:
         assert f.read() == before
     assert os.path.isfile(os.path.join(disdiff_dir, f"{name}_00001.safetensors"))
-    assert comfy_host.last_outputs()["train"][0].name == f"{name}_00001.safetensors"
+    assert harness.last_outputs()["train"][0].name == f"{name}_00001.safetensors"
 
 
 @pytest.mark.parametrize("save_name, needle", [
@@ -242,11 +242,11 @@ def test_a_user_file_never_shadows_a_shipped_disdiff(input_dirs, disdiff_dir):
     so the shipped workflows, still get the shipped file."""
     import shutil
     name = unique("shadow")
-    comfy_host.run_prompt(train_prompt(input_dirs["inside"], save_name=name), outputs=["train"])
+    harness.run_prompt(train_prompt(input_dirs["inside"], save_name=name), outputs=["train"])
     shutil.copy(os.path.join(disdiff_dir, f"{name}.safetensors"),
                 os.path.join(disdiff_dir, "toy_world_disdiff.safetensors"))
     try:
-        out = comfy_host.run_prompt_outputs({"load": node("DisentangleLoadDisDiff", disdiff_name="toy_world_disdiff.safetensors")},
+        out = harness.run_prompt_outputs({"load": node("DisentangleLoadDisDiff", disdiff_name="toy_world_disdiff.safetensors")},
                                             outputs=["load"])
     finally:
         os.remove(os.path.join(disdiff_dir, "toy_world_disdiff.safetensors"))
@@ -280,7 +280,7 @@ def no_downloads(monkeypatch):
 
 def clip_prompt(pretrained, model_name="ViT-B-32"):
     import nodes
-    cache = comfy_host.pack_module("nodes.clip_loss").OPEN_CLIP_CACHE
+    cache = harness.pack_module("nodes.clip_loss").OPEN_CLIP_CACHE
     assert cache in nodes.NODE_CLASS_MAPPINGS["DisentangleLoadClipLoss"].INPUT_TYPES()["required"]["clip_name"][0]
     return {"clip": node("DisentangleLoadClipLoss", clip_name=cache, model_name=model_name, pretrained=pretrained)}
 
@@ -304,7 +304,7 @@ def test_pretrained_never_takes_a_hub_or_url_tag(no_downloads, pretrained):
 
 
 def test_the_cache_lookup_never_downloads(no_downloads):
-    clip_loss = comfy_host.pack_module("nodes.clip_loss")
+    clip_loss = harness.pack_module("nodes.clip_loss")
     for model_name, tag in (("ViT-B-32", "openai"), ("ViT-B-32", "laion2b_s34b_b79k")):
         found = clip_loss.cached_pretrained_file(model_name, tag)
         assert found is None or found.endswith(".safetensors")
@@ -314,7 +314,7 @@ def test_the_cache_lookup_never_downloads(no_downloads):
 def test_an_uncached_tag_is_refused_without_a_download(no_downloads, monkeypatch):
     """A real tag whose weights are not in the cache: a clear error with the offline route, and no download
     started (before, open_clip was asked to fetch the multi-GB weights)."""
-    clip_loss = comfy_host.pack_module("nodes.clip_loss")
+    clip_loss = harness.pack_module("nodes.clip_loss")
     monkeypatch.setattr(clip_loss, "cached_pretrained_file", lambda model_name, tag: None)
     node_error(clip_prompt("laion2b_s34b_b79k"), "clip", "pretrained", "never downloads",
                "models/clip_loss")
@@ -481,10 +481,10 @@ def test_raw_errors_become_messages_naming_the_input(case):
 
 
 def test_from_list_takes_999_values_and_the_ramp_its_last_step():
-    out = comfy_host.run_prompt_outputs({"lam": node("DisentangleLambdaFromList", values=", ".join(["0.5"] * 999))},
+    out = harness.run_prompt_outputs({"lam": node("DisentangleLambdaFromList", values=", ".join(["0.5"] * 999))},
                                         outputs=["lam"])
     assert len(out["lam"][0]) == 999
-    out = comfy_host.run_prompt_outputs({"lam": node("DisentangleLambdaRamp", steps=5, start_value=0.0, end_value=1.0,
+    out = harness.run_prompt_outputs({"lam": node("DisentangleLambdaRamp", steps=5, start_value=0.0, end_value=1.0,
                                                      start_step=1, end_step=-1)}, outputs=["lam"])
     assert out["lam"][0].values == (0.0, 0.0, 1 / 3, 2 / 3, 1.0)
 
@@ -556,7 +556,7 @@ def avi_dir(tmp_path_factory):
 
 
 def avi_files(directory: str) -> dict[str, str]:
-    core_avi = comfy_host.pack_module("core.avi")
+    core_avi = harness.pack_module("core.avi")
     from safetensors.torch import save_file
     net = core_avi.AVINet(4, 4, 2, 8)
     good = os.path.join(directory, "good_avi.safetensors")
@@ -590,7 +590,7 @@ def test_crafted_avi_files_name_the_file_and_allocate_nothing(avi_dir):
     (before, the config's Φ was allocated first: gigabytes, or a failed terabyte allocation)."""
     for name, needle in avi_files(avi_dir).items():
         node_error({"load": node("DisentangleAVILoad", avi_name=name)}, "load", "avi_name", name, needle)
-    out = comfy_host.run_prompt_outputs({"load": node("DisentangleAVILoad", avi_name="good_avi.safetensors")},
+    out = harness.run_prompt_outputs({"load": node("DisentangleAVILoad", avi_name="good_avi.safetensors")},
                                         outputs=["load"])
     assert out["load"][0].net.hidden == 8 and out["load"][0].info == {"pairs": 1}
 
@@ -616,7 +616,7 @@ def toy_dir(tmp_path_factory):
 def copy_toy_part(directory: str, world: str, part: str, metadata_update: dict | None = None, cut: str | None = None):
     from safetensors import safe_open
     from safetensors.torch import save_file
-    src = os.path.join(comfy_host.PACK_ROOT, "weights", f"toy_world_{part}.safetensors")
+    src = os.path.join(harness.PACK_ROOT, "weights", f"toy_world_{part}.safetensors")
     dst = os.path.join(directory, f"{world}_{part}.safetensors")
     with safe_open(src, "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -645,7 +645,7 @@ def copy_toy_part(directory: str, world: str, part: str, metadata_update: dict |
 def test_crafted_toy_world_files_name_the_file(toy_dir, world, part, update, cut, needle):
     if world == "widecfg":  # a config 16× wider than the file's tensors: refused before the UNet is built
         from safetensors import safe_open
-        with safe_open(os.path.join(comfy_host.PACK_ROOT, "weights", "toy_world_unet.safetensors"), "pt") as f:
+        with safe_open(os.path.join(harness.PACK_ROOT, "weights", "toy_world_unet.safetensors"), "pt") as f:
             config = json.loads(f.metadata()["unet_config"])
         update = {"unet_config": json.dumps({**config, "model_channels": config["model_channels"] * 16})}
     names = {p: copy_toy_part(toy_dir, world, p, update if p == part else None, cut if p == part else None)
@@ -658,7 +658,7 @@ def crafted_disdiff(disdiff_dir):
     """Copies of the shipped toy-world DisDiff with crafted metadata, in the test's disdiff folder."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-    with safe_open(os.path.join(comfy_host.PACK_ROOT, "weights", "toy_world_disdiff.safetensors"), "pt") as f:
+    with safe_open(os.path.join(harness.PACK_ROOT, "weights", "toy_world_disdiff.safetensors"), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         metadata = dict(f.metadata())
     config = json.loads(metadata["config"])
@@ -693,10 +693,10 @@ def test_optimize_lambda_cancels_within_two_seconds():
     unpatched. Prints the latency."""
     pytest.importorskip("open_clip", reason="open_clip_torch is not installed")
     import comfy.model_management as mm
-    model = comfy_host.tiny_models("sd1")[0]
+    model = harness.tiny_models("sd1")[0]
     before = (dict(model.patches), sorted(model.model_options), dict(model.object_patches))
     prompt = optimize_prompt(steps=60, iterations=500, width=128, height=128, neutral_steps=10)  # still running at 4 s on a GPU
-    server = comfy_host._STATE["server"]
+    server = harness._STATE["server"]
     stamps = {}
 
     def interrupt_later():
@@ -711,7 +711,7 @@ def test_optimize_lambda_cancels_within_two_seconds():
     watcher.start()
     try:
         with pytest.raises(AssertionError, match="execution interrupted at node opt"):
-            comfy_host.run_prompt(prompt, outputs=["opt"], extra_data={"client_id": "hardening"})  # "executing" sets last_node_id
+            harness.run_prompt(prompt, outputs=["opt"], extra_data={"client_id": "hardening"})  # "executing" sets last_node_id
         stamps["stopped"] = time.perf_counter()
     finally:
         watcher.join(timeout=60)

@@ -1,4 +1,4 @@
-"""Tests of the ComfyUI host harness (tests/comfy_host.py) against real, headless ComfyUI on CPU.
+"""Tests of the ComfyUI host harness (harness/host.py) against real, headless ComfyUI on CPU.
 
 They skip loudly unless COMFYUI_PATH names a ComfyUI work tree.
 """
@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from comfyui_disentangle.tests import comfy_host as ch
+from comfyui_disentangle import harness as ch
+from comfyui_disentangle.harness import models
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,13 +117,13 @@ def test_stock_txt2img_prompt_runs(host, kind):
         assert isinstance(model.model, comfy.model_base.SDXL)
 
     cond = out["2"][0]
-    ctx = ch.UNET_SDXL["context_dim"] if kind == "sdxl" else ch.UNET_SD1["context_dim"]
+    ctx = models.UNET_SDXL["context_dim"] if kind == "sdxl" else models.UNET_SD1["context_dim"]
     assert cond[0][0].shape == (1, 77, ctx)
     pooled = cond[0][1]["pooled_output"]
-    assert pooled.shape == (1, ch.CLIP_TINY_XL_G["projection_dim"] if kind == "sdxl" else ch.CLIP_TINY_L["hidden_size"])
+    assert pooled.shape == (1, models.CLIP_TINY_XL_G["projection_dim"] if kind == "sdxl" else models.CLIP_TINY_L["hidden_size"])
 
     latent = out["5"][0]["samples"]
-    assert latent.shape == (1, ch.LATENT_CHANNELS, 32 // ch.VAE_DOWNSCALE, 32 // ch.VAE_DOWNSCALE)
+    assert latent.shape == (1, models.LATENT_CHANNELS, 32 // models.VAE_DOWNSCALE, 32 // models.VAE_DOWNSCALE)
     assert torch.isfinite(latent).all()
     image = out["6"][0]
     assert image.shape == (1, 32, 32, 3)

@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from comfyui_disentangle.tests import comfy_host
-from comfyui_disentangle.tests.reconstruction import call
+from comfyui_disentangle import harness
+from comfyui_disentangle.harness import call
 
 NEUTRAL = "a large red cube on a green floor in front of a blue wall"
 STYLED = "a large yellow cube on a green floor in front of a blue wall"
@@ -46,7 +46,7 @@ def replay_tolerance(model, base: float = 1e-4) -> float:
     output is rounded to that grid and cfg amplifies the difference; the H200 showed 0.23 % and 0.42 %, i.e.
     2.4 and 4.3 ε16). That this is the dtype and not a real difference is what the float32 test below shows on a
     GPU, and what bench/lambda_replay_gap.py measures."""
-    return max(base, 16 * torch.finfo(comfy_host.compute_dtype(model)).eps)
+    return max(base, 16 * torch.finfo(harness.compute_dtype(model)).eps)
 
 
 def replay(toy, schedule):
@@ -83,7 +83,7 @@ def test_learned_schedule_replays_through_stock_nodes(toy, result):
     tol = replay_tolerance(toy[0])
     assert torch.allclose(replayed, edited["samples"], atol=tol * scale, rtol=0), float((replayed - edited["samples"]).abs().max())
     assert float((edited["samples"] - neutral["samples"]).abs().max()) > 4 * tol * scale  # the bound is far below the edit
-    zeros = comfy_host.pack_module("core.lambda_schedule").LambdaSchedule(schedule.progress, (0.0,) * len(schedule))
+    zeros = harness.pack_module("core.lambda_schedule").LambdaSchedule(schedule.progress, (0.0,) * len(schedule))
     assert torch.allclose(replay(toy, zeros).to(neutral["samples"].device), neutral["samples"], atol=tol * scale, rtol=0)
 
 
@@ -92,10 +92,10 @@ def test_learned_schedule_replays_to_float32_precision_when_the_model_runs_in_fl
     replay must agree as on the CPU (1e-4 of the latent's largest value): the fp16 gap is the dtype, not a
     difference between the two samplings. On the CPU the MODEL already runs in float32 (the test above)."""
     model = toy[0]
-    if comfy_host.compute_dtype(model) == torch.float32:
+    if harness.compute_dtype(model) == torch.float32:
         pytest.skip("the MODEL already computes in float32 here (CPU): test_learned_schedule_replays_through_stock_nodes "
                     "is this test")
-    model32 = comfy_host.fp32_copy(model)
+    model32 = harness.fp32_copy(model)
     toy32 = (model32, *toy[1:])
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default TF32
@@ -146,7 +146,7 @@ def test_bad_input_names_the_input(toy, overrides, match):
 def test_sdxl_optimisation_replays_through_stock_nodes(toy):
     """SDXL: the context, the pooled output and the ADM vector are mixed with the same λ; the learned
     schedule through Mix Conditioning + stock KSampler (conds with the node's size) gives the edit."""
-    model, clip, vae = comfy_host.tiny_models("sdxl")
+    model, clip, vae = harness.tiny_models("sdxl")
     (schedule, edited, _), losses = optimize(toy, model=model, clip=clip, vae=vae, width=64, height=64, iterations=2)
     assert len(losses) == 2 and all(map(lambda v: v == v, losses))
 
@@ -254,7 +254,7 @@ def test_out_of_memory_names_what_to_lower_and_frees_the_optimisation(toy, monke
     tensors are freed before it is raised."""
     import gc
     import weakref
-    lo = comfy_host.pack_module("nodes.lambda_optim").lo  # the module the node, as ComfyUI loaded it, calls
+    lo = harness.pack_module("nodes.lambda_optim").lo  # the module the node, as ComfyUI loaded it, calls
     held = []
 
     def out_of_memory(loss_of, init, *args, **kwargs):
@@ -278,7 +278,7 @@ def test_memory_request_grows_with_the_image_and_names_the_vae(toy, monkeypatch)
     """The node asks ComfyUI's model management for the UNet and the VAE together, with room for the
     optimisation's activations that grows with the image (and halves without cfg's second UNet pass)."""
     import comfy.model_management as mm
-    node_module = comfy_host.pack_module("nodes.lambda_optim")
+    node_module = harness.pack_module("nodes.lambda_optim")
     model, clip, vae, loss_model = toy
     calls = []
     real = mm.load_models_gpu
@@ -302,7 +302,7 @@ def test_memory_request_grows_with_the_image_and_names_the_vae(toy, monkeypatch)
 def test_unet_recomputation_only_when_the_fast_path_does_not_fit(host):
     """The node recomputes the UNet's blocks (slower, less memory) only on a GPU whose free memory, less
     ComfyUI's reserve, cannot hold the fast path; never on the CPU."""
-    node_module = comfy_host.pack_module("nodes.lambda_optim")
+    node_module = harness.pack_module("nodes.lambda_optim")
     gib, cuda = 2**30, torch.device("cuda")
     assert not node_module.recompute_unet_needed(10 * gib, cuda, free=12 * gib, reserved=gib)
     assert node_module.recompute_unet_needed(10 * gib, cuda, free=10 * gib, reserved=gib // 2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfyui_disentangle.tests.reconstruction import call
+from comfyui_disentangle.harness import call
 
 
 @pytest.fixture(scope="module")

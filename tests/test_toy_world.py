@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from comfyui_disentangle.core import factor_judges, factor_world as fw
-from comfyui_disentangle.tests import comfy_host
-from comfyui_disentangle.tests.reconstruction import call
+from comfyui_disentangle import harness
+from comfyui_disentangle.harness import call
 
-WEIGHTS = os.path.join(comfy_host.PACK_ROOT, "weights")
+WEIGHTS = os.path.join(harness.PACK_ROOT, "weights")
 
 
 def test_shipped_weights_fit_the_budget():

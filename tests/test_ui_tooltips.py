@@ -1,6 +1,6 @@
 """Every input and output of every node of the pack has a tooltip, as ComfyUI's own server reports
 them in /object_info (what the frontend shows on hover), and the parameters named in the papers
-carry the paper's name. Runs against ComfyUI's real HTTP server (tests/comfy_server.py)."""
+carry the paper's name. Runs against ComfyUI's real HTTP server (harness/server.py)."""
 from __future__ import annotations
 
 import pytest

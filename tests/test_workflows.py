@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from comfyui_disentangle.tests import comfy_host
+from comfyui_disentangle import harness
 from comfyui_disentangle.tests.workflow_builder import render_all
 
-WORKFLOW_DIR = os.path.join(comfy_host.PACK_ROOT, "workflows")
+WORKFLOW_DIR = os.path.join(harness.PACK_ROOT, "workflows")
 WORKFLOWS = sorted(f for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json") and f != "index.json")  # index: templates
 
 pytestmark = pytest.mark.usefixtures("host")
@@ -56,10 +56,10 @@ def test_workflow_runs_headless(name, tmp_path):
     folder_paths.add_model_folder_path("avi", str(tmp_path), is_default=True)
     with open(os.path.join(WORKFLOW_DIR, name), encoding="utf-8") as f:
         workflow = json.load(f)
-    prompt = comfy_host.substitute_checkpoints(comfy_host.ui_to_api(workflow), kind="sd1")
-    prompt = shrink(prompt, comfy_host.write_test_image("workflow_test.png", size=64))
-    history = comfy_host.run_prompt(prompt)
-    images = comfy_host.output_images(history)
+    prompt = harness.substitute_checkpoints(harness.ui_to_api(workflow), kind="sd1")
+    prompt = shrink(prompt, harness.write_test_image("workflow_test.png", size=64))
+    history = harness.run_prompt(prompt)
+    images = harness.output_images(history)
     assert images, f"{name} produced no image"
     assert all(os.path.getsize(p) > 0 for p in images)
 
@@ -72,7 +72,7 @@ def test_no_workflow_runs_part_of_itself_when_a_file_is_missing(name):
     import asyncio
     import execution
     with open(os.path.join(WORKFLOW_DIR, name), encoding="utf-8") as f:
-        prompt = comfy_host.ui_to_api(json.load(f))
+        prompt = harness.ui_to_api(json.load(f))
     valid, error, good, node_errors = asyncio.run(execution.validate_prompt("drop-check", prompt, None))
     outputs = [i for i, n in prompt.items() if getattr(__import__("nodes").NODE_CLASS_MAPPINGS[n["class_type"]],
                                                          "OUTPUT_NODE", False)]

@@ -774,7 +774,7 @@ if __name__ == "__main__":
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import conftest  # noqa: F401,E402  (registers the comfyui_disentangle package alias)
-    from comfyui_disentangle.tests.comfy_host import start_host  # noqa: E402 (needs COMFYUI_PATH)
+    from comfyui_disentangle.harness import start_host  # noqa: E402 (needs COMFYUI_PATH)
 
     start_host()
     import nodes  # noqa: E402

@@ -26,14 +26,17 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
+from . import host
+from .alias import PACK_ROOT as _PACK_ROOT
+
+PACK_ROOT = Path(_PACK_ROOT)
 PACK_FOLDER_NAME = "ComfyUI-Disentangle"  # the folder name a `git clone` into custom_nodes gives
 SERVER_START_MODULES = ("comfyui_frontend_package", "requests", "aiohttp", "alembic", "sqlalchemy")
 
 
 def comfyui_path() -> Path | None:
-    p = os.environ.get("COMFYUI_PATH", "").strip()
-    return Path(p).expanduser().resolve() if p else None
+    p = host.comfyui_path()
+    return Path(p).resolve() if p else None
 
 
 def server_problem(python: str | None = None) -> str | None:

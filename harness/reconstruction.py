@@ -1,7 +1,7 @@
-"""Invert → reconstruct experiments through stock ComfyUI nodes (shared by tests and bench).
+"""Invert → reconstruct experiments through stock ComfyUI nodes (shared by tests and bench), and
+the inputs they use: a text CONDITIONING, a smooth test image's LATENT, a tamed (smooth) MODEL.
 
-Needs a started host (tests/comfy_host.start_host or bench/common.start_comfy + ComfyUI's
-``nodes`` with the comfy_extras nodes loaded).
+Needs a started host (harness/host.py: start_host or start_comfy).
 """
 from __future__ import annotations
 
@@ -9,14 +9,33 @@ import math
 
 import torch
 
+from .runner import call
 
-def call(name, **inputs):
-    """Run a registered node (stock or ours) as the executor does: inside inference mode."""
-    import nodes
-    n = nodes.NODE_CLASS_MAPPINGS[name]()
-    with torch.inference_mode():
-        out = getattr(n, n.FUNCTION)(**inputs)
-    return out["result"] if isinstance(out, dict) else out
+
+def encode(clip, text):
+    """Stock CLIPTextEncode."""
+    return call("CLIPTextEncode", clip=clip, text=text)[0]
+
+
+def image_latent(vae, seed=0, size=64):
+    """Stock VAEEncode of a smooth seeded test image."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    image = torch.stack([xx, yy, (xx * yy) ** 0.5], -1)[None] * 0.8 + 0.1 * torch.rand(1, size, size, 3, generator=g)
+    return call("VAEEncode", pixels=image, vae=vae)[0]
+
+
+def tame(model, scale=0.1):
+    """A clone whose UNet output is scaled by ``scale``: random weights give a very rough ODE
+    (x_T std ≈ 30 instead of σ_max ≈ 15); real denoisers are smooth, and so is this one."""
+    patched = model.clone()
+
+    def wrapper(apply_model, args):  # apply_model returns x̂0; scale ε̂ = (x − x̂0)/σ
+        x = args["input"]
+        return x - scale * (x - apply_model(x, args["timestep"], **args["c"]))
+
+    patched.set_model_unet_function_wrapper(wrapper)
+    return patched
 
 
 def latent_psnr(x: torch.Tensor, reference: torch.Tensor) -> float:
