@@ -35,9 +35,7 @@ one stock KSampler run):
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)

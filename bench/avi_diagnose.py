@@ -16,7 +16,6 @@ unedited generation of the same seed (as in bench/quality.py).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -91,7 +90,7 @@ def main():
         sys.exit(comfy_host.SKIP_REASON)
     comfy_host.start_host()
     import torch
-    from comfyui_disentangle.core import factor_world as fw
+    from comfyui_disentangle.toy_world import factor_world as fw
     t0 = time.time()
     judge, model, clip, vae = load_yardstick()
     names = args.factors or list(fw.FACTOR_NAMES)

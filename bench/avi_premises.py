@@ -117,7 +117,7 @@ class Edits:
 
     def __init__(self, world: World, factor: str, n: int, seed: int, cache: str):
         import torch
-        from comfyui_disentangle.core import factor_world as fw
+        from comfyui_disentangle.toy_world import factor_world as fw
         self.world, self.factor, self.col = world, factor, fw.FACTOR_NAMES.index(factor)
         g = torch.Generator().manual_seed(seed)
         self.factors = fw.sample_factors(n, generator=g)
@@ -293,7 +293,7 @@ def mobility(edits: list[Edits], out: str, s_x: int, s_z: int):
 
 def vectors_and_values(edits: list[Edits], out: str, steps_at: list[int], scale_indices: list[int]):
     import torch
-    from comfyui_disentangle.core import factor_world as fw
+    from comfyui_disentangle.toy_world import factor_world as fw
     core = comfy_host.pack_module("core.avi")
     world = edits[0].world
     rows = []

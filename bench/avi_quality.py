@@ -79,7 +79,7 @@ class Bench:
 
     def judged(self, factor: str, key: str, make_images):
         """{target, kept: {factor: rate}, all} of the images ``make_images()`` makes (cached under ``key``)."""
-        from comfyui_disentangle.core import factor_world as fw
+        from comfyui_disentangle.toy_world import factor_world as fw
         full = f"{factor} | {key}"
         if full not in self.results:
             e = self.edit_set(factor)
@@ -106,7 +106,7 @@ class Bench:
         import torch
 
         def make(e):
-            from comfyui_disentangle.core import factor_world as fw
+            from comfyui_disentangle.toy_world import factor_world as fw
             edited = e.factors.clone()
             edited[:, e.col] = e.target
             model, clip, vae = self.world.model, self.world.clip, self.world.vae

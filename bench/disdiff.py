@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 
 import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import median_ratio, print_table, timed_rounds  # noqa: E402
@@ -120,8 +119,8 @@ def grids(args, node, dd):
     """Swap and partial-condition grids of a trained checkpoint; prints tables, writes PNGs."""
     import torch
     import nodes as comfy_nodes
-    from comfyui_disentangle.core import factor_judges
-    from comfyui_disentangle.core import factor_world as fw
+    from comfyui_disentangle.toy_world import factor_judges
+    from comfyui_disentangle.toy_world import factor_world as fw
     from comfyui_disentangle.nodes.toy_world import load_toy_world
     loaded = dd.load_checkpoint(args.checkpoint)
     disdiff = node.DisDiffModel(loaded.model, os.path.basename(args.checkpoint), loaded.step)

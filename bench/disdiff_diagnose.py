@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import print_table  # noqa: E402
@@ -38,7 +37,7 @@ def main():
     import nodes as comfy_nodes
     import comfy.model_management as mm
     from comfyui_disentangle.core import disdiff as dd
-    from comfyui_disentangle.core import factor_world as fw
+    from comfyui_disentangle.toy_world import factor_world as fw
     from comfyui_disentangle.nodes import disdiff as node
     from comfyui_disentangle.nodes.toy_world import load_toy_world, scene_latents
 

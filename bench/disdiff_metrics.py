@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
-from disentangle_metrics import COLUMNS, dm, print_summary, summary_row  # noqa: E402
+from disentangle_metrics import print_summary  # noqa: E402
+from comfyui_disentangle.evaluation import disentangle_metrics as dm  # noqa: E402
+from comfyui_disentangle.evaluation.disentangle_metrics import COLUMNS, summary_row  # noqa: E402
 
 
 def score_codes(path: str, seed: int, device=None) -> dict:

@@ -6,47 +6,25 @@ computed as DisDiff computes them (per-factor-code PCA, then disentanglement_lib
         --fv-train 500 --fv-eval 500 --fv-variance 1000 --dci-train 500 --dci-test 200 --gbt-stages 10  # CPU smoke
 
 Row "autoencoder": a plain conv autoencoder with DisDiff's code size (6 groups × 32,
-core/autoencoder_baseline.py) trained ``--steps`` steps with each seed, then scored. ``--load FILE``
+evaluation/autoencoder_baseline.py) trained ``--steps`` steps with each seed, then scored. ``--load FILE``
 scores saved autoencoders instead (one per seed). Other encoders (DisDiff's) are scored with
-:func:`evaluate_encoder` (re-exported from core/disentangle_metrics.py) and printed with
-:func:`print_summary`; ComfyUI is not needed.
+``evaluate_encoder`` of evaluation/disentangle_metrics.py and printed with :func:`print_summary`;
+ComfyUI is not needed. The rows are evaluation/autoencoder_baseline.py's ``score_baseline``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import time
 
 import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import print_table  # noqa: E402
-from comfyui_disentangle.core import autoencoder_baseline as ab  # noqa: E402
-from comfyui_disentangle.core import disentangle_metrics as dm  # noqa: E402
-
-evaluate_encoder = dm.evaluate_encoder
-
-COLUMNS = (("factor_vae", "FactorVAE"), ("dci_disentanglement", "DCI D"), ("dci_completeness", "DCI C"),
-           ("dci_informativeness", "DCI I (acc)"))
-
-
-def mean_std(values) -> str:
-    values = [float(v) for v in values]
-    if not values:
-        return "—"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
-
-
-def summary_row(name: str, results: list[dict], extra: dict | None = None) -> list:
-    """One table row: name, seeds, mean ± std of each metric (and of ``extra`` lists)."""
-    row = [name, len(results)] + [mean_std([r[key] for r in results]) for key, _ in COLUMNS]
-    return row + [mean_std(v) for v in (extra or {}).values()]
+from comfyui_disentangle.evaluation import autoencoder_baseline as ab  # noqa: E402
+from comfyui_disentangle.evaluation import disentangle_metrics as dm  # noqa: E402
 
 
 def print_summary(rows: list[list], extra_headers: tuple[str, ...] = ()) -> None:
-    header = ["model", "seeds"] + [title for _, title in COLUMNS] + list(extra_headers)
+    header = ["model", "seeds"] + [title for _, title in dm.COLUMNS] + list(extra_headers)
     print_table("Disentanglement on the factor world (after DisDiff's per-group PCA; mean ± std over seeds)", header, rows)
 
 
@@ -90,41 +68,14 @@ def main(argv=None) -> dict:
     print(f"device: {device_name}; eval set: {args.eval_size or 'full grid (480000)'}; FactorVAE {fv}; DCI {dci}")
     results = []
     for index, seed in enumerate(args.seeds):
-        t0 = time.perf_counter()
-        if args.load is not None:
-            model, _ = ab.load_autoencoder(args.load[index], device=device)
-            log = {"steps": 0, "final_loss": float("nan")}
-        else:
-            model = ab.build_autoencoder(seed, width=args.width, group_dim=args.group_dim).to(device)
-            every = max(1, args.steps // 10)
-
-            def report(step, steps, loss, seed=seed, every=every):
-                if step % every == 0 or step == steps:
-                    print(f"  seed {seed}: step {step}/{steps}, loss {float(loss):.5f}", flush=True)
-            log = ab.train_autoencoder(model, args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-                                       seed=seed, device=device, callback=report)
-            if args.save_dir:
-                os.makedirs(args.save_dir, exist_ok=True)
-                ab.save_autoencoder(model, os.path.join(args.save_dir, f"autoencoder_baseline_seed{seed}.safetensors"),
-                                    {"seed": seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr})
-        t_train = time.perf_counter() - t0
-        model.eval()
-        mse = ab.reconstruction_mse(model)
-
-        def encode(images):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                return model.encode(images).float()
-        r = evaluate_encoder(encode, seed, eval_size=args.eval_size, batch_size=args.encode_batch, device=device,
-                             metric_device=device, factor_vae=fv, dci=dci)
-        r.update(seed=seed, train_steps=log["steps"], final_train_loss=log["final_loss"], reconstruction_mse=mse,
-                 seconds_train=t_train)
-        results.append(r)
-        print(f"  seed {seed}: FactorVAE {r['factor_vae']:.3f}, DCI D {r['dci_disentanglement']:.3f} "
-              f"C {r['dci_completeness']:.3f} I {r['dci_informativeness']:.3f}, recon MSE {mse:.5f}; "
-              f"train {t_train:.1f} s, encode {r['seconds_encode']:.1f} s, metrics {r['seconds_metrics']:.1f} s", flush=True)
+        results.append(ab.score_baseline(seed, args.steps, device=device, load=args.load[index] if args.load else None,
+                                         save_dir=args.save_dir, width=args.width, group_dim=args.group_dim,
+                                         batch_size=args.batch_size, learning_rate=args.lr, eval_size=args.eval_size,
+                                         encode_batch=args.encode_batch, factor_vae=fv, dci=dci,
+                                         log=lambda line: print(line, flush=True)))
     name = f"autoencoder ({ab.DEFAULT_CONFIG['groups']}×{args.group_dim}, {args.steps} steps)" if args.load is None else "autoencoder (loaded)"
     extra = {"recon MSE": [r["reconstruction_mse"] for r in results], "train s": [r["seconds_train"] for r in results]}
-    print_summary([summary_row(name, results, extra)], tuple(extra))
+    print_summary([dm.summary_row(name, results, extra)], tuple(extra))
     out = {"device": device_name, "args": vars(args), "results": results}
     if args.json:
         with open(args.json, "w") as f:

@@ -8,8 +8,6 @@ scheduler ddim_uniform, on the GPU ComfyUI picks. Prints one table.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 import statistics  # noqa: E402

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
-import sys
 import time
 
 import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import sys
 
 import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import print_table  # noqa: E402

@@ -9,9 +9,7 @@ kernels of one iteration.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 
 import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import median_ratio, print_table, timed_rounds  # noqa: E402

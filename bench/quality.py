@@ -181,7 +181,7 @@ def resume(model, latent, positive, negative, start, steps, cfg):
 
 def load_yardstick():
     """The shipped factor classifier (the judge) and the toy world's MODEL, CLIP and VAE."""
-    from comfyui_disentangle.core import factor_judges
+    from comfyui_disentangle.toy_world import factor_judges
     judge, _ = factor_judges.load_factor_classifier(os.path.join(harness.PACK_ROOT, "weights",
                                                                  "toy_world_factor_classifier.safetensors"))
     model, clip, vae = call("DisentangleLoadToyWorld", checkpoint="toy_world")
@@ -298,7 +298,7 @@ def main():
         sys.exit(harness.SKIP_REASON)
     harness.start_host()
     import torch
-    from comfyui_disentangle.core import factor_world as fw
+    from comfyui_disentangle.toy_world import factor_world as fw
     t0 = time.time()
     judge, model, clip, vae = load_yardstick()
     with torch.inference_mode():

@@ -9,7 +9,6 @@ trained denoiser's, "raw" is the random network as built. Runs on the CPU in abo
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)

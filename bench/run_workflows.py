@@ -62,7 +62,7 @@ def write_scene_image(folder: str) -> None:
     """A 128×128 factor-world scene (for LoadImage) in ComfyUI's input folder."""
     import torch
     from PIL import Image
-    from comfyui_disentangle.core import factor_world as fw
+    from comfyui_disentangle.toy_world import factor_world as fw
     image = fw.render_at(torch.tensor([[4, 6, 0, 5, 0, 7]]), 128)[0]
     Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(os.path.join(folder, SCENE_IMAGE))
 

@@ -3,7 +3,7 @@
     COMFYUI_PATH=/path/to/ComfyUI python bench/train_toy_world.py --out weights
 
 Each phase runs a fixed number of optimiser steps (PHASE_STEPS, the shipped run's), seeded; time
-is only a safety cap. What it trains, all on the factor world (core/factor_world.py), images rendered at 64×64 and shown
+is only a safety cap. What it trains, all on the factor world (toy_world/factor_world.py), images rendered at 64×64 and shown
 to the diffusion model at 128×128 (nearest ×2) so that stock ComfyUI sizes hold (8× VAE, a
 128×128 EmptyLatentImage gives the 16×16 latents):
 
@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
@@ -103,7 +102,7 @@ def from_model_pixels(x):
 # --------------------------------------------------------------------------------------------
 
 def factor_classifier(sizes):
-    from comfyui_disentangle.core.factor_judges import FactorClassifier
+    from comfyui_disentangle.toy_world.factor_judges import FactorClassifier
     return FactorClassifier(sizes)
 
 
@@ -420,7 +419,7 @@ def main():
     start_comfy(cpu=args.cpu)
     import torch
     import comfy.sd1_clip
-    from comfyui_disentangle.core import factor_world as fw
+    from comfyui_disentangle.toy_world import factor_world as fw
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

@@ -1,6 +1,6 @@
 """Load Toy World Checkpoint: the pack's own small text-to-image model as MODEL, CLIP and VAE.
 
-The toy world (core/factor_world.py) lets every method run offline and be judged against ground
+The toy world (toy_world/factor_world.py) lets every method run offline and be judged against ground
 truth. Its model is made of ComfyUI's own SD1 classes at small width, so every stock node works on
 it. ComfyUI's checkpoint detection only knows full-size architectures, so the configs travel in
 each file's safetensors metadata; loading then follows the tail of ComfyUI's own loaders
@@ -23,7 +23,7 @@ import folder_paths
 
 import torch
 
-from ..core import factor_world as fw
+from ..toy_world import factor_world as fw
 from .clip_loss import OPENAI_MEAN, OPENAI_STD, ClipLossModel, import_open_clip
 from .common import (CATEGORY, PACK_WEIGHTS, InputError, check_config_fits_file, check_int, json_metadata,
                      load_safetensors, read_safetensors_header, shipped_first)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
@@ -104,8 +103,8 @@ def main():
     import nodes as comfy_nodes  # noqa: F401  (ComfyUI's node registry, for CLIPTextEncode)
     from comfyui_disentangle.core import disdiff as dd
     from comfyui_disentangle.core import disdiff_train as dtrain
-    from comfyui_disentangle.core import disentangle_metrics as dm
-    from comfyui_disentangle.core import factor_world as fw
+    from comfyui_disentangle.evaluation import disentangle_metrics as dm
+    from comfyui_disentangle.toy_world import factor_world as fw
     from comfyui_disentangle.nodes import disdiff as node
     from comfyui_disentangle.nodes.toy_world import load_toy_world, scene_latents
 

@@ -1,8 +1,7 @@
-"""CPU tests of the autoencoder baseline (core/autoencoder_baseline.py), the factor-world encoder
+"""CPU tests of the autoencoder baseline (evaluation/autoencoder_baseline.py), the factor-world encoder
 evaluation and the disentanglement bench at smoke-test sizes."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -10,8 +9,8 @@ import os
 import pytest
 import torch
 
-from comfyui_disentangle.core import autoencoder_baseline as ab
-from comfyui_disentangle.core import disentangle_metrics as dm
+from comfyui_disentangle.evaluation import autoencoder_baseline as ab
+from comfyui_disentangle.evaluation import disentangle_metrics as dm
 from comfyui_disentangle import harness
 
 TINY = dict(width=8, image_size=32)  # small and fast on a CPU; renders are area-downsampled to 32 px
@@ -90,9 +89,9 @@ SMOKE_METRICS = dict(factor_vae=dict(num_train=200, num_eval=200, num_variance_e
 
 
 def test_evaluate_encoder_scores_a_ground_truth_encoder_high_and_a_constant_one_zero():
-    from comfyui_disentangle.core import factor_world as fw
+    from comfyui_disentangle.toy_world import factor_world as fw
     judge_path = os.path.join(harness.PACK_ROOT, "weights", "toy_world_factor_classifier.safetensors")
-    from comfyui_disentangle.core.factor_judges import load_factor_classifier
+    from comfyui_disentangle.toy_world.factor_judges import load_factor_classifier
     judge, _ = load_factor_classifier(judge_path)
 
     def oracle(images):  # the factor indices, read back by the shipped classifiers: one scalar per factor
@@ -110,36 +109,47 @@ def test_evaluate_encoder_scores_a_ground_truth_encoder_high_and_a_constant_one_
         dm.evaluate_encoder(lambda x: torch.zeros(x.shape[0], 12), seed=0, eval_size=1)
 
 
-def _bench_module():
-    path = os.path.join(harness.PACK_ROOT, "bench", "disentangle_metrics.py")
-    spec = importlib.util.spec_from_file_location("bench_disentangle_metrics", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SMALL_BASELINE = dict(width=8, batch_size=8, eval_size=600, encode_batch=300, device="cpu",
+                      factor_vae=dict(num_train=200, num_eval=200, num_variance_estimate=400),
+                      dci=dict(num_train=300, num_test=100, gbt_stages=4))
 
 
-def test_bench_runs_on_cpu_with_small_flags(tmp_path, capsys):
-    bench = _bench_module()
-    assert bench.evaluate_encoder is dm.evaluate_encoder
+def test_baseline_rows_train_save_reload_and_summarise(tmp_path):
+    lines = []
+    results = [ab.score_baseline(seed, 3, save_dir=str(tmp_path), log=lines.append, **SMALL_BASELINE) for seed in (0, 1)]
+    assert any("seed 1: step 3/3" in line for line in lines) and any("FactorVAE" in line for line in lines)
+    for seed, r in zip((0, 1), results):
+        for key in ("factor_vae", "dci_disentanglement", "dci_completeness", "dci_informativeness"):
+            assert 0.0 <= r[key] <= 1.0
+        assert r["code_shape"] == [6, 32] and r["eval_size"] == 600 and r["seed"] == seed and r["train_steps"] == 3
+    saved = [str(tmp_path / f"autoencoder_baseline_seed{s}.safetensors") for s in (0, 1)]
+    assert all(os.path.isfile(p) for p in saved)
+    again = ab.score_baseline(1, 3, load=saved[1], log=lines.append, **SMALL_BASELINE)
+    first = results[1]  # the saved model scores the same
+    assert again["factor_vae"] == first["factor_vae"] and again["dci_disentanglement"] == first["dci_disentanglement"]
+    assert again["reconstruction_mse"] == pytest.approx(first["reconstruction_mse"]) and again["train_steps"] == 0
+    assert dm.mean_std([0.5, 0.7]) == "0.600 ± 0.141" and dm.mean_std([]) == "—"
+    row = dm.summary_row("autoencoder", results, {"recon MSE": [r["reconstruction_mse"] for r in results]})
+    assert row[:2] == ["autoencoder", 2] and len(row) == 2 + len(dm.COLUMNS) + 1
+    assert row[2] == dm.mean_std([r["factor_vae"] for r in results])
+
+
+def test_bench_runs_as_a_script_on_cpu_with_small_flags(tmp_path):
+    """bench/disentangle_metrics.py as a user runs it (a subprocess: tests never import bench/)."""
+    import subprocess
+    import sys
     out_json = str(tmp_path / "out.json")
     small = ["--device", "cpu", "--width", "8", "--batch-size", "8", "--eval-size", "600", "--encode-batch", "300",
              "--fv-train", "200", "--fv-eval", "200", "--fv-variance", "400", "--dci-train", "300", "--dci-test", "100",
              "--gbt-stages", "4"]
-    out = bench.main(["--seeds", "0", "1", "--steps", "3", "--save-dir", str(tmp_path), "--json", out_json] + small)
-    text = capsys.readouterr().out
-    assert "Disentanglement on the factor world" in text and "| autoencoder (6×32, 3 steps) | 2" in text
-    assert len(out["results"]) == 2 and json.load(open(out_json))["results"][1]["seed"] == 1
-    for r in out["results"]:
-        for key in ("factor_vae", "dci_disentanglement", "dci_completeness", "dci_informativeness"):
-            assert 0.0 <= r[key] <= 1.0
-        assert r["code_shape"] == [6, 32] and r["eval_size"] == 600
-    saved = [str(tmp_path / f"autoencoder_baseline_seed{s}.safetensors") for s in (0, 1)]
-    assert all(os.path.isfile(p) for p in saved)
-    again = bench.main(["--seeds", "1", "--load", saved[1]] + small)["results"][0]
-    first = out["results"][1]  # the saved model scores the same
-    assert again["factor_vae"] == first["factor_vae"] and again["dci_disentanglement"] == first["dci_disentanglement"]
-    assert again["reconstruction_mse"] == pytest.approx(first["reconstruction_mse"])
-    assert bench.mean_std([0.5, 0.7]) == "0.600 ± 0.141"
+    path = os.path.join(harness.PACK_ROOT, "bench", "disentangle_metrics.py")
+    done = subprocess.run([sys.executable, path, "--seeds", "0", "--steps", "3", "--json", out_json] + small,
+                          capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr
+    assert "Disentanglement on the factor world" in done.stdout and "| autoencoder (6×32, 3 steps) | 1" in done.stdout
+    results = json.load(open(out_json))["results"]
+    assert len(results) == 1 and results[0]["seed"] == 0 and 0.0 <= results[0]["factor_vae"] <= 1.0
 
 
 def test_bench_script_starts_standalone():

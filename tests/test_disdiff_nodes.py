@@ -31,7 +31,7 @@ def toy(host):
 
 @pytest.fixture(scope="module")
 def scene():
-    fw = harness.pack_module("core.factor_world")
+    fw = harness.pack_module("toy_world.factor_world")
     factors = torch.tensor([[4, 6, 0, 5, 0, 7], [1, 2, 8, 2, 2, 3]])
     return fw.render_at(factors, 128).movedim(1, -1).contiguous()
 

@@ -1,4 +1,4 @@
-"""CPU tests of core/disentangle_metrics.py: FactorVAE score and DCI on synthetic codes with known
+"""CPU tests of evaluation/disentangle_metrics.py: FactorVAE score and DCI on synthetic codes with known
 answers, the DisDiff PCA step, the gradient-boosted-tree importances, determinism, input errors.
 
 Expected levels (F factors, each uniform and independent):
@@ -24,7 +24,7 @@ import math
 import pytest
 import torch
 
-from comfyui_disentangle.core import disentangle_metrics as dm
+from comfyui_disentangle.evaluation import disentangle_metrics as dm
 
 SIZES = (6, 6, 6, 6)
 SMALL_FV = dict(num_train=600, num_eval=2000, num_variance_estimate=2000)

@@ -1,11 +1,11 @@
-"""CPU tests of core/factor_world.py: determinism, factor-exactness, geometry, captions, input checks."""
+"""CPU tests of toy_world/factor_world.py: determinism, factor-exactness, geometry, captions, input checks."""
 import itertools
 import re
 
 import pytest
 import torch
 
-from comfyui_disentangle.core import factor_world as fw
+from comfyui_disentangle.toy_world import factor_world as fw
 
 SIZES = fw.FACTOR_SIZES
 

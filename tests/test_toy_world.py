@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from comfyui_disentangle.core import factor_judges, factor_world as fw
+from comfyui_disentangle.toy_world import factor_judges, factor_world as fw
 from comfyui_disentangle import harness
 from comfyui_disentangle.harness import call
 

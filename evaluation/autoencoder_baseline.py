@@ -4,7 +4,7 @@ DisDiff (Yang et al. 2023) encodes an image into N factor codes z^c of C channel
 world: 6 × 32). This baseline has the same code shape, [B, groups, group_dim], but nothing asks its
 groups to separate the factors: a conv encoder (four stride-2 blocks, 64 → 4 px, then a linear map
 to groups × group_dim) and a mirrored decoder, trained with the pixel MSE on factor-world renders.
-Scored like DisDiff (per-group PCA, then FactorVAE and DCI; ``core/disentangle_metrics.py``), it
+Scored like DisDiff (per-group PCA, then FactorVAE and DCI; ``evaluation/disentangle_metrics.py``), it
 shows what an unstructured code of that size gets.
 
 Weights are saved as safetensors with the config in the metadata (``save_autoencoder`` /
@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import factor_world as fw
+from ..toy_world import factor_world as fw
 
 DEFAULT_CONFIG = {"image_size": fw.IMAGE_SIZE, "groups": fw.NUM_FACTORS, "group_dim": 32, "width": 32}
 FILE_KIND = "disentangle_autoencoder_baseline"
@@ -181,3 +181,50 @@ def load_autoencoder(path: str, device="cpu") -> tuple[ConvAutoencoder, dict]:
     model = ConvAutoencoder(**json.loads(metadata["config"]))
     model.load_state_dict(state)
     return model.eval().to(device), metadata
+
+
+def score_baseline(seed: int, steps: int, *, device, load: str | None = None, save_dir: str | None = None,
+                   width: int = 32, group_dim: int = 32, batch_size: int = 256, learning_rate: float = 1e-3,
+                   eval_size: int | None = None, encode_batch: int = 2048, factor_vae: dict | None = None,
+                   dci: dict | None = None, log: Callable[[str], None] = print) -> dict:
+    """One row of the baseline table: train the autoencoder ``steps`` steps with ``seed`` (or load the
+    file ``load``), optionally save it into ``save_dir``, then score it with
+    :func:`evaluation.disentangle_metrics.evaluate_encoder`; the results carry the seed, the training
+    log, the reconstruction MSE and the training time."""
+    import os
+    import time
+    from .disentangle_metrics import evaluate_encoder
+    t0 = time.perf_counter()
+    if load is not None:
+        model, _ = load_autoencoder(load, device=device)
+        train_log = {"steps": 0, "final_loss": float("nan")}
+    else:
+        model = build_autoencoder(seed, width=width, group_dim=group_dim).to(device)
+        every = max(1, steps // 10)
+
+        def report(step, total, loss):
+            if step % every == 0 or step == total:
+                log(f"  seed {seed}: step {step}/{total}, loss {float(loss):.5f}")
+        train_log = train_autoencoder(model, steps, batch_size=batch_size, learning_rate=learning_rate,
+                                      seed=seed, device=device, callback=report)
+        if save_dir:
+            os.makedirs(save_dir, exist_ok=True)
+            save_autoencoder(model, os.path.join(save_dir, f"autoencoder_baseline_seed{seed}.safetensors"),
+                             {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": learning_rate})
+    t_train = time.perf_counter() - t0
+    model.eval()
+    mse = reconstruction_mse(model)
+    device = torch.device(device)
+
+    def encode(images):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return model.encode(images).float()
+    r = evaluate_encoder(encode, seed, eval_size=eval_size, batch_size=encode_batch, device=device,
+                         metric_device=device, factor_vae=factor_vae, dci=dci)
+    r.update(seed=seed, train_steps=train_log["steps"], final_train_loss=train_log["final_loss"],
+             reconstruction_mse=mse, seconds_train=t_train)
+    log(f"  seed {seed}: FactorVAE {r['factor_vae']:.3f}, DCI D {r['dci_disentanglement']:.3f} "
+        f"C {r['dci_completeness']:.3f} I {r['dci_informativeness']:.3f}, recon MSE {mse:.5f}; "
+        f"train {t_train:.1f} s, encode {r['seconds_encode']:.1f} s, metrics {r['seconds_metrics']:.1f} s")
+    return r
+

@@ -515,7 +515,7 @@ def encode_factor_world(encode_images: Callable[[Tensor], Tensor], factors: Tens
     ``encode_images(images [B, 3, S, S] in [0, 1] on ``device``)`` may return [B, groups, dims] or
     [B, D]; a 2-D code is split into ``groups`` equal groups (default: one group per dimension).
     """
-    from . import factor_world as fw
+    from ..toy_world import factor_world as fw
     factors = _check_factors(factors)
     parts = []
     for start in range(0, factors.shape[0], int(batch_size)):
@@ -552,7 +552,7 @@ def evaluate_encoder(encode_images: Callable[[Tensor], Tensor], seed: int = 0, *
     the trees are grown (e.g. "cuda"). Returns the headline numbers and the full metric dicts.
     """
     import time
-    from . import factor_world as fw
+    from ..toy_world import factor_world as fw
     t0 = time.perf_counter()
     if eval_size is None:
         factors = fw.factor_grid()
@@ -595,4 +595,28 @@ def score_group_codes(codes: Tensor, factors: Tensor, seed: int = 0, device=None
             "dci_completeness": d["completeness"], "dci_informativeness": d["informativeness"],
             "pca_explained_variance": [round(float(v), 3) for v in pca.explained_variance_ratio],
             "importance": d["importance"].tolist()}
+
+
+# --------------------------------------------------------------------------------------------
+# Table rows (bench/disentangle_metrics.py, bench/disdiff_metrics.py)
+# --------------------------------------------------------------------------------------------
+
+COLUMNS = (("factor_vae", "FactorVAE"), ("dci_disentanglement", "DCI D"), ("dci_completeness", "DCI C"),
+           ("dci_informativeness", "DCI I (acc)"))
+
+
+def mean_std(values) -> str:
+    """"mean ± std" of the values to 3 decimals (std 0 for one value, "—" for none)."""
+    import statistics
+    values = [float(v) for v in values]
+    if not values:
+        return "—"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+
+
+def summary_row(name: str, results: list[dict], extra: dict | None = None) -> list:
+    """One table row: name, seeds, mean ± std of each metric of :data:`COLUMNS` (and of ``extra`` lists)."""
+    row = [name, len(results)] + [mean_std([r[key] for r in results]) for key, _ in COLUMNS]
+    return row + [mean_std(v) for v in (extra or {}).values()]
 
