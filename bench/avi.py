@@ -38,7 +38,7 @@ import argparse
 import statistics
 import time
 
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import median_ratio, print_table, timed_rounds  # noqa: E402
 from comfyui_disentangle.harness import conditioning, device_name, random_sd15, start_comfy  # noqa: E402
 

@@ -19,7 +19,7 @@ import argparse
 import sys
 import time
 
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from comfyui_disentangle import harness as comfy_host  # noqa: E402
 from comfyui_disentangle.harness import call  # noqa: E402
 from quality import (encode_batch, generate, integrate_per_seed, load_yardstick,  # noqa: E402

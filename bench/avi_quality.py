@@ -35,7 +35,7 @@ import os
 import sys
 import time
 
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from avi_premises import Edits, World  # noqa: E402
 from comfyui_disentangle import harness as comfy_host  # noqa: E402
 from comfyui_disentangle.harness import call  # noqa: E402

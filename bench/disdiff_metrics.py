@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from disentangle_metrics import print_summary  # noqa: E402
 from comfyui_disentangle.evaluation import disentangle_metrics as dm  # noqa: E402
 from comfyui_disentangle.evaluation.disentangle_metrics import COLUMNS, summary_row  # noqa: E402

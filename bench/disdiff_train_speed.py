@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import print_table  # noqa: E402
 from comfyui_disentangle.harness import device_name, start_comfy  # noqa: E402
 

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import print_table  # noqa: E402
 from comfyui_disentangle.evaluation import autoencoder_baseline as ab  # noqa: E402
 from comfyui_disentangle.evaluation import disentangle_metrics as dm  # noqa: E402

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 import statistics  # noqa: E402
 
 from common import median_ratio, print_table, timed_rounds  # noqa: E402

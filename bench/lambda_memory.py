@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import median_ratio, print_table, timed_rounds  # noqa: E402
 from comfyui_disentangle.harness import (device_name, random_sd1_clip, random_sd15, random_sd_vae, random_sdxl,  # noqa: E402
                                          random_sdxl_clip, start_comfy)

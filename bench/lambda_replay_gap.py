@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import print_table  # noqa: E402
 from comfyui_disentangle import harness  # noqa: E402
 from comfyui_disentangle.harness import call, device_name  # noqa: E402

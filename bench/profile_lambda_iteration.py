@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import median_ratio, print_table, timed_rounds  # noqa: E402
 from comfyui_disentangle.harness import device_name, random_sd15, random_sd_vae, start_comfy  # noqa: E402
 from lambda_optim import Case, loss_models  # noqa: E402

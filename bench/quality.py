@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import print_table  # noqa: E402
 from comfyui_disentangle import harness  # noqa: E402
 from comfyui_disentangle.harness.reconstruction import call, latent_psnr  # noqa: E402

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import print_table  # noqa: E402
 from comfyui_disentangle import harness  # noqa: E402
 from comfyui_disentangle.harness.reconstruction import encode, image_latent, psnr_table, tame  # noqa: E402

@@ -9,7 +9,7 @@ The pack's own folder is never put on ``sys.path``: ComfyUI has a top-level ``no
 the pack's ``nodes/`` must stay ``comfyui_disentangle.nodes``.
 
 Only the standard library is used, so a script can run this file by path before the alias exists
-(``tests/conftest.py``, ``bench/_pack.py``, ``scripts/_pack.py``)::
+(``tests/conftest.py``, ``bench/_pack_alias.py``, ``scripts/_pack_alias.py``)::
 
     runpy.run_path(os.path.join(PACK_ROOT, "harness", "alias.py"))["register"]()
 

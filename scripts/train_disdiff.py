@@ -28,7 +28,7 @@ import json
 import os
 import time
 
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from comfyui_disentangle.harness import device_name, start_comfy  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """ComfyUI's template browser: workflows/index.json (the frontend's template index format) gives every
 workflow a title and a one-line description, in order from first steps to advanced, with the ones that
 need a Stable Diffusion checkpoint marked and last; each has a thumbnail <name>.jpg made from its own
-output (bench/run_workflows.py --thumbnails). web/js/templates.js shows the index in the browser;
+output (scripts/run_workflows.py --thumbnails). web/js/templates.js shows the index in the browser;
 tests/test_frontend_e2e.py checks it there."""
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_order_goes_from_first_steps_to_advanced_and_marks_the_checkpoint_ones()
 def test_every_workflow_has_a_thumbnail_from_its_output():
     for name in NAMES:
         path = os.path.join(WORKFLOW_DIR, name + ".jpg")
-        assert os.path.isfile(path), f"{name}.jpg is missing: run bench/run_workflows.py --thumbnails"
+        assert os.path.isfile(path), f"{name}.jpg is missing: run scripts/run_workflows.py --thumbnails"
         with Image.open(path) as image:
             assert image.format == "JPEG" and image.size == (512, 512)
             assert b"run_workflows.py --thumbnails" in image.info.get("comment", b""), name

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from comfyui_disentangle.tests import workflow_builder as wb
+from comfyui_disentangle.scripts import build_workflows as wb
 
 WORKFLOW_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
 NAMES = sorted(f for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json") and f != "index.json")

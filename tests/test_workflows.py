@@ -8,7 +8,7 @@ import os
 import pytest
 
 from comfyui_disentangle import harness
-from comfyui_disentangle.tests.workflow_builder import render_all
+from comfyui_disentangle.scripts.build_workflows import render_all
 
 WORKFLOW_DIR = os.path.join(harness.PACK_ROOT, "workflows")
 WORKFLOWS = sorted(f for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json") and f != "index.json")  # index: templates
@@ -46,7 +46,7 @@ def test_shipped_workflows_match_the_builder():
     rendered = render_all(nodes.NODE_CLASS_MAPPINGS)
     for name, text in rendered.items():
         with open(os.path.join(WORKFLOW_DIR, name), encoding="utf-8") as f:
-            assert f.read() == text, f"{name} is stale: run `python tests/workflow_builder.py`"
+            assert f.read() == text, f"{name} is stale: run `python scripts/build_workflows.py`"
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)

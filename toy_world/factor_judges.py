@@ -1,6 +1,6 @@
 """Ground-truth judges of the toy world: a small CNN with one classification head per factor.
 
-Trained by bench/train_toy_world.py on factor-world renders and their VAE reconstructions; used by
+Trained by scripts/train_toy_world.py on factor-world renders and their VAE reconstructions; used by
 bench/quality.py and the tests to read the factors of generated images.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train the toy world's models on a GPU (issue 3). Seeded and time-boxed; writes safetensors.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/train_toy_world.py --out weights
+    COMFYUI_PATH=/path/to/ComfyUI python scripts/train_toy_world.py --out weights
 
 Each phase runs a fixed number of optimiser steps (PHASE_STEPS, the shipped run's), seeded; time
 is only a safety cap. What it trains, all on the factor world (toy_world/factor_world.py), images rendered at 64×64 and shown
@@ -26,7 +26,7 @@ import math
 import os
 import time
 
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from comfyui_disentangle.harness import start_comfy  # noqa: E402
 
 MODEL_SIZE = 128  # pixels the diffusion model sees (factor-world renders are 64×64)

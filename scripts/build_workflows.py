@@ -8,7 +8,7 @@ into columns and rows so that the whole graph, at the saved view, fits a 1920×1
 are at least what the frontend computes for them (:func:`frontend_size`), so no two nodes overlap
 however a workflow's graph changes. Regenerate after changing a node's inputs or a workflow:
 
-    COMFYUI_PATH=/path/to/ComfyUI python tests/workflow_builder.py
+    COMFYUI_PATH=/path/to/ComfyUI python scripts/build_workflows.py
 
 and ``tests/test_workflows.py`` checks that the shipped files equal what this script makes.
 """
@@ -771,9 +771,7 @@ def render_all(node_classes) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import conftest  # noqa: F401,E402  (registers the comfyui_disentangle package alias)
+    import _pack_alias  # noqa: F401,E402  (registers comfyui_disentangle: harness/alias.py)
     from comfyui_disentangle.harness import start_host  # noqa: E402 (needs COMFYUI_PATH)
 
     start_host()

@@ -1,7 +1,7 @@
 """The pack's main job: run every shipped workflow through ComfyUI's own server, as a user's queue does
 (``main.py`` on 127.0.0.1, POST /prompt), and write the images, a contact sheet and the time each took.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/run_workflows.py [--out DIR] [--checkpoint NAME] [--thumbnails]
+    COMFYUI_PATH=/path/to/ComfyUI python scripts/run_workflows.py [--out DIR] [--checkpoint NAME] [--thumbnails]
 
 By default everything runs offline on the pack's toy world (weights/): the toy-world workflows as
 shipped; in the others "Load Toy World Checkpoint" stands in for the checkpoint loader, the toy CLIP
@@ -25,7 +25,7 @@ import sys
 import time
 
 PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-import _pack  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
+import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from comfyui_disentangle import harness  # noqa: E402
 from comfyui_disentangle.harness import server as comfy_server  # noqa: E402
 
@@ -96,7 +96,7 @@ def thumbnail(images: list[str], path: str, side: int = 512) -> None:
         image = Image.open(image_path).convert("RGB").resize((cell - 4, cell - 4), Image.Resampling.LANCZOS)
         sheet.paste(image, (left + (k % cols) * cell + 2, top + (k // cols) * cell + 2))
     sheet.save(path, "JPEG", quality=90, comment=b"ComfyUI-Disentangle: the workflow's own output on the toy world "
-                                                  b"(bench/run_workflows.py --thumbnails)")
+                                                  b"(scripts/run_workflows.py --thumbnails)")
 
 
 class ServerRunner:

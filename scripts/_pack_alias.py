@@ -1,4 +1,4 @@
-"""``import _pack`` first thing in a script of scripts/ (run as ``python scripts/X.py``, so scripts/ is on sys.path):
+"""``import _pack_alias`` first thing in a script of scripts/ (run as ``python scripts/X.py``, so scripts/ is on sys.path):
 registers ``comfyui_disentangle``, the pack root as a package (harness/alias.py), so that the script
 imports the pack, and its harness, by that one name."""
 import os
