@@ -39,6 +39,7 @@ def main():
     from comfyui_disentangle.core import disdiff as dd
     from comfyui_disentangle.toy_world import factor_world as fw
     from comfyui_disentangle.nodes import disdiff as node
+    from comfyui_disentangle.nodes.comfy_boundary import alphas_cumprod
     from comfyui_disentangle.nodes.toy_world import load_toy_world, scene_latents
 
 
@@ -51,7 +52,7 @@ def main():
         frozen = node.make_frozen(model, empty)
         device = mm.get_torch_device()
         net = dd.load_checkpoint(args.checkpoint).model.to(device).float().eval()
-        ab_all = node.alphas_cumprod(model).to(device)
+        ab_all = alphas_cumprod(model).to(device)
         x0 = x0.to(device)
         n = net.config.num_factors
         rows = []

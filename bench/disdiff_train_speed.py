@@ -30,6 +30,7 @@ def main():
     from comfyui_disentangle.core import disdiff_train as dtrain
     from comfyui_disentangle.toy_world import factor_world as fw
     from comfyui_disentangle.nodes import disdiff as node
+    from comfyui_disentangle.nodes.comfy_boundary import alphas_cumprod
     from comfyui_disentangle.nodes.toy_world import load_toy_world, scene_latents
 
     with torch.inference_mode():
@@ -44,7 +45,7 @@ def main():
     rows, results = [], []
     with torch.inference_mode(False), torch.enable_grad():
         data = latents.clone().to(device)
-        ab = node.alphas_cumprod(model).clone().to(device)
+        ab = alphas_cumprod(model).clone().to(device)
         autocast = torch.bfloat16 if device.type == "cuda" else None
         # FLOPs of one step at batch 128 (forward + backward of everything, the frozen pass included)
         from torch.utils.flop_counter import FlopCounterMode

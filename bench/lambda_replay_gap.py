@@ -64,12 +64,12 @@ def learn(model, clip, vae, loss_model, steps, cfg, seed, iterations):
 def optimiser_sampling(model, clip, vae, loss_model, values, steps, cfg, seed=None, trajectory=None, styled=STYLED):
     """X0(λ) exactly as Optimize λ Schedule samples it (its LambdaEdit), as a LATENT's samples."""
     import comfy.model_management as mm
-    import comfy.samplers
     import torch
     lam_node = harness.pack_module("nodes.lambda_optim")
-    (c0, _), (c1, _) = lam_node.encode_text(clip, NEUTRAL, "neutral_text"), lam_node.encode_text(clip, styled, "styled_text")
-    uncond, _ = lam_node.encode_text(clip, "", "negative_text")
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps).tolist()
+    boundary = harness.pack_module("nodes.comfy_boundary")
+    (c0, _), (c1, _) = boundary.encode_text(clip, NEUTRAL, "neutral_text"), boundary.encode_text(clip, styled, "styled_text")
+    uncond, _ = boundary.encode_text(clip, "", "negative_text")
+    sigmas = boundary.sampling_sigmas(model, steps, "ddim", "ddim_uniform").tolist()
     with torch.inference_mode():  # loaded as Optimize λ Schedule loads it: on the H200 the stock sampling after
         mm.load_models_gpu([model])  # a load outside inference mode failed ("Inference tensors do not track version counter")
     with torch.inference_mode(False), torch.no_grad():

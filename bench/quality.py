@@ -277,7 +277,7 @@ def learn_shared_schedule(model, clip, vae, fw, factors, edited_factors, seed, b
     import torch
     lo = harness.pack_module("core.lambda_optim")
     ls = harness.pack_module("core.lambda_schedule")
-    step_progress = harness.pack_module("nodes.schedules").step_progress_for_model
+    step_progress = harness.pack_module("nodes.comfy_boundary").step_progress_for_model
     edit = toy_edit(model, clip, vae, fw, factors, edited_factors, seed, beta=beta, batch=batch)
     with torch.inference_mode(False), torch.enable_grad():
         best, losses = lo.optimize_lambdas(edit.loss, lo.paper_init(edit.steps, 20, 1.0), iterations, lr)

@@ -48,12 +48,17 @@ def alpha_bar_from_sigma(sigma: Tensor) -> Tensor:
 
 
 def vp_to_sigma_space(x_vp: Tensor, sigma: Tensor | float) -> Tensor:
-    """x_σ = x_VP · √(1 + σ²)."""
+    """x_σ = x_VP · √(1 + σ²); ``sigma`` a number, or a tensor that broadcasts against ``x_vp`` (one σ
+    per batch item: [B, 1, 1, 1]), computed in its dtype."""
+    if isinstance(sigma, Tensor):
+        return x_vp * (1.0 + sigma * sigma).sqrt()
     return x_vp * math.sqrt(1.0 + float(sigma) ** 2)
 
 
 def sigma_space_to_vp(x: Tensor, sigma: Tensor | float) -> Tensor:
-    """x_VP = x_σ / √(1 + σ²)."""
+    """x_VP = x_σ / √(1 + σ²); ``sigma`` as in :func:`vp_to_sigma_space`."""
+    if isinstance(sigma, Tensor):
+        return x / (1.0 + sigma * sigma).sqrt()
     return x / math.sqrt(1.0 + float(sigma) ** 2)
 
 

@@ -137,9 +137,6 @@ class DisDiffConfig:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
         return cls(**data)
 
-    def feature_signature(self) -> list:
-        return [[c, *hw] for c, hw in zip(self.feature_channels, self.feature_sizes)]
-
 
 def describe_features(out: FrozenOutput) -> dict:
     """Shapes of a frozen pass, as DisDiffConfig fields (feature channels/sizes, emb width)."""

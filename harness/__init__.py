@@ -15,7 +15,8 @@ The names below are the public API of host, models, ui_format and runner in one 
 """
 from .alias import PACK_ROOT, PACKAGE_NAME
 from .host import (BASE_ARGS, SKIP_REASON, ServerStub, comfyui_path, comfyui_version, device_name, host_available,
-                   host_info, host_problem, host_started, pack_module, require_host, start_comfy, start_host)
+                   host_info, host_problem, host_started, pack_module, require_host, server_stub, start_comfy,
+                   start_host)
 from .models import (KINDS, SD15_UNET, SDXL_UNET, clear_model_cache, compute_dtype, conditioning, fp32_copy,
                      init_random_weights, pattern_image, random_disdiff, random_sd1_clip, random_sd15, random_sd_vae,
                      random_sdxl, random_sdxl_clip, register_test_nodes, sdxl_conditioning, substitute_checkpoints,

@@ -328,6 +328,12 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 
 
+def server_stub() -> ServerStub:
+    """The stub of ComfyUI's PromptServer the host runs prompts against (its messages, last node id)."""
+    start_host()
+    return _STATE["server"]
+
+
 def host_info() -> dict:
     """root, tmp dir, folder dirs, version, pack module name, warnings logged while loading the pack."""
     start_host()

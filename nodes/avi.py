@@ -27,7 +27,8 @@ import latent_preview
 import torch
 
 from ..core import avi as core_avi
-from .common import (CATEGORY, InputError, check_conditioning, check_finite, check_int, check_latent, short,
+from .comfy_boundary import check_latent, sampling_sigmas
+from .common import (CATEGORY, InputError, check_conditioning, check_finite, check_int, short,
                      check_tensors_match, free_save_path, json_metadata, meta_shapes, read_safetensors_header, writing)
 from .plot import draw_loss_curve, image_tensor
 
@@ -83,13 +84,6 @@ class AVIModel:
 # --------------------------------------------------------------------------------------------
 # Steps and latent spaces
 # --------------------------------------------------------------------------------------------
-
-def sampling_sigmas(model, steps: int, sampler_name: str, scheduler: str) -> torch.Tensor:
-    """The σ schedule comfy.sample.sample uses for these settings (full denoise)."""
-    ks = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler_name, scheduler=scheduler,
-                                 denoise=1.0, model_options=model.model_options)
-    return ks.sigmas.float().cpu()
-
 
 def step_at_time(model, sigmas: torch.Tensor, t_fraction: float, lo: int, hi: int) -> int:
     """The step index in [lo, hi] whose σ is nearest (in log σ) to σ at diffusion time t = t_fraction·T."""

@@ -1,4 +1,5 @@
-"""Glue shared by the node adapters: input checks with clear messages, model folders, progress."""
+"""Glue shared by the node adapters: InputError, input checks with clear messages, model folders and
+safetensors files. ComfyUI's models, samplers and progress are nodes/comfy_boundary.py's."""
 from __future__ import annotations
 
 import json
@@ -9,9 +10,6 @@ from contextlib import contextmanager
 
 import torch
 
-import comfy.model_management
-import comfy.model_sampling
-import comfy.utils
 import folder_paths
 
 CATEGORY = "disentangle"
@@ -138,10 +136,6 @@ def writing(input_name: str, shown: str):
         raise InputError(f"{input_name}: could not write {shown} ({e.strerror or type(e).__name__})") from None
 
 
-def check_steps(steps: int, name: str = "steps", low: int = 1) -> int:
-    return check_int(name, steps, low)
-
-
 def shipped_first(folder_name: str, filename: str) -> str:
     """The full path of ``filename`` in ``folder_name``, the pack's own weights/ file first: a user's file of
     the same name in models/ never shadows what the shipped workflows load."""
@@ -256,46 +250,6 @@ def check_conditioning(conditioning, name: str) -> None:
     for entry in conditioning:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and hasattr(entry[0], "shape") and isinstance(entry[1], dict)):
             raise InputError(f"{name}: not a CONDITIONING (expected a list of [tensor, dict] pairs)")
-
-
-def latent_channels(model) -> int:
-    return int(model.get_model_object("latent_format").latent_channels)
-
-
-def check_latent(model, latent: dict, name: str = "latent"):
-    """The latent's samples, after checking they fit the model; returns the tensor."""
-    if not isinstance(latent, dict) or "samples" not in latent:
-        raise InputError(f"{name}: not a LATENT (no 'samples')")
-    samples = latent["samples"]
-    if samples.ndim != 4:
-        raise InputError(f"{name}: expected an image latent [batch, channels, height, width], got shape {tuple(samples.shape)}")
-    expected = latent_channels(model)
-    if samples.shape[1] != expected:
-        raise InputError(
-            f"{name} has {samples.shape[1]} channels but the model expects {expected}: "
-            "encode the image with this model's VAE"
-        )
-    if not torch.isfinite(samples).all():
-        raise InputError(f"{name} contains NaN or infinite values")
-    return samples
-
-
-def check_vp_model(model, what: str) -> None:
-    """DDIM maths needs a variance-preserving (ε / v / EDM) model, not a flow-matching one."""
-    sampling = model.get_model_object("model_sampling")
-    if isinstance(sampling, comfy.model_sampling.CONST):
-        raise InputError(f"model: {what} needs an ε- or v-prediction diffusion model; this is a flow-matching model")
-
-
-def progress_callback(total: int):
-    """``callback(i, ...)`` that advances a ComfyUI progress bar and honours Cancel."""
-    bar = comfy.utils.ProgressBar(total)
-
-    def callback(i, *_):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update_absolute(i + 1, total)
-
-    return callback
 
 
 def meta_shapes(build, shown: str) -> dict[str, tuple[int, ...]]:

@@ -26,7 +26,9 @@ import folder_paths
 from safetensors import SafetensorError
 
 from ..core import disdiff as dd
+from ..core.ddim import vp_to_sigma_space
 from ..core.disdiff_train import train_disdiff
+from .comfy_boundary import alphas_cumprod, check_unet_model
 from .common import (CATEGORY, PACK_WEIGHTS, InputError, check_conditioning, check_file_name, check_finite,
                      check_int, check_tensors_match, json_metadata, meta_shapes, read_safetensors_header,
                      shipped_first, short)
@@ -78,20 +80,6 @@ class FeatureCapture:
         return dd.FrozenOutput(eps, list(self.features), self.emb)
 
 
-def check_unet_model(model) -> None:
-    sampling = model.get_model_object("model_sampling")
-    if isinstance(sampling, comfy.model_sampling.CONST):
-        raise InputError("model: DisDiff needs an ε- or v-prediction diffusion model; this is a flow-matching model")
-    if not hasattr(model.model, "diffusion_model") or not hasattr(model.model.diffusion_model, "input_blocks"):
-        raise InputError("model: DisDiff needs a UNet model (SD1.x / SD2.x / SDXL-type)")
-
-
-def alphas_cumprod(model) -> torch.Tensor:
-    """ᾱ_t = 1/(1+σ_t²) of the model's own discrete schedule."""
-    sigmas = model.get_model_object("model_sampling").sigmas.float().cpu()
-    return 1.0 / (1.0 + sigmas ** 2)
-
-
 def load_frozen(model) -> None:
     """Load the MODEL onto its device in inference mode, whatever mode the caller is in: ComfyUI
     wraps weights it moves in new Parameters, and Parameters made from the (inference-mode) loaded
@@ -119,7 +107,7 @@ def make_frozen(model, positive) -> dd.Frozen:
         sigma_table, ctx = on_device[device]
         sigma = sigma_table[t]
         s = sigma.view(-1, 1, 1, 1)
-        x = x_t.float() * (1 + s * s).sqrt()
+        x = vp_to_sigma_space(x_t.float(), s)
         capture = FeatureCapture()
         denoised = base.apply_model(x, sigma, c_crossattn=ctx.expand(x.shape[0], -1, -1),
                                     transformer_options=capture.attach({}))

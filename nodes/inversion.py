@@ -16,6 +16,7 @@ import torch
 
 from ..core.ddim import invert_ddim
 from ..core.trajectory import InversionTrajectory
+from .comfy_boundary import check_latent, check_vp_model, sampling_sigmas
 from .common import (
     CATEGORY,
     INVERSION_TRAJECTORY,
@@ -23,8 +24,6 @@ from .common import (
     check_conditioning,
     check_finite,
     check_int,
-    check_latent,
-    check_vp_model,
 )
 
 
@@ -48,10 +47,9 @@ def inversion_sampler_function(model, x, sigmas, extra_args=None, callback=None,
 
 
 def inversion_sigmas(model, scheduler: str, steps: int) -> torch.Tensor:
-    """The host's sampling σ schedule for (scheduler, steps), flipped for inversion (0 first)."""
-    sampling = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(sampling, scheduler, steps).cpu()
-    return sigmas.flip(0)
+    """The σ schedule of the reconstructing KSamplerAdvanced (ddim, ``scheduler``, ``steps``), flipped
+    for inversion (0 first)."""
+    return sampling_sigmas(model, steps, "ddim", scheduler).flip(0)
 
 
 class DDIMInversion:

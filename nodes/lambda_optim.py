@@ -3,7 +3,7 @@
 
 ComfyUI runs nodes under inference mode and loads weights as inference tensors, which autograd
 cannot save. The node therefore optimises against differentiable views of the UNet, the VAE decoder
-and the loss models (nodes.differentiable: ordinary tensors on the loaded weights' memory, patches
+and the loss models (nodes/comfy_boundary.py: ordinary tensors on the loaded weights' memory, patches
 included, nothing duplicated); the MODEL itself is never patched, so Cancel leaves nothing behind.
 Memory: the loaded weights, one sampler step's activations (the adjoint pass), and the decoder's and
 loss models' activations, which are recomputed block by block in backward.
@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from ..core import lambda_optim as lo
 from ..core.lambda_schedule import LambdaSchedule
 from ..core.trajectory import InversionTrajectory
-from .differentiable import UNET_BLOCKS, VAE_DECODER_BLOCKS, differentiable_view, recompute_in_backward
-from .common import (CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError, check_finite, check_int,
-                     check_vp_model, latent_channels)
+from .comfy_boundary import (UNET_BLOCKS, VAE_DECODER_BLOCKS, StepProgress, check_vp_model, differentiable_view,
+                             encode_text, latent_channels, recompute_in_backward, sampling_sigmas,
+                             step_progress_for_model, unet_denoiser)
+from .common import CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError, check_finite, check_int
 from .plot import draw_loss_curve, image_tensor
-from .schedules import step_progress_for_model
 from .perceptual import PerceptualModel
 from .clip_loss import ClipLossModel
 
@@ -101,13 +101,6 @@ def is_lpips_slice(name: str, module: torch.nn.Module) -> bool:
     return name.rsplit(".", 1)[-1].startswith("slice") and isinstance(module, torch.nn.Sequential)
 
 
-def encode_text(clip, text: str, name: str):
-    """(cross-attention context, pooled output or None) of a prompt, as CLIPTextEncode computes them."""
-    if not text.strip() and name != "negative_text":
-        raise InputError(f"{name}: the text is empty")
-    return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-
-
 def adm_inputs(model, pooled: list, width: int, height: int) -> list:
     """SDXL's ADM vector (pooled embedding + size embedding) of each prompt; Nones for models without one."""
     if isinstance(model.model, comfy.model_base.SDXL):
@@ -117,21 +110,6 @@ def adm_inputs(model, pooled: list, width: int, height: int) -> list:
     if getattr(model.model, "adm_channels", 0):
         raise InputError("model: λ optimisation supports SD1.x, SD2.x and SDXL models; this one needs other ADM inputs")
     return [None] * len(pooled)
-
-
-def unet_denoiser(model, unet):
-    """D(x, σ, context, y) = x̂0, the computation of BaseModel.apply_model (y: SDXL's ADM vector)."""
-    sampling = model.get_model_object("model_sampling")
-    dtype = model.model.manual_cast_dtype or model.model.get_dtype()  # as BaseModel._apply_model picks it
-
-    def denoise(x, sigma, context, y=None):
-        xc = sampling.calculate_input(sigma, x)
-        t = sampling.timestep(sigma).float()
-        extra = {} if y is None else {"y": y.to(dtype)}
-        eps = unet(xc.to(dtype), t, context=context.to(dtype), **extra).float()
-        return sampling.calculate_denoised(sigma, eps, x)
-
-    return denoise
 
 
 def initial_noise(model, latent: torch.Tensor, seed: int, sigma0: float) -> torch.Tensor:
@@ -151,23 +129,6 @@ def preview_of(images: torch.Tensor | None):
     import latent_preview
     pixels = (images[0].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return ("JPEG", Image.fromarray(pixels), latent_preview.MAX_PREVIEW_RESOLUTION)
-
-
-class StepProgress:
-    """One progress tick per sampler step of the whole optimisation, forward and backward, with Cancel;
-    ``show(preview)`` puts the current edit in the progress bar's live preview (kept between ticks)."""
-
-    def __init__(self, total: int):
-        self.total, self.done = int(total), 0
-        self.bar = comfy.utils.ProgressBar(self.total)
-
-    def __call__(self, done=None, total=None) -> None:   # core's StepHook: on_step(done, total) of one pass
-        mm.throw_exception_if_processing_interrupted()
-        self.done = min(self.done + 1, self.total)
-        self.bar.update_absolute(self.done, self.total)
-
-    def show(self, preview) -> None:
-        self.bar.update_absolute(self.done, self.total, preview)
 
 
 def optimisation_ticks(steps: int, iterations: int, real_image: bool) -> int:
@@ -366,8 +327,7 @@ class OptimizeLambdaSchedule:
         (c0, p0), (c1, p1) = encode_text(clip, neutral_text, "neutral_text"), encode_text(clip, styled_text, "styled_text")
         uncond, pu = encode_text(clip, negative_text, "negative_text")
         y0, y1, yu = adm_inputs(model, [p0, p1, pu], width, height)
-        sampling = model.get_model_object("model_sampling")
-        sigmas = comfy.samplers.calculate_sigmas(sampling, "ddim_uniform", steps).tolist()
+        sigmas = sampling_sigmas(model, steps, "ddim", "ddim_uniform").tolist()
         n = len(sigmas) - 1
         if not 0 <= neutral_steps <= n:
             raise InputError(f"neutral_steps must lie in [0, {n}], got {neutral_steps}")

@@ -11,6 +11,7 @@ import torch
 
 from ..core import lambda_schedule as ls
 from ..core.conditioning import check_embedding_pair, mix_embeddings, mix_pooled
+from .comfy_boundary import sampling_sigmas, step_progress_for_model
 from .common import (CATEGORY, LAMBDA_SCHEDULE, LAMBDA_SCHEDULE_FOLDER, InputError, check_conditioning, check_finite,
                      check_int, free_save_path, load_safetensors, read_safetensors_header, writing)
 from .plot import draw_schedule
@@ -227,19 +228,10 @@ class LambdaSchedulePlot:
         return (torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None],)
 
 
-def step_progress_for_model(model, sigmas) -> list[float]:
-    """Progress p ∈ [0, 1] of each σ on the model's own axis: p = 1 − t(σ)/(T−1) for discrete models."""
-    sampling = model.get_model_object("model_sampling")
-    if hasattr(sampling, "sigmas"):
-        last = len(sampling.sigmas) - 1
-        return [1.0 - float(sampling.timestep(torch.as_tensor(s))) / last for s in sigmas]
-    return [k / max(len(sigmas) - 1, 1) for k in range(len(sigmas))]
-
-
 def resample_for_model(schedule: ls.LambdaSchedule, model, scheduler: str, steps: int):
     """(λ at each step, progress of each step) for this model's σ schedule and scheduler."""
     sampling = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(sampling, scheduler, steps)[:-1].tolist()
+    sigmas = sampling_sigmas(model, steps, None, scheduler)[:-1].tolist()
     return schedule.values_for_sigmas(sigmas, sampling.percent_to_sigma), step_progress_for_model(model, sigmas)
 
 

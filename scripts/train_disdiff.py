@@ -106,6 +106,7 @@ def main():
     from comfyui_disentangle.evaluation import disentangle_metrics as dm
     from comfyui_disentangle.toy_world import factor_world as fw
     from comfyui_disentangle.nodes import disdiff as node
+    from comfyui_disentangle.nodes.comfy_boundary import alphas_cumprod
     from comfyui_disentangle.nodes.toy_world import load_toy_world, scene_latents
 
     t_start = time.perf_counter()
@@ -203,7 +204,7 @@ def main():
                     net.load_state_dict({k: v.clone() for k, v in disdiff.model.state_dict().items()})
                     net = net.to(device).train()
                     lat = latents[:4096].clone().to(device)
-                    ab_dev = node.alphas_cumprod(model).clone().to(device)
+                    ab_dev = alphas_cumprod(model).clone().to(device)
                     shares = dtrain.gradient_shares(
                         net, frozen, lat, ab_dev, batch_size=args.batch, seed=reached,
                         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,

@@ -1,4 +1,4 @@
-"""nodes/differentiable.py: views that share the host's (inference-mode) weights, and recomputation in
+"""nodes/comfy_boundary.py's differentiable views: views that share the host's (inference-mode) weights, and recomputation in
 backward, checked against deep copies and plain autograd; then LambdaObjective's memory options on the
 toy world's real ComfyUI models (same loss, same gradient). Needs COMFYUI_PATH (the nodes package)."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 
 @pytest.fixture(scope="module")
 def diff(host):
-    from comfyui_disentangle.nodes import differentiable
-    return differentiable
+    from comfyui_disentangle.nodes import comfy_boundary
+    return comfy_boundary
 
 
 class Block(torch.nn.Module):

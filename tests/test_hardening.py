@@ -696,7 +696,7 @@ def test_optimize_lambda_cancels_within_two_seconds():
     model = harness.tiny_models("sd1")[0]
     before = (dict(model.patches), sorted(model.model_options), dict(model.object_patches))
     prompt = optimize_prompt(steps=60, iterations=500, width=128, height=128, neutral_steps=10)  # still running at 4 s on a GPU
-    server = harness._STATE["server"]
+    server = harness.server_stub()
     stamps = {}
 
     def interrupt_later():
