@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .conditioning import match_token_length
-from .ddim import ddim_step_sigma
+from .ddim import eps_from_denoised
 
 StepHook = Callable[[int, int], None]
 """``on_step(done, total)``, called on the host after every sampler step of :func:`sample_mixed` (and of
@@ -66,18 +66,6 @@ def guided_denoise(denoise: ContextDenoiser, x: Tensor, sigma: Tensor, context: 
     return unc + cfg * (cond - unc)
 
 
-def mixed_step(denoise: ContextDenoiser, x: Tensor, sigma: float, sigma_next: float, c0: Tensor, c1: Tensor,
-               lam: Tensor, uncond: Optional[Tensor], cfg: float, y0: Optional[Tensor] = None,
-               y1: Optional[Tensor] = None, y_uncond: Optional[Tensor] = None) -> Tensor:
-    """One η = 0 DDIM step with context λ·c1 + (1 − λ)·c0 (c0 already at c1's token length)
-    and, if given, the per-prompt vector λ·y1 + (1 − λ)·y0. ``lam``: a scalar, or [B] (one per item)."""
-    context = _lerp(c0, c1, lam)
-    s = torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
-    denoised = guided_denoise(denoise, x, s, context.expand(x.shape[0], -1, -1), uncond, cfg,
-                              _lerp(y0, y1, lam), y_uncond)
-    return ddim_step_sigma(x, denoised, sigma, sigma_next)
-
-
 class MixedStepRunner:
     """Step i of λ-mixed DDIM sampling, x_{i+1} = Φ_i(x_i, λ_i) (η = 0), and its vector-Jacobian
     product (g·∂Φ_i/∂x_i, g·∂Φ_i/∂λ_i), recomputed from x_i: what the adjoint pass of
@@ -107,7 +95,7 @@ class MixedStepRunner:
         context = _lerp(self.c0, self.c1, lam)
         denoised = guided_denoise(self.denoise, x, sigma.expand(x.shape[0]), context.expand(x.shape[0], -1, -1),
                                   self.uncond, self.cfg, _lerp(self.y0, self.y1, lam), self.y_uncond)
-        return denoised + sigma_next * ((x - denoised) / sigma)
+        return denoised + sigma_next * eps_from_denoised(x, denoised, sigma)   # core.ddim.ddim_step_sigma, η = 0
 
     def forward(self, i: int, x: Tensor, lam: Tensor) -> Tensor:
         with torch.no_grad():
@@ -286,15 +274,15 @@ def trajectory_corrections(denoise: ContextDenoiser, trajectory: Sequence[Tensor
         raise ValueError(f"trajectory has {len(trajectory)} latents but the schedule has {n} steps")
     if not 0 <= rediffusion_steps <= n:
         raise ValueError(f"rediffusion_steps must lie in [0, {n}], got {rediffusion_steps}")
+    # the very step sample_mixed takes (λ = 0), so that λ = 0 sampling passes through x*_i to the last bit
+    runner = MixedStepRunner(denoise, sigmas, c0, c0, uncond, cfg, y0, y0, y_uncond)
     zero = torch.zeros((), dtype=c0.dtype, device=c0.device)
     out: list[Optional[Tensor]] = []
     for i in range(n):
         if i >= n - rediffusion_steps:
             out.append(None)
             continue
-        predicted = mixed_step(denoise, trajectory[i], float(sigmas[i]), float(sigmas[i + 1]), c0, c0, zero, uncond, cfg,
-                               y0, y0, y_uncond)
-        out.append(trajectory[i + 1] - predicted)
+        out.append(trajectory[i + 1] - runner.forward(i, trajectory[i], zero))
         if on_step is not None:
             on_step(i + 1, n - rediffusion_steps)
     return out
