@@ -310,7 +310,7 @@ def main():
             print_table(f"AVI on the toy world, {factor} edits: {args.edits} seeds (scene and noise seed {args.seed}), "
                         f"50 steps ddim, cfg 5; target value reached, each other factor kept and all five kept (vs the "
                         f"unedited generation, same seed)",
-                        ["method", "target", "all five kept", "all kept | target reached"] + others,
+                        ["method", "target", "all five kept", "all kept where target reached"] + others,
                         [[label, r["target"], r["all"], "" if r.get("all_if_target") is None else r["all_if_target"]]
                          + [r["kept"][o] for o in others] for label, r in rows])
         print(f"\n{mm.get_torch_device_name(mm.get_torch_device())}, {time.time() - t0:.0f} s; cache {b.path}")
