@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .conditioning import match_token_length
+from .ddim import eps_from_denoised
 
 StepHook = Callable[[int, int], None]
 """``on_step(done, total)``, called on the host after every sampler step of :func:`sample_mixed` (and of
@@ -90,13 +91,11 @@ class MixedStepRunner:
         return table[i], table[i + 1]
 
     def step(self, x: Tensor, sigma: Tensor, sigma_next: Tensor, lam: Tensor) -> Tensor:
-        """x_next = D + σ_next·(x − D)/σ with D the guided x̂0 under context λ·c1 + (1 − λ)·c0: the η = 0
-        step of core.ddim.ddim_step_sigma, with σ's as tensors (no host synchronisation). The one mixed
-        step of this module: sampling, its adjoint and the trajectory corrections all take it."""
+        """x_next = D + σ_next·(x − D)/σ with D the guided x̂0 under context λ·c1 + (1 − λ)·c0."""
         context = _lerp(self.c0, self.c1, lam)
         denoised = guided_denoise(self.denoise, x, sigma.expand(x.shape[0]), context.expand(x.shape[0], -1, -1),
                                   self.uncond, self.cfg, _lerp(self.y0, self.y1, lam), self.y_uncond)
-        return denoised + sigma_next * ((x - denoised) / sigma)
+        return denoised + sigma_next * eps_from_denoised(x, denoised, sigma)   # core.ddim.ddim_step_sigma, η = 0
 
     def forward(self, i: int, x: Tensor, lam: Tensor) -> Tensor:
         with torch.no_grad():
@@ -275,8 +274,9 @@ def trajectory_corrections(denoise: ContextDenoiser, trajectory: Sequence[Tensor
         raise ValueError(f"trajectory has {len(trajectory)} latents but the schedule has {n} steps")
     if not 0 <= rediffusion_steps <= n:
         raise ValueError(f"rediffusion_steps must lie in [0, {n}], got {rediffusion_steps}")
+    # the very step sample_mixed takes (λ = 0), so that λ = 0 sampling passes through x*_i to the last bit
+    runner = MixedStepRunner(denoise, sigmas, c0, c0, uncond, cfg, y0, y0, y_uncond)
     zero = torch.zeros((), dtype=c0.dtype, device=c0.device)
-    runner = MixedStepRunner(denoise, sigmas, c0, c0, uncond, cfg, y0, y0, y_uncond)  # the step sampling takes, at λ = 0
     out: list[Optional[Tensor]] = []
     for i in range(n):
         if i >= n - rediffusion_steps:

@@ -52,7 +52,7 @@ INTEGRATION_KEYS = {"x + top-k directions of z − x": "difference",
 INTEGRATIONS = tuple(INTEGRATION_KEYS)
 DEFAULT_INTEGRATION = "x + top-k directions of z − x"
 DIFFERENCE_K = 1      # k = 0 with the difference integration (measured: bench/avi_quality.py)
-DEFAULT_GAIN = 3.0    # γ (measured: bench/avi_quality.py)
+DEFAULT_GAIN = 2.25   # γ (measured: bench/avi_quality.py; chosen on seed 3: the smallest reaching 70% object hue)
 MAX_GAIN = 10.0
 DEFAULT_T_X = 0.2     # T_x (measured: bench/avi_premises.py, bench/avi_quality.py; the paper: 0.8)
 # 'target's x̂0 at x and at t_early' (core_avi.committed_change): the early probe's time, the gate threshold on
@@ -60,7 +60,9 @@ DEFAULT_T_X = 0.2     # T_x (measured: bench/avi_premises.py, bench/avi_quality.
 # the unguided early change (measured: bench/avi_quality.py --groups sweep, README)
 DEFAULT_T_EARLY = 0.9
 EARLY_THRESHOLD = 0.5
-EARLY_SCALE = 1.0
+# the default of AVI Capture's early_weight: floor/wall edits get strength γ·0.8 = 1.8 at ρ 1 (seed 3: the smallest of
+# the grid reaching 60% for both; 3 overshoots), while γ alone (2.25) serves the object's colour
+EARLY_SCALE = 0.8
 
 
 @dataclass
@@ -184,6 +186,14 @@ T_EARLY_TOOLTIP = (
     "world the floor and wall colours are committed by 0.6T: bench/avi_premises.py); the change seen there is added "
     "to z at x's step, where the model no longer pulls it back."
 )
+EARLY_WEIGHT_TOOLTIP = (
+    "Only for z_source 'target's x̂0 at x and at t_early': the weight of the early probe's (unguided) change in z, "
+    "applied where the gate finds the attribute committed before T_x (a floor or wall colour on the toy world; an "
+    "object's colour gets the one-probe z whatever the weight). With AVI Integrate's γ it sets how strong such an edit "
+    "is at ρ 1 (γ·weight), while γ alone sets it for attributes still open at T_x: lower it if floor/wall-like edits "
+    "overshoot or disturb the rest, raise it if they do not reach the target (measured: bench/avi_quality.py, README)."
+)
+MAX_EARLY_WEIGHT = 4.0
 
 
 def one_step(model, x: torch.Tensor, target, negative, cfg: float, sampler_name: str, sigmas: torch.Tensor,
@@ -216,7 +226,7 @@ def target_x0_change(model, probe: dict, step: int, target, negative, cfg: float
 
 
 def repredicted_z(model, x: torch.Tensor, probes: dict, target, negative, cfg: float, sampler_name: str,
-                  sigmas: torch.Tensor, s_x: int, seed: int, noise_mask=None) -> torch.Tensor:
+                  sigmas: torch.Tensor, s_x: int, seed: int, noise_mask=None, early_weight=None) -> torch.Tensor:
     """z for 'target's x̂0 at x' (``probes`` = {s_x − 1: …}) and 'target's x̂0 at x and at t_early' (also
     {s_early: …}): x with its clean estimate moved by Σ_probes (x̂0_T − x̂0_O), each predicted at a sampler state of
     the original trajectory (x̂0_O is the sampler's own prediction there, x̂0_T costs one UNet evaluation per probe).
@@ -224,14 +234,16 @@ def repredicted_z(model, x: torch.Tensor, probes: dict, target, negative, cfg: f
     z_t = x_t + √ᾱ_t·Σ(x̂0_T − x̂0_O) in the paper's latent: x's noise, the target's content. The late probe
     (s_x − 1) sees what the target prompt still changes at x (an object's colour on the toy world); an early probe
     sees what it changes before the model commits coarse attributes (a floor or wall colour), which a late x̂0 no
-    longer shows although the change, once added, is no longer pulled back (bench/avi_quality.py)."""
+    longer shows although the change, once added, is no longer pulled back (bench/avi_quality.py). ``early_weight``
+    scales the early change (None: :data:`EARLY_SCALE`)."""
     sampling = model.get_model_object("model_sampling")
     changes = [target_x0_change(model, probe, step, target, negative, cfg, sampler_name, sigmas, seed, x.dtype, noise_mask)
                for step, probe in sorted(probes.items(), reverse=True)]     # the late probe (s_x − 1) first
     if len(changes) == 1:
         delta = changes[0]
     else:
-        delta = core_avi.committed_change(changes[0], changes[1], cfg, EARLY_THRESHOLD, EARLY_SCALE)
+        weight = EARLY_SCALE if early_weight is None else early_weight
+        delta = core_avi.committed_change(changes[0], changes[1], cfg, EARLY_THRESHOLD, weight)
     sig = torch.tensor(float(sigmas[s_x]))
     shift = sampling.calculate_input(sig, sampling.noise_scaling(sig, torch.zeros_like(delta), delta, False))
     a_x, _ = paper_space_map(model, float(sig), x.shape[1])
@@ -291,15 +303,19 @@ class AVICapture:
             "optional": {
                 "t_early": ("FLOAT", {"default": DEFAULT_T_EARLY, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": T_EARLY_TOOLTIP}),
+                "early_weight": ("FLOAT", {"default": EARLY_SCALE, "min": 0.0, "max": MAX_EARLY_WEIGHT, "step": 0.05,
+                                           "tooltip": EARLY_WEIGHT_TOOLTIP}),
             },
         }
 
     def capture(self, model, positive, target, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                t_x, delta_tau, z_source, t_early=DEFAULT_T_EARLY):
+                t_x, delta_tau, z_source, t_early=DEFAULT_T_EARLY, early_weight=None):
         steps = check_int("steps", steps, 2, 10000)  # x needs a step strictly between the first and the last
         cfg = check_finite("cfg", cfg, 0.0, 100.0)
         t_x, delta_tau = check_finite("t_x", t_x, 0.0, 1.0), check_finite("delta_tau", delta_tau, -1.0, 0.0)
         t_early = check_finite("t_early", t_early, 0.0, 1.0)
+        early_weight = EARLY_SCALE if early_weight is None else check_finite("early_weight", early_weight, 0.0,
+                                                                             MAX_EARLY_WEIGHT)
         for cond, name in ((positive, "positive"), (target, "target"), (negative, "negative")):
             check_conditioning(cond, name)
         if z_source not in Z_SOURCES:
@@ -342,7 +358,7 @@ class AVICapture:
         x = run(positive, samples, 0, s_x, True, record=True)
         if source in REPREDICTED:
             z = repredicted_z(model, x, probes, target, negative, cfg, sampler_name, sigmas, s_x, seed,
-                              latent_image.get("noise_mask"))
+                              latent_image.get("noise_mask"), early_weight)
         elif source == "seed":
             z = run(target, samples, 0, s_z, True)
         elif s_z == s_x:

@@ -372,9 +372,10 @@ class OptimizeLambdaSchedule:
             raise OUT_OF_MEMORY(out_of_memory_advice(width, height, cfg, lean if recompute_unet else need, failure))
         fallback = getattr(runner, "fallback_reason", None)
         if recompute_unet:
-            logging.info("Optimize λ Schedule: %.1f GiB free for a %.1f GiB optimisation, so the UNet's blocks are "
-                         "recomputed in backward (slower, %.1f GiB)", mm.get_free_memory(device) / 2**30,
-                         need / 2**30, lean / 2**30)
+            usable = mm.get_free_memory(device) - mm.extra_reserved_memory()   # free, less ComfyUI's reserve
+            logging.info("Optimize λ Schedule: %.1f GiB usable (free, less ComfyUI's reserve) for a %.1f GiB "
+                         "optimisation, so the UNet's blocks are recomputed in backward (slower, %.1f GiB)",
+                         usable / 2**30, need / 2**30, lean / 2**30)
         if partial:
             logging.info("Optimize λ Schedule: the model is partly offloaded (low VRAM), so it runs without CUDA graphs")
         elif fallback and mm.get_torch_device().type == "cuda":

@@ -594,28 +594,30 @@ def avi_attribute_edit(node_classes) -> dict:
                   **sampling)
     dec_naive = w.add("VAEDecode", samples=(naive, 0), vae=(toy, 2))
     # T_x 0.2: the toy model commits the object's colour late (bench/avi_premises.py, README); z is the default
-    # "target's x̂0 at x (fast)", at x's own step (Δτ unused)
+    # "target's x̂0 at x and at t_early (fast)", at x's own step (Δτ unused); every input at its default
     w.stage("3 · Capture x and z",
-            note="x: the red cube prompt at T_x = 0.2T. z (default 'target's x̂0 at x (fast)'): x with the yellow cube "
-                 "prompt's clean-image estimate, one extra UNet step, so the whole edit costs one sampling + 1 step. "
-                 "T_x must come after the model has laid out the scene and before it commits the edited attribute: "
-                 "on the toy world 0.2T for the object's colour; for the floor or wall colour T_x 0.76, z_source "
-                 "'seed (paper)', Δτ 0 and γ 1.5 in AVI Integrate (README).")
+            note="x: the red cube prompt at T_x = 0.2T. z (the default z_source): x with the yellow cube prompt's "
+                 "clean-image change, predicted at x and at t_early 0.9T, two extra UNet steps, so the whole edit costs "
+                 "one sampling + 2 steps. The late prediction carries what is still open at T_x (the cube's colour); "
+                 "the early one what the model commits before (a floor or wall colour: edit the prompts' floor or "
+                 "wall colour instead and the same settings work, README).")
     cap = w.add("DisentangleAVICapture", node_size=(340, 0), model=(toy, 0), positive=(pos, 0),
                 target=(target, 0), negative=(neg, 0), latent_image=(latent, 0), seed=7, t_x=0.2, delta_tau=-0.3,
-                z_source="target's x̂0 at x (fast)", **sampling)
+                z_source="target's x̂0 at x and at t_early (fast)", **sampling)
     w.stage("4 · Integrate (ρ) and resume",
-            note="ρ is the strength of the edit: 0 gives the original back, 0.5 half the change, 1 the full edit. "
-                 "AVI Integrate adds to x ρ·γ times the strongest singular direction of z − x per latent channel "
-                 "(γ = 3: the original prompt pulls the colour back during the resume); ŷ resumes with the ORIGINAL "
-                 "prompt in stock KSamplerAdvanced from AVI Capture's resume step. Move the ρ slider and queue again: "
-                 "only Integrate and the resume re-run. The paper's Algorithm 1 (with AVI Train Φ) is the integration "
-                 "option 'Algorithm 1 (paper)'; on the toy world it does not change the image visibly.")
+            note="ρ is the strength of the edit: 0 gives the original back exactly, 1 the full edit, and in between "
+                 "the edit grows steadily with ρ (0.5: half the change; the cube turns orange on its way to yellow). "
+                 "AVI Integrate adds to x γ·ρ times the strongest singular direction of z − x per latent channel "
+                 "(γ = 2.25: the original prompt pulls the colour back during the resume; a floor or wall colour gets "
+                 "γ·early_weight); ŷ resumes with the ORIGINAL prompt in stock KSamplerAdvanced from AVI Capture's resume "
+                 "step. Move the ρ slider and queue again: only Integrate and the resume re-run. The paper's "
+                 "Algorithm 1 (with AVI Train Φ) is the integration option 'Algorithm 1 (paper)'; on the toy world it "
+                 "does not change the image visibly.")
     edits = []
     for rho in (0.5, 1.0):
         y = w.add("DisentangleAVIIntegrate", title=f"AVI Integrate (ρ = {rho})", x=(cap, 0),
                   z=(cap, 1), rho=rho, k=0, singular_values="x's own (no Φ)",
-                  integration="x + top-k directions of z − x", gain=3.0)
+                  integration="x + top-k directions of z − x")
         res = w.add("KSamplerAdvanced", title=f"Resume (ρ = {rho})", node_size=(320, 0),
                     model=(toy, 0), positive=(pos, 0), negative=(neg, 0), latent_image=(y, 0), add_noise="disable",
                     noise_seed=0, start_at_step=(cap, 2), end_at_step=10000, return_with_leftover_noise="disable",

@@ -136,7 +136,7 @@ def test_two_probe_z_against_stock_ksampler_advanced(nodes_avi, kind, sampler, m
     assert (z["samples"] - z1["samples"]).abs().max() > 1e-2 * (z1["samples"] - x["samples"]).abs().max()
 
 
-def test_two_probe_option_defaults_cost_and_checks(nodes_avi):
+def test_two_probe_option_defaults_cost_and_checks(nodes_avi, monkeypatch):
     from comfyui_disentangle.harness import call
     from comfyui_disentangle.harness import pack_module
     InputError = pack_module("nodes.common").InputError
@@ -176,3 +176,17 @@ def test_two_probe_option_defaults_cost_and_checks(nodes_avi):
     for bad in (float("nan"), float("inf"), -0.1, 1.5, 0.2):    # 0.2 < t_x 0.3: the probe must come before x
         with pytest.raises(InputError, match="t_early"):
             node.capture(**args, t_early=bad)
+    # early_weight: optional, default EARLY_SCALE; z − x is affine in it (0: the one-probe z); a prompt without it
+    # gets the default
+    weight = inputs["optional"]["early_weight"][1]
+    assert weight["default"] == nodes_avi.EARLY_SCALE and weight["tooltip"]
+    torch.testing.assert_close(node.capture(**args, early_weight=nodes_avi.EARLY_SCALE)["result"][1]["samples"],
+                               out["result"][1]["samples"])
+    monkeypatch.setattr(nodes_avi, "EARLY_THRESHOLD", 1e6)    # the gate wide open: the weight shows in z
+    zs = {w: node.capture(**args, early_weight=w)["result"][1]["samples"] for w in (0.0, 0.5, 1.0)}
+    torch.testing.assert_close(zs[0.0], one["result"][1]["samples"])
+    assert (zs[1.0] - zs[0.0]).abs().max() > 1e-2 * (zs[0.0] - out["result"][0]["samples"]).abs().max()
+    torch.testing.assert_close(zs[0.5], (zs[0.0] + zs[1.0]) / 2, atol=1e-5, rtol=1e-4)
+    for bad in (float("nan"), -0.1, nodes_avi.MAX_EARLY_WEIGHT + 1):
+        with pytest.raises(InputError, match="early_weight"):
+            node.capture(**args, early_weight=bad)
