@@ -226,7 +226,8 @@ def target_x0_change(model, probe: dict, step: int, target, negative, cfg: float
 
 
 def repredicted_z(model, x: torch.Tensor, probes: dict, target, negative, cfg: float, sampler_name: str,
-                  sigmas: torch.Tensor, s_x: int, seed: int, noise_mask=None, early_weight=None) -> torch.Tensor:
+                  sigmas: torch.Tensor, s_x: int, seed: int, noise_mask=None,
+                  early_weight: float = EARLY_SCALE) -> torch.Tensor:
     """z for 'target's x̂0 at x' (``probes`` = {s_x − 1: …}) and 'target's x̂0 at x and at t_early' (also
     {s_early: …}): x with its clean estimate moved by Σ_probes (x̂0_T − x̂0_O), each predicted at a sampler state of
     the original trajectory (x̂0_O is the sampler's own prediction there, x̂0_T costs one UNet evaluation per probe).
@@ -235,15 +236,14 @@ def repredicted_z(model, x: torch.Tensor, probes: dict, target, negative, cfg: f
     (s_x − 1) sees what the target prompt still changes at x (an object's colour on the toy world); an early probe
     sees what it changes before the model commits coarse attributes (a floor or wall colour), which a late x̂0 no
     longer shows although the change, once added, is no longer pulled back (bench/avi_quality.py). ``early_weight``
-    scales the early change (None: :data:`EARLY_SCALE`)."""
+    scales the early change."""
     sampling = model.get_model_object("model_sampling")
     changes = [target_x0_change(model, probe, step, target, negative, cfg, sampler_name, sigmas, seed, x.dtype, noise_mask)
                for step, probe in sorted(probes.items(), reverse=True)]     # the late probe (s_x − 1) first
     if len(changes) == 1:
         delta = changes[0]
     else:
-        weight = EARLY_SCALE if early_weight is None else early_weight
-        delta = core_avi.committed_change(changes[0], changes[1], cfg, EARLY_THRESHOLD, weight)
+        delta = core_avi.committed_change(changes[0], changes[1], cfg, EARLY_THRESHOLD, early_weight)
     sig = torch.tensor(float(sigmas[s_x]))
     shift = sampling.calculate_input(sig, sampling.noise_scaling(sig, torch.zeros_like(delta), delta, False))
     a_x, _ = paper_space_map(model, float(sig), x.shape[1])
@@ -309,13 +309,12 @@ class AVICapture:
         }
 
     def capture(self, model, positive, target, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                t_x, delta_tau, z_source, t_early=DEFAULT_T_EARLY, early_weight=None):
+                t_x, delta_tau, z_source, t_early=DEFAULT_T_EARLY, early_weight=EARLY_SCALE):
         steps = check_int("steps", steps, 2, 10000)  # x needs a step strictly between the first and the last
         cfg = check_finite("cfg", cfg, 0.0, 100.0)
         t_x, delta_tau = check_finite("t_x", t_x, 0.0, 1.0), check_finite("delta_tau", delta_tau, -1.0, 0.0)
         t_early = check_finite("t_early", t_early, 0.0, 1.0)
-        early_weight = EARLY_SCALE if early_weight is None else check_finite("early_weight", early_weight, 0.0,
-                                                                             MAX_EARLY_WEIGHT)
+        early_weight = check_finite("early_weight", early_weight, 0.0, MAX_EARLY_WEIGHT)
         for cond, name in ((positive, "positive"), (target, "target"), (negative, "negative")):
             check_conditioning(cond, name)
         if z_source not in Z_SOURCES:

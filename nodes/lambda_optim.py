@@ -353,7 +353,8 @@ class OptimizeLambdaSchedule:
         # if not even the lean path (the UNet's blocks recomputed) fits beside it.
         mm.load_models_gpu([model, vae.patcher], memory_required=need, minimum_memory_required=lean)
         device = mm.get_torch_device()
-        recompute_unet = recompute_unet_needed(need, device, mm.get_free_memory(device), mm.extra_reserved_memory())
+        free, reserved = mm.get_free_memory(device), mm.extra_reserved_memory()
+        recompute_unet = recompute_unet_needed(need, device, free, reserved)
         partial = bool(getattr(model.model, "model_lowvram", False))  # --lowvram / small card: weights cast per step
         progress = StepProgress(optimisation_ticks(n, iterations, trajectory is not None))
         history = []
@@ -372,10 +373,9 @@ class OptimizeLambdaSchedule:
             raise OUT_OF_MEMORY(out_of_memory_advice(width, height, cfg, lean if recompute_unet else need, failure))
         fallback = getattr(runner, "fallback_reason", None)
         if recompute_unet:
-            usable = mm.get_free_memory(device) - mm.extra_reserved_memory()   # free, less ComfyUI's reserve
             logging.info("Optimize λ Schedule: %.1f GiB usable (free, less ComfyUI's reserve) for a %.1f GiB "
                          "optimisation, so the UNet's blocks are recomputed in backward (slower, %.1f GiB)",
-                         usable / 2**30, need / 2**30, lean / 2**30)
+                         (free - reserved) / 2**30, need / 2**30, lean / 2**30)
         if partial:
             logging.info("Optimize λ Schedule: the model is partly offloaded (low VRAM), so it runs without CUDA graphs")
         elif fallback and mm.get_torch_device().type == "cuda":
