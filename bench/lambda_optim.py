@@ -94,13 +94,19 @@ class Case:
             return comfy.sample.sample(self.model, self.noise, self.steps, self.cfg, "ddim", "ddim_uniform", self.pos,
                                        self.neg, self.latent, disable_pbar=True, seed=0)
 
-    def edit(self, steps=None, use_checkpoint=True, cuda_graphs=True, **options):
+    def objective_with(self, **options):
+        """Another LambdaObjective on the same models, e.g. with other memory options."""
+        import torch
+        with torch.inference_mode(False):
+            return self.node.LambdaObjective(self.model, self.vae, self.loss_model, 0.05, self.perceptual, **options)
+
+    def edit(self, steps=None, use_checkpoint=True, cuda_graphs=True, objective=None, **options):
         import torch
         sigmas = self.sigmas if steps is None else self.sigmas[: steps + 1]
         with torch.inference_mode(False):
             x_T = self.node.initial_noise(self.model, self.latent, 0, sigmas[0])
             conds = (self.pos[0][0], self.styled[0][0], self.neg[0][0])
-            edit = self.node.LambdaEdit(self.objective, sigmas, self.cfg, conds, self.adms, x_T,
+            edit = self.node.LambdaEdit(objective or self.objective, sigmas, self.cfg, conds, self.adms, x_T,
                                         use_checkpoint=use_checkpoint, cuda_graphs=cuda_graphs, **options)
             edit.set_reference(["a photo"], ["a painting"])
         return edit
