@@ -7,7 +7,8 @@
 * step progress: :class:`StepProgress`, ComfyUI's progress bar with Cancel;
 * the model's denoiser as core calls it (:func:`unet_denoiser`) and text encoding as CLIPTextEncode
   does it (:func:`encode_text`);
-* model and LATENT checks (:func:`check_vp_model`, :func:`check_unet_model`, :func:`check_latent`);
+* model and LATENT checks (:func:`check_vp_model`, :func:`check_unet_model`, :func:`latent_samples`,
+  :func:`check_latent`);
 * differentiable views of the host's models and activation recomputation (below).
 
 Differentiable views of the host's models, and activation recomputation, for gradients through them.
@@ -127,13 +128,19 @@ def latent_channels(model) -> int:
     return int(model.get_model_object("latent_format").latent_channels)
 
 
-def check_latent(model, latent: dict, name: str = "latent"):
-    """The latent's samples, after checking they fit the model; returns the tensor."""
+def latent_samples(latent: dict, name: str = "latent"):
+    """The samples of an image LATENT [batch, channels, height, width]."""
     if not isinstance(latent, dict) or "samples" not in latent:
         raise InputError(f"{name}: not a LATENT (no 'samples')")
     samples = latent["samples"]
     if samples.ndim != 4:
         raise InputError(f"{name}: expected an image latent [batch, channels, height, width], got shape {tuple(samples.shape)}")
+    return samples
+
+
+def check_latent(model, latent: dict, name: str = "latent"):
+    """The latent's samples, after checking they fit the model and are finite; returns the tensor."""
+    samples = latent_samples(latent, name)
     expected = latent_channels(model)
     if samples.shape[1] != expected:
         raise InputError(
