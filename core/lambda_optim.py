@@ -272,8 +272,7 @@ def trajectory_corrections(denoise: ContextDenoiser, trajectory: Sequence[Tensor
     n = len(sigmas) - 1
     if len(trajectory) != n + 1:
         raise ValueError(f"trajectory has {len(trajectory)} latents but the schedule has {n} steps")
-    if not 0 <= rediffusion_steps <= n:
-        raise ValueError(f"rediffusion_steps must lie in [0, {n}], got {rediffusion_steps}")
+    check_rediffusion_steps(n, rediffusion_steps)
     # the very step sample_mixed takes (λ = 0), so that λ = 0 sampling passes through x*_i to the last bit
     runner = MixedStepRunner(denoise, sigmas, c0, c0, uncond, cfg, y0, y0, y_uncond)
     zero = torch.zeros((), dtype=c0.dtype, device=c0.device)
@@ -288,6 +287,13 @@ def trajectory_corrections(denoise: ContextDenoiser, trajectory: Sequence[Tensor
     return out
 
 
+def check_rediffusion_steps(steps: int, rediffusion_steps: int) -> int:
+    """Re-diffusion frees the last r of the N steps: 0 ≤ r ≤ N."""
+    if not 0 <= rediffusion_steps <= steps:
+        raise ValueError(f"rediffusion_steps must lie in [0, {steps}], got {rediffusion_steps}")
+    return rediffusion_steps
+
+
 def directional_loss(image_emb: Tensor, neutral_image_emb: Tensor, text_direction: Tensor,
                      per_item: bool = False) -> Tensor:
     """1 − cos(E_I(edit) − E_I(neutral), E_T(styled) − E_T(neutral)), averaged over the batch
@@ -295,6 +301,13 @@ def directional_loss(image_emb: Tensor, neutral_image_emb: Tensor, text_directio
     delta = image_emb - neutral_image_emb
     loss = 1 - F.cosine_similarity(delta, text_direction.expand_as(delta), dim=-1, eps=1e-8)
     return loss if per_item else loss.mean()
+
+
+def check_iterations(iterations: int) -> int:
+    """Adam takes at least one step."""
+    if iterations < 1:
+        raise ValueError(f"iterations must be at least 1, got {iterations}")
+    return iterations
 
 
 def optimize_lambdas(loss_of: Callable[[Tensor], Tensor], init: Tensor, iterations: int = 10, lr: float = 0.03,
@@ -308,8 +321,7 @@ def optimize_lambdas(loss_of: Callable[[Tensor], Tensor], init: Tensor, iteratio
     item [B]. The sum is minimised; Adam's per-parameter steps make that B separate optimisations,
     and the best λ is kept per item. The history then holds the mean loss.
     """
-    if iterations < 1:
-        raise ValueError(f"iterations must be at least 1, got {iterations}")
+    check_iterations(iterations)
     lam = init.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([lam], lr=lr)
     history: list[float] = []

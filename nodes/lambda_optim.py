@@ -29,7 +29,8 @@ from ..core.trajectory import InversionTrajectory
 from .comfy_boundary import (UNET_BLOCKS, VAE_DECODER_BLOCKS, StepProgress, check_vp_model, differentiable_view,
                              encode_text, latent_channels, recompute_in_backward, sampling_sigmas,
                              step_progress_for_model, unet_denoiser)
-from .common import CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError, check_finite, check_int
+from .common import (CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError, check_finite, check_int,
+                     core_input_errors)
 from .plot import draw_loss_curve, image_tensor
 from .perceptual import PerceptualModel
 from .clip_loss import ClipLossModel
@@ -306,7 +307,7 @@ class OptimizeLambdaSchedule:
     def optimize(self, model, vae, clip, clip_loss_model, neutral_text, styled_text, negative_text, seed, steps, cfg,
                  iterations, learning_rate, beta, neutral_steps, styled_weight, width, height, trajectory=None,
                  rediffusion_steps=20, perceptual_model=None):
-        steps, iterations = check_int("steps", steps, 2, 1000), check_int("iterations", iterations, 1, 500)
+        steps, iterations = check_int("steps", steps, 2, 1000), check_int("iterations", iterations, high=500)
         cfg, beta = check_finite("cfg", cfg, 0.0, 100.0), check_finite("beta", beta, 0.0, 100.0)
         learning_rate = check_finite("learning_rate", learning_rate, 0.0, 10.0)
         styled_weight = check_finite("styled_weight", styled_weight, -10.0, 10.0)
@@ -329,21 +330,19 @@ class OptimizeLambdaSchedule:
         y0, y1, yu = adm_inputs(model, [p0, p1, pu], width, height)
         sigmas = sampling_sigmas(model, steps, "ddim", "ddim_uniform").tolist()
         n = len(sigmas) - 1
-        if not 0 <= neutral_steps <= n:
-            raise InputError(f"neutral_steps must lie in [0, {n}], got {neutral_steps}")
+        with core_input_errors("neutral_steps", "iterations"):   # core's checks, before any work
+            init = lo.paper_init(n, neutral_steps, styled_weight)
+            lo.check_iterations(iterations)
         if trajectory is not None:
             if not isinstance(trajectory, InversionTrajectory):
                 raise InputError("trajectory: not an INVERSION_TRAJECTORY")
-            try:
+            with core_input_errors("trajectory", "rediffusion_steps"):
                 trajectory.check_steps(steps, "ddim_uniform")
-            except ValueError as e:
-                raise InputError(f"trajectory: {e}") from e
+                lo.check_rediffusion_steps(n, rediffusion_steps)
             if not torch.allclose(trajectory.sigmas.double(), torch.tensor(sigmas, dtype=torch.float64), rtol=1e-5):
                 raise InputError("trajectory was made with another model's noise schedule: invert with this model")
             if trajectory.latents.shape[2] != channels:
                 raise InputError(f"trajectory has {trajectory.latents.shape[2]}-channel latents but the model expects {channels}")
-            if not 0 <= rediffusion_steps <= n:
-                raise InputError(f"rediffusion_steps must lie in [0, {n}], got {rediffusion_steps}")
 
         downscale = vae.spacial_compression_encode()
         latent_shape = (1, channels, height // downscale, width // downscale)
@@ -363,7 +362,7 @@ class OptimizeLambdaSchedule:
             runner, best, neutral_x0, edited_x0 = self.learn(
                 model, vae, clip_loss_model, perceptual_model, beta, sigmas, cfg, (c0, c1, uncond), (y0, y1, yu),
                 trajectory if trajectory is not None else torch.zeros(latent_shape), seed, rediffusion_steps,
-                (neutral_text, styled_text), lo.paper_init(n, neutral_steps, styled_weight), iterations,
+                (neutral_text, styled_text), init, iterations,
                 learning_rate, progress, history, cuda_graphs=not partial, recompute_unet=recompute_unet)
         except OUT_OF_MEMORY as e:  # leave the except block first, so that its frames (and tensors) are freed
             failure = str(e).splitlines()[0] if str(e) else type(e).__name__
