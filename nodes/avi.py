@@ -548,7 +548,8 @@ AVI_CONFIG_LIMITS = {"height": (2, 1024), "width": (2, 1024), "k": (1, 1023), "h
 def check_avi_file(path: str, shown: str) -> None:
     """Refuse a foreign or crafted Φ file with a message naming it, before anything is allocated: the header,
     the metadata (config a JSON object of whole numbers in range, info a JSON object), and Φ's tensors as the
-    config describes them (built on the meta device) against the tensors the file holds."""
+    config describes them (built on the meta device) against the tensors the file holds. A deliberate parallel
+    of core.avi.load_avi_net's format check, which runs once the file is open: this runs on the header alone."""
     header = read_safetensors_header(path, shown, "avi_name")
     label = f"avi_name: {shown}"
     if header.metadata.get("format") != core_avi.FORMAT_NAME:

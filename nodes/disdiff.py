@@ -453,7 +453,8 @@ def default_checkpoint_path(save_name: str, resume: bool = False) -> str:
 def check_checkpoint_file(path: str, shown: str) -> None:
     """Refuse a crafted or foreign DisDiff file with a message naming it, before any tensor is allocated:
     the header, the metadata's JSON, ``step``, and the networks its config describes (built on the meta
-    device) against the tensors the file holds."""
+    device) against the tensors the file holds. A deliberate parallel of core.disdiff.load_checkpoint's checks,
+    which run once the tensors are loaded: these run on the header alone."""
     header = read_safetensors_header(path, shown)
     try:
         fmt = json.loads(header.metadata.get("format", "null"))
