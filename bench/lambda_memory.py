@@ -109,8 +109,8 @@ def components(case, options: dict, share_pool: bool, label: str) -> tuple[list[
     rows.append([f"{label}: CUDA graphs' pool ({'one shared' if share_pool else 'two'}), held", "", pool])
 
     # One step's VJP, eager (what the graphs' pool holds in the graphed path).
-    eager = node.lo.MixedStepRunner(objective.denoise, case.sigmas, edit.c0, edit.c1, edit.uncond, case.cfg,
-                                    edit.adm["y0"], edit.adm["y1"], edit.adm["y_uncond"])
+    r = edit.runner
+    eager = node.lo.MixedStepRunner(r.denoise, r.sigmas, r.c0, r.c1, r.uncond, r.cfg, r.y0, r.y1, r.y_uncond)
     x = edit.x_T.clone()
     base, _ = settle()
     with torch.inference_mode(False):

@@ -232,19 +232,22 @@ def disdiff_rows(model, clip, vae, judge, fw, factors, target, seed, checkpoint,
 
 
 def toy_edit(model, clip, vae, fw, factors, edited_factors, seed, steps=50, cfg=5.0, beta=0.03, per_item=False, batch=None):
-    """A LambdaEdit of the object-hue edits of ``factors`` → ``edited_factors`` from the noise that an
-    evaluation batch of ``batch`` items gets from ``seed`` (its first len(factors) items); toy CLIP loss model."""
-    import comfy.samplers
+    """core's LambdaEdit of the object-hue edits of ``factors`` → ``edited_factors``, on the toy world's models
+    (L(λ) on differentiable views of them, as Optimize λ Schedule has it; its σ schedule) and the toy CLIP loss
+    model, from the noise that an evaluation batch of ``batch`` items gets from ``seed`` (its first len(factors))."""
     import torch
-    node = harness.pack_module("nodes.lambda_optim")
+    lo = harness.pack_module("core.lambda_optim")
+    boundary = harness.pack_module("nodes.comfy_boundary")
+    host = harness.pack_module("nodes.lambda_optim")
     loss_model = call("DisentangleLoadToyClipLoss", clip_name="toy_world_clip.safetensors")[0]
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps).tolist()
+    sigmas = boundary.sampling_sigmas(model, steps, "ddim", "ddim_uniform").tolist()
     neutral_texts, styled_texts = fw.full_caption(factors), fw.full_caption(edited_factors)
     conds = (encode_batch(clip, neutral_texts)[0][0], encode_batch(clip, styled_texts)[0][0], encode_batch(clip, [""])[0][0])
     with torch.inference_mode(False), torch.enable_grad():
-        objective = node.LambdaObjective(model, vae, loss_model, beta)
-        x_T = node.initial_noise(model, torch.zeros(batch or len(factors), 4, 16, 16), seed, sigmas[0])[:len(factors)]
-        edit = node.LambdaEdit(objective, sigmas, cfg, conds, (None, None, None), x_T, per_item=per_item)
+        objective = host.LambdaObjective(model, vae, loss_model, beta)
+        x_T = boundary.initial_noise(model, torch.zeros(batch or len(factors), 4, 16, 16), seed, sigmas[0])[:len(factors)]
+        edit = lo.LambdaEdit(objective, objective.denoise, sigmas, cfg, conds, (None, None, None), x_T,
+                             per_item=per_item, device=objective.device)
         edit.set_reference(neutral_texts, styled_texts)
     return edit
 

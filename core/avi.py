@@ -89,16 +89,19 @@ def default_k(height: int, width: int) -> int:
 
 
 def check_k(k: int, r: int) -> int:
+    """Algorithm 1 keeps x's top k of r directions: 1 ≤ k ≤ r − 1."""
     k = int(k)
     if not 1 <= k <= r - 1:
-        raise ValueError(f"k must be between 1 and r − 1 = {r - 1} for latents of rank r = {r} (the paper: k = r/2 = {r // 2}), got {k}")
+        raise ValueError(f"k must be between 1 and r − 1 = {r - 1} for latents of rank r = min(H, W) = {r} "
+                         f"(the paper: k = r/2 = {r // 2}), got {k}")
     return k
 
 
 def check_rho(rho: float) -> float:
+    """The strength ρ ∈ [0, 1] (0: x, 1: the full integration)."""
     rho = float(rho)
     if not (0.0 <= rho <= 1.0) or math.isnan(rho):
-        raise ValueError(f"ρ (rho) must lie in [0, 1], got {rho}")
+        raise ValueError(f"rho must lie in [0, 1], got {rho}")
     return rho
 
 
@@ -185,7 +188,7 @@ def difference_directions(x: Tensor, z: Tensor, k: int) -> Tensor:
     check_pair(x, z)
     r = rank_of(*x.shape[-2:])
     if not 1 <= int(k) <= r:
-        raise ValueError(f"k must be between 1 and r = {r} for latents of rank r = {r}, got {k}")
+        raise ValueError(f"k must be between 1 and r = min(H, W) = {r} for the difference integration, got {k}")
     a, d, bh = torch.linalg.svd((z.to(_work_dtype(x)) - x.to(_work_dtype(x))), full_matrices=False)
     k = int(k)
     return compose(a[..., :k], d[..., :k], bh[..., :k, :])

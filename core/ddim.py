@@ -224,6 +224,13 @@ class InversionResult:
 FIRST_GUESSES = ("current", "target")
 
 
+def check_refine_iterations(refine_iterations: int) -> int:
+    """Fixed-point updates per inverse step: R ≥ 0 (R = 0: the plain inverse step)."""
+    if refine_iterations < 0:
+        raise ValueError(f"refine_iterations must be ≥ 0, got {refine_iterations}")
+    return refine_iterations
+
+
 def invert_ddim(
     denoise: Denoiser,
     x0: Tensor,
@@ -248,8 +255,7 @@ def invert_ddim(
     """
     if first_guess not in FIRST_GUESSES:
         raise ValueError(f"first_guess must be one of {FIRST_GUESSES}, got {first_guess!r}")
-    if refine_iterations < 0:
-        raise ValueError(f"refine_iterations must be ≥ 0, got {refine_iterations}")
+    check_refine_iterations(refine_iterations)
     s = check_sigmas(sigmas, ascending=True).tolist()
     y = x0
     trajectory = [y] if keep_trajectory else []

@@ -425,7 +425,7 @@ class DisDiff(nn.Module):
         if codes.shape[0] == 1 and b > 1:
             codes = codes.expand(b, -1, -1)
         if codes.shape[0] != b:
-            raise ValueError(f"codes have batch {codes.shape[0]}, the model pass has {b}")
+            raise ValueError(f"{codes.shape[0]} codes for a batch of {b}: give one code or one per image")
         rows = codes[:, idx].reshape(b * s, -1)
 
         def rep(t):

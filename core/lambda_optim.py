@@ -5,7 +5,9 @@ optimisation minimises, over λ_1:T,
 
     L(λ) = L_dir(X0(λ), X0(0); c1 − c0) + β·L_perc(X0(λ), X0(0))
 
-with the directional CLIP loss L_dir = 1 − cos(E_I(X0(λ)) − E_I(X0(0)), E_T(c1) − E_T(c0)).
+with the directional CLIP loss L_dir = 1 − cos(E_I(X0(λ)) − E_I(X0(0)), E_T(c1) − E_T(c0))
+(:class:`LambdaObjective`, on callables: the decoder, the image and text encoders, the perceptual
+distance) and X0(λ) sampled by :class:`LambdaEdit`, which owns the step runner.
 Gradients go through every sampler step by an adjoint pass: the forward pass keeps only the
 latents x_0..x_N, the backward pass recomputes each step from its x_i and back-propagates through it
 alone, so at most one step's activations are alive at a time (what checkpointing every step gives).
@@ -39,6 +41,19 @@ ContextDenoiser = Callable[..., Tensor]
 an optional per-prompt vector such as SDXL's ADM input (pooled text embedding + size embedding),
 which is mixed with the same λ: it is linear in the pooled embedding, so λ·y1 + (1 − λ)·y0 is the
 ADM input of the mixed pooled embedding."""
+
+ImageDecoder = Callable[[Tensor], Tensor]
+"""``decode(x0) → images``: sampler-space latents X0 [B, C, h, w] → images [B, H, W, 3] in [0, 1],
+differentiably (the VAE's decoder)."""
+
+ImageEncoder = Callable[[Tensor], Tensor]
+"""``encode_images(images) → E_I``: images [B, H, W, 3] → unit-norm embeddings [B, D] (CLIP's image tower)."""
+
+TextEncoder = Callable[[list], Tensor]
+"""``encode_texts(texts) → E_T``: prompts → unit-norm embeddings [len(texts), D] (CLIP's text tower)."""
+
+PerceptualDistance = Callable[[Tensor, Tensor], Tensor]
+"""``perceptual(images, reference) → d``: one distance per batch item [B] (the paper: LPIPS-VGG)."""
 
 
 def _lerp(a: Optional[Tensor], b: Optional[Tensor], lam: Tensor) -> Optional[Tensor]:
@@ -106,6 +121,37 @@ class MixedStepRunner:
             x_, lam_ = x.detach().requires_grad_(True), lam.detach().requires_grad_(True)
             out = self.step(x_, *self.sigma_pair(i, x), lam_)
             return torch.autograd.grad(out, (x_, lam_), grad)
+
+    def sample(self, x_T: Tensor, lambdas: Tensor, corrections: Optional[Sequence[Optional[Tensor]]] = None,
+               use_checkpoint: bool = True, callback: Optional[Callable[[int, Tensor], None]] = None,
+               on_step: Optional[StepHook] = None) -> Tensor:
+        """X0(λ): x_{i+1} = Φ_i(x_i, λ_i) (+ δ_i) from x_T along this runner's σ's, differentiable in λ.
+
+        ``lambdas``: [N] (one schedule for the batch) or [N, B] (one schedule per batch item, i.e. B
+        independent edits in one batch). ``corrections[i]`` (if given and not None) is added after step i.
+        With ``use_checkpoint`` and gradients on, each step is recomputed in the backward pass instead of
+        being stored (the adjoint pass of ``_AdjointSampling``); without it autograd keeps the whole graph.
+        ``on_step(done, total)`` after every step, forward and (adjoint) backward: see :data:`StepHook`.
+        """
+        n = self.steps
+        if lambdas.shape[0] != n or lambdas.ndim > 2 or (lambdas.ndim == 2 and lambdas.shape[1] != x_T.shape[0]):
+            raise ValueError(f"lambdas: need shape [{n}] or [{n}, {x_T.shape[0]}] (steps, batch), "
+                             f"got {list(lambdas.shape)}")
+        if torch.is_grad_enabled() and use_checkpoint:
+            return _AdjointSampling.apply(lambdas, x_T, self, corrections, callback, on_step)
+        x = x_T
+        for i in range(n):
+            if torch.is_grad_enabled():  # plain autograd: the whole graph is kept
+                x = self.step(x, *self.sigma_pair(i, x), lambdas[i])
+            else:
+                x = self.forward(i, x, lambdas[i])
+            if corrections is not None and corrections[i] is not None:
+                x = x + corrections[i]
+            if callback is not None:
+                callback(i, x)
+            if on_step is not None:
+                on_step(i + 1, n)
+        return x
 
 
 class GraphedStepRunner(MixedStepRunner):
@@ -224,39 +270,12 @@ def sample_mixed(denoise: ContextDenoiser, x_T: Tensor, sigmas: Sequence[float],
                  corrections: Optional[Sequence[Optional[Tensor]]] = None, use_checkpoint: bool = True,
                  callback: Optional[Callable[[int, Tensor], None]] = None, y0: Optional[Tensor] = None,
                  y1: Optional[Tensor] = None, y_uncond: Optional[Tensor] = None,
-                 runner: Optional[MixedStepRunner] = None, on_step: Optional[StepHook] = None) -> Tensor:
-    """X0(λ): DDIM sampling along decreasing ``sigmas`` with λ_i at step i, differentiable in λ.
-
-    ``lambdas``: [N] (one schedule for the batch) or [N, B] (one schedule per batch item, i.e. B
-    independent edits in one batch).
-
-    ``corrections[i]`` (if given and not None) is added after step i. With ``use_checkpoint`` and
-    gradients on, each step is recomputed in the backward pass instead of being stored (the
-    adjoint pass of ``_AdjointSampling``); without it autograd keeps the whole graph. ``runner``
-    (built from the other arguments if not given) runs the steps, e.g. replayed from CUDA graphs.
-    ``on_step(done, total)`` after every step, forward and (adjoint) backward: see :data:`StepHook`.
-    """
-    if runner is None:
-        runner = MixedStepRunner(denoise, sigmas, c0, c1, uncond, cfg, y0, y1, y_uncond)
-    n = runner.steps
-    if lambdas.shape[0] != n or lambdas.ndim > 2 or (lambdas.ndim == 2 and lambdas.shape[1] != x_T.shape[0]):
-        raise ValueError(f"lambdas: need shape [{n}] or [{n}, {x_T.shape[0]}] (steps, batch), "
-                         f"got {list(lambdas.shape)}")
-    if torch.is_grad_enabled() and use_checkpoint:
-        return _AdjointSampling.apply(lambdas, x_T, runner, corrections, callback, on_step)
-    x = x_T
-    for i in range(n):
-        if torch.is_grad_enabled():  # plain autograd: the whole graph is kept
-            x = runner.step(x, *runner.sigma_pair(i, x), lambdas[i])
-        else:
-            x = runner.forward(i, x, lambdas[i])
-        if corrections is not None and corrections[i] is not None:
-            x = x + corrections[i]
-        if callback is not None:
-            callback(i, x)
-        if on_step is not None:
-            on_step(i + 1, n)
-    return x
+                 on_step: Optional[StepHook] = None) -> Tensor:
+    """X0(λ): DDIM sampling along decreasing ``sigmas`` with λ_i at step i, differentiable in λ
+    (:meth:`MixedStepRunner.sample` of the runner these arguments make; a runner samples with its own
+    σ's, contexts and cfg, e.g. replayed from CUDA graphs)."""
+    runner = MixedStepRunner(denoise, sigmas, c0, c1, uncond, cfg, y0, y1, y_uncond)
+    return runner.sample(x_T, lambdas, corrections, use_checkpoint, callback, on_step)
 
 
 @torch.no_grad()
@@ -272,8 +291,7 @@ def trajectory_corrections(denoise: ContextDenoiser, trajectory: Sequence[Tensor
     n = len(sigmas) - 1
     if len(trajectory) != n + 1:
         raise ValueError(f"trajectory has {len(trajectory)} latents but the schedule has {n} steps")
-    if not 0 <= rediffusion_steps <= n:
-        raise ValueError(f"rediffusion_steps must lie in [0, {n}], got {rediffusion_steps}")
+    check_rediffusion_steps(n, rediffusion_steps)
     # the very step sample_mixed takes (λ = 0), so that λ = 0 sampling passes through x*_i to the last bit
     runner = MixedStepRunner(denoise, sigmas, c0, c0, uncond, cfg, y0, y0, y_uncond)
     zero = torch.zeros((), dtype=c0.dtype, device=c0.device)
@@ -288,6 +306,13 @@ def trajectory_corrections(denoise: ContextDenoiser, trajectory: Sequence[Tensor
     return out
 
 
+def check_rediffusion_steps(steps: int, rediffusion_steps: int) -> int:
+    """Re-diffusion frees the last r of the N steps: 0 ≤ r ≤ N."""
+    if not 0 <= rediffusion_steps <= steps:
+        raise ValueError(f"rediffusion_steps must lie in [0, {steps}], got {rediffusion_steps}")
+    return rediffusion_steps
+
+
 def directional_loss(image_emb: Tensor, neutral_image_emb: Tensor, text_direction: Tensor,
                      per_item: bool = False) -> Tensor:
     """1 − cos(E_I(edit) − E_I(neutral), E_T(styled) − E_T(neutral)), averaged over the batch
@@ -295,6 +320,117 @@ def directional_loss(image_emb: Tensor, neutral_image_emb: Tensor, text_directio
     delta = image_emb - neutral_image_emb
     loss = 1 - F.cosine_similarity(delta, text_direction.expand_as(delta), dim=-1, eps=1e-8)
     return loss if per_item else loss.mean()
+
+
+def image_feature_distance(image_emb: Tensor, neutral_image_emb: Tensor) -> Tensor:
+    """1 − cos(E_I(edit), E_I(neutral)) per item: the content term without a perceptual model."""
+    return 1 - F.cosine_similarity(image_emb, neutral_image_emb, dim=-1)
+
+
+class LambdaObjective:
+    """Wu et al.'s objective (Sec. 3.3) for one edit, or a batch of independent edits, on decoded images::
+
+        L(λ) = L_dir(E_I(X0(λ)) − E_I(X0(0)), E_T(c1) − E_T(c0)) + β·L_perc(X0(λ), X0(0))
+
+    L_dir is :func:`directional_loss`; L_perc the ``perceptual`` distance (the paper: LPIPS-VGG) or,
+    without one, :func:`image_feature_distance`. :meth:`set_reference` fixes X0(0) and the prompts;
+    ``last_image`` holds the latest decoded X0(λ) (for a live preview)."""
+
+    def __init__(self, decode: ImageDecoder, encode_images: ImageEncoder, encode_texts: TextEncoder, beta: float,
+                 perceptual: Optional[PerceptualDistance] = None):
+        self.decode, self.encode_images, self.encode_texts = decode, encode_images, encode_texts
+        self.beta, self.perceptual_distance = beta, perceptual
+        self.neutral_image = self.neutral_emb = self.direction = self.last_image = None
+
+    @torch.no_grad()
+    def set_reference(self, neutral_x0: Tensor, neutral_texts: list, styled_texts: list) -> None:
+        """The reference X0(0) (its image and E_I) and the text direction E_T(c1) − E_T(c0)."""
+        self.neutral_image = self.decode(neutral_x0)
+        self.neutral_emb = self.encode_images(self.neutral_image)
+        direction = self.encode_texts(styled_texts) - self.encode_texts(neutral_texts)
+        self.direction = direction.to(self.neutral_emb.device)
+
+    def loss(self, x0: Tensor, per_item: bool = False) -> Tensor:
+        """L(λ) at X0(λ) = ``x0``: the batch mean, or one value per item (independent edits)."""
+        image = self.decode(x0)
+        self.last_image = image.detach()
+        emb = self.encode_images(image)
+        if self.perceptual_distance is not None:
+            content = self.perceptual_distance(image, self.neutral_image)
+        else:
+            content = image_feature_distance(emb, self.neutral_emb)
+        loss = directional_loss(emb, self.neutral_emb, self.direction, per_item=True) + self.beta * content
+        return loss if per_item else loss.mean()
+
+
+def _copied(t: Optional[Tensor], device) -> Optional[Tensor]:
+    """An ordinary tensor on ``device`` (a host's inference tensors included), or None."""
+    return None if t is None else t.clone().to(device)
+
+
+class LambdaEdit:
+    """X0(λ) and L(λ) of an edit, or a batch of independent edits, ready for Adam (Sec. 3.3–3.4).
+
+    ``start``: x_T in the sampler's space (generating), or a real image's inversion trajectory
+    x*_0..N (a list of latents in the sampler's space, most noisy first): the first N − r steps are then
+    corrected to pass through it (δ_i of :func:`trajectory_corrections`), the last r re-diffuse. The
+    step runner gets ``denoise``, the σ's, ``conds`` (c0, c1, the unconditional context), cfg and
+    ``adms`` (y0, y1, y_uncond: SDXL's ADM vectors, or Nones) once, here, and samples with them
+    (:meth:`MixedStepRunner.sample`); ``cuda_graphs``: replayed from CUDA graphs (one memory pool for
+    both unless ``share_graph_pool`` is off). Tensors are copied to ``device`` (default: ``start``'s).
+    Build and use it outside inference mode with gradients on; ``on_step(done, total)`` runs after every
+    sampler step (forward, adjoint backward, trajectory corrections: :data:`StepHook`).
+    """
+
+    def __init__(self, objective: LambdaObjective, denoise: ContextDenoiser, sigmas: Sequence[float], cfg: float,
+                 conds: Sequence[Tensor], adms: Sequence[Optional[Tensor]], start, rediffusion_steps: int = 20,
+                 per_item: bool = False, use_checkpoint: bool = True, cuda_graphs: bool = True,
+                 on_step: Optional[StepHook] = None, share_graph_pool: bool = True, device=None):
+        path = None if isinstance(start, Tensor) else list(start)
+        device = device if device is not None else (start if path is None else path[0]).device
+        c0, c1, uncond = (_copied(t, device) for t in conds)
+        y0, y1, yu = (_copied(y, device) for y in adms)
+        self.objective, self.per_item, self.use_checkpoint, self.on_step = objective, per_item, use_checkpoint, on_step
+        self.path = self.corrections = None
+        if path is not None:
+            self.path = [_copied(x, device) for x in path]
+            self.corrections = trajectory_corrections(denoise, self.path, sigmas, c0, uncond, cfg, rediffusion_steps,
+                                                      y0=y0, y_uncond=yu, on_step=on_step)
+        self.x_T = self.path[0] if path is not None else _copied(start, device)
+        args = (denoise, sigmas, c0, c1, uncond, cfg, y0, y1, yu)
+        self.runner = (GraphedStepRunner(*args, share_pool=share_graph_pool) if cuda_graphs
+                       else MixedStepRunner(*args))
+
+    @property
+    def sigmas(self) -> list[float]:
+        return self.runner.sigmas
+
+    @property
+    def steps(self) -> int:
+        return self.runner.steps
+
+    def sample(self, lam: Tensor) -> Tensor:
+        """X0(λ); differentiable in λ when gradients are on (each step recomputed in backward)."""
+        return self.runner.sample(self.x_T, lam.to(self.x_T.device), self.corrections, self.use_checkpoint,
+                                  on_step=self.on_step)
+
+    @torch.no_grad()
+    def set_reference(self, neutral_texts: list, styled_texts: list) -> Tensor:
+        """Sample (or, for a real image, take) the neutral X0(0) and set the objective's references; returns it."""
+        neutral = self.sample(torch.zeros(self.steps)) if self.path is None else self.path[-1]
+        self.objective.set_reference(neutral, neutral_texts, styled_texts)
+        return neutral
+
+    def loss(self, lam: Tensor) -> Tensor:
+        """L(λ) = objective(X0(λ)): the batch mean, or one value per item with ``per_item``."""
+        return self.objective.loss(self.sample(lam), per_item=self.per_item)
+
+
+def check_iterations(iterations: int) -> int:
+    """Adam takes at least one step."""
+    if iterations < 1:
+        raise ValueError(f"iterations must be at least 1, got {iterations}")
+    return iterations
 
 
 def optimize_lambdas(loss_of: Callable[[Tensor], Tensor], init: Tensor, iterations: int = 10, lr: float = 0.03,
@@ -308,8 +444,7 @@ def optimize_lambdas(loss_of: Callable[[Tensor], Tensor], init: Tensor, iteratio
     item [B]. The sum is minimised; Adam's per-parameter steps make that B separate optimisations,
     and the best λ is kept per item. The history then holds the mean loss.
     """
-    if iterations < 1:
-        raise ValueError(f"iterations must be at least 1, got {iterations}")
+    check_iterations(iterations)
     lam = init.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([lam], lr=lr)
     history: list[float] = []

@@ -221,8 +221,10 @@ def switch_at_step(steps: int, switch_step: int, before: float = 0.0, after: flo
 def linear_ramp(steps: int, start_value: float, end_value: float, start_step: int = 0, end_step: int | None = None) -> LambdaSchedule:
     """``start_value`` up to ``start_step``, linear to ``end_value`` at ``end_step``, constant after."""
     end_step = steps - 1 if end_step is None else end_step
-    if not 0 <= start_step <= end_step <= steps - 1:
-        raise ValueError(f"need 0 ≤ start_step ≤ end_step ≤ steps−1, got {start_step}, {end_step}, steps={steps}")
+    if not 0 <= start_step <= steps - 1:
+        raise ValueError(f"start_step must lie in [0, steps − 1] = [0, {steps - 1}], got {start_step}")
+    if not start_step <= end_step <= steps - 1:
+        raise ValueError(f"end_step must lie in [start_step, steps − 1] = [{start_step}, {steps - 1}], got {end_step}")
     span = max(end_step - start_step, 1)
     values = [start_value + (end_value - start_value) * min(max((k - start_step) / span, 0.0), 1.0) for k in range(steps)]
     if end_step == start_step:

@@ -27,8 +27,8 @@ import latent_preview
 import torch
 
 from ..core import avi as core_avi
-from .comfy_boundary import check_latent, sampling_sigmas
-from .common import (CATEGORY, InputError, check_conditioning, check_finite, check_int, short,
+from .comfy_boundary import check_latent, latent_samples, sampling_sigmas
+from .common import (CATEGORY, InputError, check_conditioning, check_finite, check_int, core_input_errors, short,
                      check_tensors_match, free_save_path, json_metadata, meta_shapes, read_safetensors_header, writing)
 from .plot import draw_loss_curve, image_tensor
 
@@ -115,29 +115,22 @@ def paper_space_map(model, sigma: float, channels: int) -> tuple[torch.Tensor, t
 
 
 def to_paper_space(latent: dict, name: str, role: str) -> tuple[torch.Tensor, dict]:
-    if not isinstance(latent, dict) or "samples" not in latent:
-        raise InputError(f"{name}: not a LATENT (no 'samples')")
+    """paper = a·LATENT + b of AVI Capture's ``role`` output (finiteness and shapes: core.avi.check_pair)."""
+    samples = latent_samples(latent, name)
     meta = latent.get(META_KEY)
     if meta is None:
         raise InputError(f"{name}: this LATENT does not come from AVI Capture (it carries no noise level); "
                          "connect AVI Capture's x and z outputs")
     if meta["role"] != role:
         raise InputError(f"{name}: this is AVI Capture's {meta['role']} output; connect its {role} output here")
-    samples = latent["samples"]
-    if samples.ndim != 4:
-        raise InputError(f"{name}: expected an image latent [batch, channels, height, width], got shape {tuple(samples.shape)}")
-    if not torch.isfinite(samples).all():
-        raise InputError(f"{name} contains NaN or infinite values")
     return samples.float() * meta["a"] + meta["b"], meta
 
 
 def paired(x: dict, z: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """x and z in paper space (z broadcast when it has one item), and x's capture information."""
+    """x and z in paper space (a single z broadcast over x's batch), and x's capture information."""
     xp, mx = to_paper_space(x, "x", "x")
-    zp, mz = to_paper_space(z, "z", "z")
-    if xp.shape[1:] != zp.shape[1:]:
-        raise InputError(f"x and z must have the same shape, got {tuple(xp.shape)} and {tuple(zp.shape)}")
-    if zp.shape[0] != xp.shape[0]:
+    zp, _ = to_paper_space(z, "z", "z")
+    if zp.shape[0] != xp.shape[0] and zp.shape[1:] == xp.shape[1:]:
         if zp.shape[0] != 1:
             raise InputError(f"x has {xp.shape[0]} latents and z {zp.shape[0]}: give one z per x (or a single z)")
         zp = zp.expand_as(xp)
@@ -145,11 +138,8 @@ def paired(x: dict, z: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 
 def resolve_k(k: int, rank: int, net: core_avi.AVINet | None) -> int:
-    k = int(k) if k else (net.k if net is not None else rank // 2)
-    if not 1 <= k <= rank - 1:
-        raise InputError(f"k must be between 1 and r − 1 = {rank - 1} for these latents (rank r = min(H, W) = {rank}; "
-                         f"the paper: k = r/2 = {rank // 2}), got {k}")
-    return k
+    """k, 0 for the default: Φ's k, or the paper's r/2 without Φ (core.avi.check_k checks 1 ≤ k ≤ r − 1)."""
+    return int(k) if k else (net.k if net is not None else rank // 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,8 +424,7 @@ class AVITrain:
                                                   for i, v in enumerate((lambda_1, lambda_2, lambda_3, lambda_4), 1))
         xp, zp, meta = paired(x, z)
         height, width = xp.shape[-2:]
-        rank = core_avi.rank_of(height, width)
-        k = resolve_k(k, rank, None)
+        k = resolve_k(k, core_avi.rank_of(height, width), None)
         pairs = xp.shape[0]
         n = int(samples_per_pair) or core_avi.samples_per_pair_for(pairs)
         total = int(epochs) * math.ceil(pairs * n / int(batch_size))
@@ -447,7 +436,7 @@ class AVITrain:
 
         device = mm.get_torch_device()
         t0 = time.perf_counter()
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), core_input_errors("x", "z", "k"):
             net, losses = core_avi.train_avi(
                 xp.contiguous().clone(), zp.contiguous().clone(), k=k, hidden=hidden or None, samples_per_pair=n, epochs=epochs,
                 batch_size=batch_size, lr=learning_rate, lambdas=(lambda_1, lambda_2, lambda_3, lambda_4), seed=seed,
@@ -522,8 +511,8 @@ class AVIIntegrate:
 
     def integrate(self, x, z, rho, k, singular_values, avi_model=None, integration=DEFAULT_INTEGRATION,
                   gain=DEFAULT_GAIN):
-        rho, k = check_finite("rho", rho, 0.0, 1.0), check_int("k", k, 0, 1024)
-        gain = check_finite("gain", gain, 0.0, MAX_GAIN)
+        rho, k = check_finite("rho", rho), check_int("k", k, 0, 1024)   # ρ ∈ [0, 1], γ ≥ 0, k ≤ r: core.avi's checks
+        gain = check_finite("gain", gain, high=MAX_GAIN)
         if integration not in INTEGRATIONS:
             raise InputError(f"integration must be one of {INTEGRATIONS}, got {short(integration)}")
         if singular_values not in SINGULAR_VALUES:
@@ -532,30 +521,20 @@ class AVIIntegrate:
         source, which = SINGULAR_VALUE_KEYS[singular_values]
         xp, zp, _ = paired(x, z)
         meta = x[META_KEY]
-        height, width = xp.shape[-2:]
-        rank = core_avi.rank_of(height, width)
         uses_phi = mode != "difference" and source == "phi"
-        net = None
-        if uses_phi:
-            if not isinstance(avi_model, AVIModel):
-                raise InputError("avi_model: connect AVI Train or Load AVI Model, or choose x's / z's own singular values")
-            net = avi_model.net
-            try:
-                net.check_size(height, width)
-            except ValueError as e:
-                raise InputError(f"avi_model: {e}") from e
+        if uses_phi and not isinstance(avi_model, AVIModel):
+            raise InputError("avi_model: connect AVI Train or Load AVI Model, or choose x's / z's own singular values")
         if mode == "difference":
             k = int(k) or DIFFERENCE_K
-            if not 1 <= k <= rank:
-                raise InputError(f"k must be between 1 and r = min(H, W) = {rank} for the difference integration, got {k}")
         else:
-            k = resolve_k(k, rank, net)
+            k = resolve_k(k, core_avi.rank_of(*xp.shape[-2:]), avi_model.net if uses_phi else None)
         device = mm.get_torch_device()
         xd, zd = xp.to(device), zp.to(device)
-        if uses_phi:
-            y = core_avi.integrate_with_net(avi_model.on(device), xd, zd, rho, k, which, mode, gain)
-        else:
-            y = core_avi.integrate(xd, zd, k, rho, which if mode != "difference" else "x", mode, gain)
+        with core_input_errors("avi_model", "x", "z", "k", "rho", "gain"):   # Φ's size is checked there too
+            if uses_phi:
+                y = core_avi.integrate_with_net(avi_model.on(device), xd, zd, rho, k, which, mode, gain)
+            else:
+                y = core_avi.integrate(xd, zd, k, rho, which if mode != "difference" else "x", mode, gain)
         y = y.to(mm.intermediate_device(), torch.float32)
         out = {"samples": (y - meta["b"]) / meta["a"]}
         if "batch_index" in x:
@@ -569,7 +548,8 @@ AVI_CONFIG_LIMITS = {"height": (2, 1024), "width": (2, 1024), "k": (1, 1023), "h
 def check_avi_file(path: str, shown: str) -> None:
     """Refuse a foreign or crafted Φ file with a message naming it, before anything is allocated: the header,
     the metadata (config a JSON object of whole numbers in range, info a JSON object), and Φ's tensors as the
-    config describes them (built on the meta device) against the tensors the file holds."""
+    config describes them (built on the meta device) against the tensors the file holds. A deliberate parallel
+    of core.avi.load_avi_net's format check, which runs once the file is open: this runs on the header alone."""
     header = read_safetensors_header(path, shown, "avi_name")
     label = f"avi_name: {shown}"
     if header.metadata.get("format") != core_avi.FORMAT_NAME:

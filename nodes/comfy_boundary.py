@@ -2,12 +2,14 @@
 
 * σ schedules: :func:`sampling_sigmas`, the σs ComfyUI's KSampler samples for (steps, sampler,
   scheduler), for every call site (AVI's capture, DDIM inversion, λ optimisation, the λ-schedule
-  nodes); :func:`step_progress_for_model`, a σ's place on the model's 0→1 axis; the model's discrete
-  ᾱ (:func:`alphas_cumprod`, through core/ddim.py's VP↔σ conversion);
+  nodes); :func:`step_progress_for_model`, a σ's place on the model's 0→1 axis; x_T as KSampler makes
+  it (:func:`initial_noise`); the model's discrete ᾱ (:func:`alphas_cumprod`, through core/ddim.py's
+  VP↔σ conversion);
 * step progress: :class:`StepProgress`, ComfyUI's progress bar with Cancel;
 * the model's denoiser as core calls it (:func:`unet_denoiser`) and text encoding as CLIPTextEncode
   does it (:func:`encode_text`);
-* model and LATENT checks (:func:`check_vp_model`, :func:`check_unet_model`, :func:`check_latent`);
+* model and LATENT checks (:func:`check_vp_model`, :func:`check_unet_model`, :func:`latent_samples`,
+  :func:`check_latent`);
 * differentiable views of the host's models and activation recomputation (below).
 
 Differentiable views of the host's models, and activation recomputation, for gradients through them.
@@ -25,10 +27,12 @@ block's activations are alive during backward. Plain torch; the block names belo
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Iterable, Optional
 
 import comfy.model_management as mm
 import comfy.model_sampling
+import comfy.sample
 import comfy.samplers
 import comfy.utils
 import torch
@@ -64,6 +68,15 @@ def step_progress_for_model(model, sigmas) -> list[float]:
         last = len(sampling.sigmas) - 1
         return [1.0 - float(sampling.timestep(torch.as_tensor(s))) / last for s in sigmas]
     return [k / max(len(sigmas) - 1, 1) for k in range(len(sigmas))]
+
+
+def initial_noise(model, latent: torch.Tensor, seed: int, sigma0: float) -> torch.Tensor:
+    """x_T exactly as KSampler makes it: prepare_noise(seed), then the model's noise scaling at σ_0."""
+    sampling = model.get_model_object("model_sampling")
+    noise = comfy.sample.prepare_noise(latent, seed)
+    start = model.model.process_latent_in(latent)
+    max_denoise = math.isclose(float(sampling.sigma_max), sigma0, rel_tol=1e-5) or sigma0 > float(sampling.sigma_max)
+    return sampling.noise_scaling(torch.tensor(sigma0), noise, start, max_denoise)
 
 
 def alphas_cumprod(model) -> torch.Tensor:
@@ -127,13 +140,19 @@ def latent_channels(model) -> int:
     return int(model.get_model_object("latent_format").latent_channels)
 
 
-def check_latent(model, latent: dict, name: str = "latent"):
-    """The latent's samples, after checking they fit the model; returns the tensor."""
+def latent_samples(latent: dict, name: str = "latent"):
+    """The samples of an image LATENT [batch, channels, height, width]."""
     if not isinstance(latent, dict) or "samples" not in latent:
         raise InputError(f"{name}: not a LATENT (no 'samples')")
     samples = latent["samples"]
     if samples.ndim != 4:
         raise InputError(f"{name}: expected an image latent [batch, channels, height, width], got shape {tuple(samples.shape)}")
+    return samples
+
+
+def check_latent(model, latent: dict, name: str = "latent"):
+    """The latent's samples, after checking they fit the model and are finite; returns the tensor."""
+    samples = latent_samples(latent, name)
     expected = latent_channels(model)
     if samples.shape[1] != expected:
         raise InputError(

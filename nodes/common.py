@@ -1,10 +1,12 @@
-"""Glue shared by the node adapters: InputError, input checks with clear messages, model folders and
-safetensors files. ComfyUI's models, samplers and progress are nodes/comfy_boundary.py's."""
+"""Glue shared by the node adapters: InputError, core's ValueErrors as errors naming the input
+(:func:`core_input_errors`), input checks with clear messages, model folders and safetensors files.
+ComfyUI's models, samplers and progress are nodes/comfy_boundary.py's."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import unicodedata
 from contextlib import contextmanager
 
@@ -36,9 +38,30 @@ def short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+@contextmanager
+def core_input_errors(input_name: str, *named: str, errors: type[Exception] | tuple[type[Exception], ...] = ValueError):
+    """Core's ValueErrors (or ``errors``) raised in the block, as InputErrors naming the input.
+
+    The one place where a node turns the checks of core/ (the maths' preconditions, which exist there
+    only) into its own errors: a message that begins with the name of one of the node's inputs
+    (``input_name`` or ``named``; core names a parameter as the nodes name the input, "k must be
+    between ...") is kept as it is, any other gets ``input_name: `` in front. Wrap calls into core, its
+    maths or its check functions, never a call that runs the host's models: a ValueError of ComfyUI's
+    would be blamed on the input. InputErrors pass unchanged."""
+    try:
+        yield
+    except InputError:
+        raise
+    except errors as e:
+        message = str(e)
+        if not any(re.match(rf"{re.escape(name)}\b", message) for name in (input_name, *named)):
+            message = f"{input_name}: {message}"
+        raise InputError(message) from e
+
+
 def check_finite(name: str, value, low: float | None = None, high: float | None = None) -> float:
     """``value`` as a float, finite and within [low, high]: JSON NaN passes ComfyUI's min/max check and a
-    linked input skips it."""
+    linked input skips it. A bound that core checks is left to core (:func:`core_input_errors`)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -55,7 +78,8 @@ def check_finite(name: str, value, low: float | None = None, high: float | None 
 
 
 def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
-    """``value`` as an int within [low, high] (a linked INT skips the widget's min/max)."""
+    """``value`` as an int within [low, high] (a linked INT skips the widget's min/max). Bounds that stop
+    unbounded work stay here, before any work; a bound that core checks is left to core."""
     if isinstance(value, bool) or not isinstance(value, int):
         if not (isinstance(value, float) and math.isfinite(value) and value == int(value)):
             raise InputError(f"{name} must be a whole number, got {short(value)}")

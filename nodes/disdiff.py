@@ -30,8 +30,8 @@ from ..core.ddim import vp_to_sigma_space
 from ..core.disdiff_train import train_disdiff
 from .comfy_boundary import alphas_cumprod, check_unet_model
 from .common import (CATEGORY, PACK_WEIGHTS, InputError, check_conditioning, check_file_name, check_finite,
-                     check_int, check_tensors_match, json_metadata, meta_shapes, read_safetensors_header,
-                     shipped_first, short)
+                     check_int, check_tensors_match, core_input_errors, json_metadata, meta_shapes,
+                     read_safetensors_header, shipped_first, short)
 from .plot import draw_loss_curve, image_tensor
 
 DISDIFF = "DISDIFF"
@@ -300,16 +300,11 @@ class PartialConditionWrapper:
         c["transformer_options"] = capture.attach(c.get("transformer_options"))
         denoised = self._call(apply_model, {**args, "c": c})
         out = capture.output()
-        try:
+        with core_input_errors("model"):
             dd.check_features(self.disdiff.config, out)
-        except dd.FeatureMismatchError as e:
-            raise InputError(str(e)) from e
         kinds = list(args.get("cond_or_uncond") or [0])
         chunks = len(kinds)
         per = x.shape[0] // chunks
-        codes = self.codes
-        if codes.shape[0] not in (1, per):
-            raise InputError(f"factors: {codes.shape[0]} codes for a batch of {per}: give one code or one per image")
         k = kinds.index(self.UNCOND) if self.UNCOND in kinds else 0
         rows = slice(k * per, (k + 1) * per)
         chunk = dd.FrozenOutput(None, [f[rows] for f in out.features], out.emb[rows])
@@ -317,7 +312,8 @@ class PartialConditionWrapper:
         half = out.features[0].dtype in (torch.float16, torch.bfloat16) and device.type == "cuda"
         model = self.disdiff.on(device)
         codes, factors, positional = self._device_inputs(model, device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=out.features[0].dtype, enabled=half):
+        with torch.no_grad(), torch.autocast(device.type, dtype=out.features[0].dtype, enabled=half), \
+                core_input_errors("factors"):   # one code, or one per image: core's check
             g = model.gradients(chunk, codes, factors, positional)
         g = g.float().repeat(chunks, *([1] * (g.ndim - 1)))
         return dd.partial_condition_denoised(denoised, sigma.to(device), g, self.strengths)
@@ -457,7 +453,8 @@ def default_checkpoint_path(save_name: str, resume: bool = False) -> str:
 def check_checkpoint_file(path: str, shown: str) -> None:
     """Refuse a crafted or foreign DisDiff file with a message naming it, before any tensor is allocated:
     the header, the metadata's JSON, ``step``, and the networks its config describes (built on the meta
-    device) against the tensors the file holds."""
+    device) against the tensors the file holds. A deliberate parallel of core.disdiff.load_checkpoint's checks,
+    which run once the tensors are loaded: these run on the header alone."""
     header = read_safetensors_header(path, shown)
     try:
         fmt = json.loads(header.metadata.get("format", "null"))
@@ -579,16 +576,14 @@ class TrainDisDiff:
             mm.throw_exception_if_processing_interrupted()
             bar.update_absolute(step, total)
 
-        try:
-            disdiff, history = train_from_latents(
-                model, positive, latents, num_factors=num_factors, code_dim=code_dim, steps=steps,
-                batch_size=batch_size, learning_rate=learning_rate, seed=seed, checkpoint_path=path,
-                checkpoint_every=checkpoint_every, resume=resume, log_every=max(1, min(50, steps // 20)),
-                on_step=on_step)
-        except dd.CheckpointError as e:
-            raise InputError(str(e)) from e
-        except dd.FeatureMismatchError as e:
-            raise InputError(str(e)) from e
+        try:   # core's typed errors only: any other ValueError comes from the host's models
+            with core_input_errors("save_name", errors=dd.CheckpointError), \
+                    core_input_errors("model", errors=dd.FeatureMismatchError):
+                disdiff, history = train_from_latents(
+                    model, positive, latents, num_factors=num_factors, code_dim=code_dim, steps=steps,
+                    batch_size=batch_size, learning_rate=learning_rate, seed=seed, checkpoint_path=path,
+                    checkpoint_every=checkpoint_every, resume=resume, log_every=max(1, min(50, steps // 20)),
+                    on_step=on_step)
         except (OSError, SafetensorError) as e:  # writing a checkpoint (disk full, ...): its name, not its server path
             reason = getattr(e, "strerror", None) or str(e).split(": ")[-1][:80]
             raise InputError(f"save_name: could not write {os.path.basename(path)} in models/{DISDIFF_FOLDER} "

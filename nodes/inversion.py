@@ -14,7 +14,7 @@ import comfy.utils
 import latent_preview
 import torch
 
-from ..core.ddim import invert_ddim
+from ..core.ddim import check_refine_iterations, invert_ddim
 from ..core.trajectory import InversionTrajectory
 from .comfy_boundary import check_latent, check_vp_model, sampling_sigmas
 from .common import (
@@ -24,6 +24,7 @@ from .common import (
     check_conditioning,
     check_finite,
     check_int,
+    core_input_errors,
 )
 
 
@@ -87,7 +88,9 @@ class DDIMInversion:
         }
 
     def invert(self, model, positive, latent, steps, cfg, scheduler, refine_iterations, negative=None):
-        steps, refine_iterations = check_int("steps", steps, 1, 10000), check_int("refine_iterations", refine_iterations, 0, 100)
+        steps, refine_iterations = check_int("steps", steps, 1, 10000), check_int("refine_iterations", refine_iterations, high=100)
+        with core_input_errors("refine_iterations"):   # core's check, before the sampler runs
+            check_refine_iterations(refine_iterations)
         cfg = check_finite("cfg", cfg, 0.0, 100.0)
         check_conditioning(positive, "positive")
         check_vp_model(model, "DDIM inversion")
@@ -151,15 +154,13 @@ class TrajectoryLatent:
         }
 
     def select(self, trajectory, step, expected_steps):
-        step, expected_steps = check_int("step", step, 0), check_int("expected_steps", expected_steps, 0)
+        step, expected_steps = check_int("step", step), check_int("expected_steps", expected_steps, 0)  # 0: any
         if not isinstance(trajectory, InversionTrajectory):
             raise InputError("trajectory: not an INVERSION_TRAJECTORY")
-        try:
+        with core_input_errors("trajectory", "step"):
             if expected_steps:
                 trajectory.check_steps(expected_steps)
             samples = trajectory.latent_at(step)
-        except ValueError as e:
-            raise InputError(f"trajectory: {e}") from e
         return ({"samples": samples.clone()},)
 
 

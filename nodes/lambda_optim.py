@@ -1,5 +1,7 @@
 """Optimize λ Schedule: learn the per-step mixing weights of a neutral and a styled prompt
-(Wu et al. 2023, Sec. 3.3) on a ComfyUI MODEL / VAE / CLIP, with core.lambda_optim doing the maths.
+(Wu et al. 2023, Sec. 3.3) on a ComfyUI MODEL / VAE / CLIP, with core.lambda_optim doing the maths:
+its objective L(λ) and its edit (the step runner, sampling, the real-image corrections) get the host's
+models from :class:`LambdaObjective` and :class:`LambdaEdit` here, which add only the ComfyUI side.
 
 ComfyUI runs nodes under inference mode and loads weights as inference tensors, which autograd
 cannot save. The node therefore optimises against differentiable views of the UNet, the VAE decoder
@@ -11,25 +13,23 @@ loss models' activations, which are recomputed block by block in backward.
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import logging
 import math
 
 import comfy.model_base
 import comfy.model_management as mm
-import comfy.sample
-import comfy.samplers
-import comfy.utils
 import torch
-import torch.nn.functional as F
 
 from ..core import lambda_optim as lo
 from ..core.lambda_schedule import LambdaSchedule
 from ..core.trajectory import InversionTrajectory
 from .comfy_boundary import (UNET_BLOCKS, VAE_DECODER_BLOCKS, StepProgress, check_vp_model, differentiable_view,
-                             encode_text, latent_channels, recompute_in_backward, sampling_sigmas,
+                             encode_text, initial_noise, latent_channels, recompute_in_backward, sampling_sigmas,
                              step_progress_for_model, unet_denoiser)
-from .common import CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError, check_finite, check_int
+from .common import (CATEGORY, INVERSION_TRAJECTORY, LAMBDA_SCHEDULE, InputError, check_finite, check_int,
+                     core_input_errors)
 from .plot import draw_loss_curve, image_tensor
 from .perceptual import PerceptualModel
 from .clip_loss import ClipLossModel
@@ -112,15 +112,6 @@ def adm_inputs(model, pooled: list, width: int, height: int) -> list:
     return [None] * len(pooled)
 
 
-def initial_noise(model, latent: torch.Tensor, seed: int, sigma0: float) -> torch.Tensor:
-    """x_T exactly as KSampler makes it: prepare_noise(seed), then the model's noise scaling."""
-    sampling = model.get_model_object("model_sampling")
-    noise = comfy.sample.prepare_noise(latent, seed)
-    start = model.model.process_latent_in(latent)
-    max_denoise = math.isclose(float(sampling.sigma_max), sigma0, rel_tol=1e-5) or sigma0 > float(sampling.sigma_max)
-    return sampling.noise_scaling(torch.tensor(sigma0), noise, start, max_denoise)
-
-
 def preview_of(images: torch.Tensor | None):
     """The first image of an IMAGE batch as a progress-bar preview, (format, PIL image, max size)."""
     if images is None:
@@ -137,12 +128,10 @@ def optimisation_ticks(steps: int, iterations: int, real_image: bool) -> int:
     return (0 if real_image else steps) + 2 * steps * iterations + steps
 
 
-class LambdaObjective:
-    """Wu et al.'s objective for one or more edits, on differentiable views of the host's models.
-
-    L(λ) = L_dir(E_I(X0(λ)) − E_I(X0(0)), E_T(styled) − E_T(neutral)) + β·(1 − cos(E_I(X0(λ)), E_I(X0(0))))
-    averaged over the batch. The perceptual term is LPIPS(X0(λ), X0(0)) when a perceptual model is
-    given (the paper: VGG-16), else the CLIP-image-feature distance 1 − cos(E_I(X0(λ)), E_I(X0(0))).
+class LambdaObjective(lo.LambdaObjective):
+    """core.lambda_optim's L(λ) = L_dir + β·L_perc on differentiable views of the host's models: the VAE's
+    decoder, the CLIP loss model's towers and, if given, LPIPS (else the CLIP-image-feature distance);
+    ``denoise`` is the UNet's, for the edit.
 
     Memory options (the defaults are what the node uses; ``bench/lambda_memory.py`` measures each):
     ``share_weights``: differentiable views on the loaded weights instead of deep copies;
@@ -154,7 +143,7 @@ class LambdaObjective:
     def __init__(self, model, vae, clip_loss_model: ClipLossModel, beta: float,
                  perceptual_model: PerceptualModel | None = None, share_weights: bool = True,
                  recompute_decoder: bool = True, recompute_loss: bool = True, recompute_unet: bool = False):
-        self.model, self.vae, self.beta = model, vae, beta
+        self.model, self.vae = model, vae
         self.device = mm.get_torch_device()
         frozen = differentiable_view if share_weights else differentiable_copy
         self.unet = frozen(model.model.diffusion_model)  # where ComfyUI loaded it (partly on the CPU with --lowvram)
@@ -171,84 +160,26 @@ class LambdaObjective:
             self.perceptual = PerceptualModel(frozen(perceptual_model.net, self.device))
             if recompute_loss:
                 recompute_in_backward(self.perceptual.net, where=is_lpips_slice)
-        self.neutral_emb = self.direction = self.neutral_image = self.last_image = None
+        distance = None if self.perceptual is None else functools.partial(self.perceptual.distance, per_item=True)
+        super().__init__(self.decode_latents, self.scorer.encode_images, self.scorer.encode_texts, beta, distance)
 
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Sampler-space latents → IMAGE-layout pixels in [0, 1], differentiably."""
+    def decode_latents(self, x0: torch.Tensor) -> torch.Tensor:
+        """Sampler-space latents → IMAGE-layout pixels in [0, 1] on the torch device, differentiably."""
         z = self.model.model.process_latent_out(x0).to(self.vae.vae_dtype).to(self.vae.device)
         return ((self.decoder.decode(z).float() + 1) / 2).clamp(0, 1).movedim(1, -1).to(self.device)
 
-    @torch.no_grad()
-    def set_reference(self, neutral_x0: torch.Tensor, neutral_texts: list[str], styled_texts: list[str]) -> None:
-        self.neutral_image = self.decode(neutral_x0)
-        self.neutral_emb = self.scorer.encode_images(self.neutral_image)
-        self.direction = (self.scorer.encode_texts(styled_texts) - self.scorer.encode_texts(neutral_texts)).to(self.device)
 
-    def loss(self, x0: torch.Tensor, per_item: bool = False) -> torch.Tensor:
-        """L(λ) at X0(λ) = ``x0``: the batch mean, or one value per item (independent edits)."""
-        image = self.decode(x0)
-        self.last_image = image.detach()  # the live preview shows it
-        emb = self.scorer.encode_images(image)
-        if self.perceptual is not None:
-            perceptual = self.perceptual.distance(image, self.neutral_image, per_item=True)
-        else:
-            perceptual = 1 - F.cosine_similarity(emb, self.neutral_emb, dim=-1)
-        loss = lo.directional_loss(emb, self.neutral_emb, self.direction, per_item=True) + self.beta * perceptual
-        return loss if per_item else loss.mean()
-
-
-class LambdaEdit:
-    """X0(λ) and L(λ) of an edit (or a batch of edits) on the host's models, ready for Adam.
-
-    ``start``: x_T in the sampler's space (generation), or an InversionTrajectory (a real image:
-    the first N − r steps are corrected to pass through its trajectory, the last r re-diffuse).
-    Build and use it outside inference mode with gradients on. ``on_step(done, total)`` runs after every
-    sampler step (forward, adjoint backward, trajectory corrections; see ``core.lambda_optim.StepHook``):
-    the node cancels there, and a progress bar can tick there.
-    """
+class LambdaEdit(lo.LambdaEdit):
+    """core.lambda_optim's edit on the host's models: the objective's UNet denoiser, on its device.
+    ``start``: x_T in the sampler's space, or an InversionTrajectory (its LATENTs, taken into the
+    sampler's space: the real-image path). Options as core's (``per_item``, ``cuda_graphs``, ``on_step``, ...)."""
 
     def __init__(self, objective: LambdaObjective, sigmas: list[float], cfg: float, conds, adms, start,
-                 rediffusion_steps: int = 20, per_item: bool = False, use_checkpoint: bool = True,
-                 cuda_graphs: bool = True, on_step: lo.StepHook | None = None, share_graph_pool: bool = True):
-        device = objective.device
-        self.objective, self.sigmas, self.cfg = objective, sigmas, cfg
-        self.per_item, self.use_checkpoint, self.on_step = per_item, use_checkpoint, on_step
-        self.c0, self.c1, self.uncond = (t.clone().to(device) for t in conds)
-        y0, y1, yu = (None if y is None else y.clone().to(device) for y in adms)
-        self.adm = {"y0": y0, "y1": y1, "y_uncond": yu}
-        self.corrections = self.path = None
+                 rediffusion_steps: int = 20, **options):
         if isinstance(start, InversionTrajectory):
-            model = objective.model
-            self.path = [model.model.process_latent_in(x.clone()).to(device) for x in start.latents]
-            self.x_T = self.path[0]
-            self.corrections = lo.trajectory_corrections(objective.denoise, self.path, sigmas, self.c0, self.uncond, cfg,
-                                                         rediffusion_steps, y0=y0, y_uncond=yu, on_step=on_step)
-        else:
-            self.x_T = start.clone().to(device)
-        args = (objective.denoise, sigmas, self.c0, self.c1, self.uncond, cfg, y0, y1, yu)
-        self.runner = (lo.GraphedStepRunner(*args, share_pool=share_graph_pool) if cuda_graphs
-                       else lo.MixedStepRunner(*args))
-
-    @property
-    def steps(self) -> int:
-        return len(self.sigmas) - 1
-
-    def sample(self, lam: torch.Tensor) -> torch.Tensor:
-        """X0(λ); differentiable in λ when gradients are on (each step checkpointed)."""
-        return lo.sample_mixed(self.objective.denoise, self.x_T, self.sigmas, self.c0, self.c1,
-                               lam.to(self.objective.device), self.uncond, self.cfg, corrections=self.corrections,
-                               use_checkpoint=self.use_checkpoint, runner=self.runner, on_step=self.on_step,
-                               **self.adm)
-
-    @torch.no_grad()
-    def set_reference(self, neutral_texts: list[str], styled_texts: list[str]) -> torch.Tensor:
-        """Sample (or, for a real image, take) the neutral X0(0) and set the loss's references; returns it."""
-        neutral = self.sample(torch.zeros(self.steps)) if self.path is None else self.path[-1]
-        self.objective.set_reference(neutral, neutral_texts, styled_texts)
-        return neutral
-
-    def loss(self, lam: torch.Tensor) -> torch.Tensor:
-        return self.objective.loss(self.sample(lam), per_item=self.per_item)
+            start = [objective.model.model.process_latent_in(x.clone()) for x in start.latents]
+        super().__init__(objective, objective.denoise, sigmas, cfg, conds, adms, start, rediffusion_steps,
+                         device=objective.device, **options)
 
 
 class OptimizeLambdaSchedule:
@@ -306,7 +237,7 @@ class OptimizeLambdaSchedule:
     def optimize(self, model, vae, clip, clip_loss_model, neutral_text, styled_text, negative_text, seed, steps, cfg,
                  iterations, learning_rate, beta, neutral_steps, styled_weight, width, height, trajectory=None,
                  rediffusion_steps=20, perceptual_model=None):
-        steps, iterations = check_int("steps", steps, 2, 1000), check_int("iterations", iterations, 1, 500)
+        steps, iterations = check_int("steps", steps, 2, 1000), check_int("iterations", iterations, high=500)
         cfg, beta = check_finite("cfg", cfg, 0.0, 100.0), check_finite("beta", beta, 0.0, 100.0)
         learning_rate = check_finite("learning_rate", learning_rate, 0.0, 10.0)
         styled_weight = check_finite("styled_weight", styled_weight, -10.0, 10.0)
@@ -329,21 +260,19 @@ class OptimizeLambdaSchedule:
         y0, y1, yu = adm_inputs(model, [p0, p1, pu], width, height)
         sigmas = sampling_sigmas(model, steps, "ddim", "ddim_uniform").tolist()
         n = len(sigmas) - 1
-        if not 0 <= neutral_steps <= n:
-            raise InputError(f"neutral_steps must lie in [0, {n}], got {neutral_steps}")
+        with core_input_errors("neutral_steps", "iterations"):   # core's checks, before any work
+            init = lo.paper_init(n, neutral_steps, styled_weight)
+            lo.check_iterations(iterations)
         if trajectory is not None:
             if not isinstance(trajectory, InversionTrajectory):
                 raise InputError("trajectory: not an INVERSION_TRAJECTORY")
-            try:
+            with core_input_errors("trajectory", "rediffusion_steps"):
                 trajectory.check_steps(steps, "ddim_uniform")
-            except ValueError as e:
-                raise InputError(f"trajectory: {e}") from e
+                lo.check_rediffusion_steps(n, rediffusion_steps)
             if not torch.allclose(trajectory.sigmas.double(), torch.tensor(sigmas, dtype=torch.float64), rtol=1e-5):
                 raise InputError("trajectory was made with another model's noise schedule: invert with this model")
             if trajectory.latents.shape[2] != channels:
                 raise InputError(f"trajectory has {trajectory.latents.shape[2]}-channel latents but the model expects {channels}")
-            if not 0 <= rediffusion_steps <= n:
-                raise InputError(f"rediffusion_steps must lie in [0, {n}], got {rediffusion_steps}")
 
         downscale = vae.spacial_compression_encode()
         latent_shape = (1, channels, height // downscale, width // downscale)
@@ -363,7 +292,7 @@ class OptimizeLambdaSchedule:
             runner, best, neutral_x0, edited_x0 = self.learn(
                 model, vae, clip_loss_model, perceptual_model, beta, sigmas, cfg, (c0, c1, uncond), (y0, y1, yu),
                 trajectory if trajectory is not None else torch.zeros(latent_shape), seed, rediffusion_steps,
-                (neutral_text, styled_text), lo.paper_init(n, neutral_steps, styled_weight), iterations,
+                (neutral_text, styled_text), init, iterations,
                 learning_rate, progress, history, cuda_graphs=not partial, recompute_unet=recompute_unet)
         except OUT_OF_MEMORY as e:  # leave the except block first, so that its frames (and tensors) are freed
             failure = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -13,7 +13,7 @@ from ..core import lambda_schedule as ls
 from ..core.conditioning import check_embedding_pair, mix_embeddings, mix_pooled
 from .comfy_boundary import sampling_sigmas, step_progress_for_model
 from .common import (CATEGORY, LAMBDA_SCHEDULE, LAMBDA_SCHEDULE_FOLDER, InputError, check_conditioning, check_finite,
-                     check_int, free_save_path, load_safetensors, read_safetensors_header, writing)
+                     check_int, core_input_errors, free_save_path, load_safetensors, read_safetensors_header, writing)
 from .plot import draw_schedule
 
 SCHEDULE_CATEGORY = f"{CATEGORY}/lambda"
@@ -22,14 +22,6 @@ SCHEDULE_TOOLTIP = "λ over diffusion time: the weight of the styled prompt, c_t
 MAX_SCHEDULE_JSON_BYTES = 1 << 20   # a 1000-knot schedule is ~55 kB of JSON
 MAX_STEPS = ls.MAX_STEP_VALUES
 PLOT_WIDTH, PLOT_HEIGHT = (128, 4096), (96, 4096)
-
-
-def _wrap(make, *args):
-    """Build a schedule, turning core's ValueErrors into input errors."""
-    try:
-        return (make(*args),)
-    except ValueError as e:
-        raise InputError(str(e)) from e
 
 
 class _ScheduleMaker:
@@ -49,7 +41,7 @@ class LambdaScheduleConstant(_ScheduleMaker):
         return {"required": {"value": ("FLOAT", {"default": 1.0, **VALUE, "tooltip": "λ at every step: 1 = the styled prompt alone, 0 = the neutral prompt alone, in between a mix; outside [0, 1] extrapolates."})}}
 
     def make(self, value):
-        return _wrap(ls.constant, check_finite("value", value))
+        return (ls.constant(check_finite("value", value)),)
 
 
 class LambdaScheduleSwitch(_ScheduleMaker):
@@ -69,9 +61,10 @@ class LambdaScheduleSwitch(_ScheduleMaker):
         }}
 
     def make(self, steps, switch_step, value_before, value_after):
-        steps = check_int("steps", steps, 1, MAX_STEPS)
-        return _wrap(ls.switch_at_step, steps, check_int("switch_step", switch_step, 0, steps),
-                     check_finite("value_before", value_before), check_finite("value_after", value_after))
+        steps, switch_step = check_int("steps", steps, 1, MAX_STEPS), check_int("switch_step", switch_step)
+        before, after = check_finite("value_before", value_before), check_finite("value_after", value_after)
+        with core_input_errors("switch_step", "steps"):   # 0 ≤ switch_step ≤ steps: core's check
+            return (ls.switch_at_step(steps, switch_step, before, after),)
 
 
 class LambdaScheduleRamp(_ScheduleMaker):
@@ -89,13 +82,10 @@ class LambdaScheduleRamp(_ScheduleMaker):
 
     def make(self, steps, start_value, end_value, start_step, end_step):
         steps = check_int("steps", steps, 1, MAX_STEPS)
-        start_step = check_int("start_step", start_step, 0, steps - 1)
-        end_step = check_int("end_step", end_step, -1, steps - 1)
-        if 0 <= end_step < start_step:
-            raise InputError(f"end_step must be -1 (the last step) or lie in [start_step, steps − 1] = "
-                             f"[{start_step}, {steps - 1}], got {end_step}")
-        return _wrap(ls.linear_ramp, steps, check_finite("start_value", start_value), check_finite("end_value", end_value),
-                     start_step, None if end_step == -1 else end_step)
+        start_step, end_step = check_int("start_step", start_step), check_int("end_step", end_step, -1)  # -1: the last
+        start_value, end_value = check_finite("start_value", start_value), check_finite("end_value", end_value)
+        with core_input_errors("start_step", "end_step"):   # 0 ≤ start_step ≤ end_step ≤ steps − 1: core's check
+            return (ls.linear_ramp(steps, start_value, end_value, start_step, None if end_step == -1 else end_step),)
 
 
 class LambdaScheduleFromList(_ScheduleMaker):
@@ -106,7 +96,8 @@ class LambdaScheduleFromList(_ScheduleMaker):
         return {"required": {"values": ("STRING", {"default": "0, 0, 0, 1, 1, 1", "multiline": True, "tooltip": f"At most {MAX_STEPS} values. λ_1, …, λ_N: one weight of the styled prompt per step, comma-separated (N values = N knots at DDIM-uniform spacing; other step counts read the nearest knot)."})}}
 
     def make(self, values):
-        return _wrap(ls.parse_value_list, values)
+        with core_input_errors("values"):
+            return (ls.parse_value_list(values),)
 
 
 def _schedule_files():
@@ -294,10 +285,8 @@ class MixConditioningBySchedule:
         check_conditioning(styled, "styled")
         if not isinstance(schedule, ls.LambdaSchedule):
             raise InputError("schedule: not a LAMBDA_SCHEDULE")
-        try:
+        with core_input_errors("neutral/styled"):
             return (mix_conditioning(neutral, styled, schedule),)
-        except ValueError as e:
-            raise InputError(f"neutral/styled: {e}") from e
 
 
 class LambdaScheduleToText:

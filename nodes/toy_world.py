@@ -25,8 +25,8 @@ import torch
 
 from ..toy_world import factor_world as fw
 from .clip_loss import OPENAI_MEAN, OPENAI_STD, ClipLossModel, import_open_clip
-from .common import (CATEGORY, PACK_WEIGHTS, InputError, check_config_fits_file, check_int, json_metadata,
-                     load_safetensors, read_safetensors_header, shipped_first)
+from .common import (CATEGORY, PACK_WEIGHTS, InputError, check_config_fits_file, check_int, core_input_errors,
+                     json_metadata, load_safetensors, read_safetensors_header, shipped_first, short)
 # PACK_WEIGHTS is re-exported: nodes/__init__.py registers it for the toy world and the DisDiff folders
 
 TOY_WORLD_FOLDER = "toy_world"
@@ -195,14 +195,12 @@ class FactorWorldScene:
         size = check_int("size", size, 64, 1024)  # a linked INT skips the widget's limits
         names = (fw.HUE_NAMES, fw.HUE_NAMES, fw.HUE_NAMES, fw.SCALE_WORDS, fw.SHAPE_NAMES, fw.ORIENTATION_WORDS)
         values = (floor_hue, wall_hue, object_hue, scale, shape, orientation)
-        try:
-            factors = torch.tensor([[list(n).index(v) for n, v in zip(names, values)]])
-        except ValueError as e:
-            raise InputError(f"unknown factor value: {e}") from e
-        try:
+        for name, allowed, value in zip(fw.FACTOR_NAMES, names, values):   # a linked combo skips ComfyUI's check
+            if value not in allowed:
+                raise InputError(f"{name}: unknown value {short(value)}, expected one of {', '.join(allowed)}")
+        factors = torch.tensor([[list(n).index(v) for n, v in zip(names, values)]])
+        with core_input_errors("size"):
             image = fw.render_at(factors, size)
-        except ValueError as e:
-            raise InputError(str(e)) from e
         return (image.permute(0, 2, 3, 1).contiguous(), fw.full_caption(factors[0]))
 
 

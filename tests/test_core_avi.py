@@ -317,7 +317,7 @@ def test_difference_integration_limits():
         y1 = avi.integrate(x, z, 3, 0.7, "z", integration=mode)
         y3 = avi.integrate(x, z, 3, 0.7, "z", integration=mode, gain=3.0)
         torch.testing.assert_close(y3 - x, 3.0 * (y1 - x))
-    with pytest.raises(ValueError, match="k must be between 1 and r = 8"):
+    with pytest.raises(ValueError, match=r"k must be between 1 and r = min\(H, W\) = 8 for the difference"):
         avi.integrate(x, z, 9, 1.0, integration="difference")
     with pytest.raises(ValueError, match="integration must be one of"):
         avi.integrate(x, z, 2, 1.0, integration="reversed")

@@ -237,7 +237,7 @@ def test_adjoint_runner_vjp_matches_autograd_and_graphed_runner_falls_back_on_cp
     grads = []
     for r in (runner, graphed):
         lam_ = lam.clone().requires_grad_(True)
-        x0 = lo.sample_mixed(None, x_T, sigmas, None, None, lam_, runner=r)
+        x0 = r.sample(x_T, lam_)
         x0.square().sum().backward()
         grads.append((x0.detach(), lam_.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
@@ -254,7 +254,7 @@ def test_cuda_graphed_runner_matches_eager_steps_on_gpu():
         runner = cls(net, sigmas, c0, c1, uncond, 2.0)
         for _ in range(2):  # the second call replays graphs captured by the first
             lam = torch.linspace(0, 1, 5, dtype=torch.float64, device="cuda").requires_grad_(True)
-            x0 = lo.sample_mixed(None, x_T, sigmas, None, None, lam, runner=runner)
+            x0 = runner.sample(x_T, lam)
             x0.square().sum().backward()
         results.append((x0.detach(), lam.grad))
         assert getattr(runner, "fallback_reason", None) is None
@@ -301,9 +301,149 @@ def test_on_step_reports_every_forward_and_backward_step_and_stops_the_pass():
         return on_step
 
     runner = CountingRunner(net, sigmas, c0, c1, uncond, 2.0)
-    x0 = lo.sample_mixed(None, x_T, sigmas, None, None, lam, runner=runner, on_step=stop_at(n + 2))
+    x0 = runner.sample(x_T, lam, on_step=stop_at(n + 2))
     with pytest.raises(Stop):
         x0.square().sum().backward()
     assert CountingRunner.vjps == 2  # stopped after the second backward step, not at the end of the pass
     with pytest.raises(Stop):
-        lo.sample_mixed(None, x_T, sigmas, None, None, lam, runner=runner, on_step=stop_at(2))
+        runner.sample(x_T, lam, on_step=stop_at(2))
+
+
+# --------------------------------------------------------------------------------------------
+# The objective L(λ) = L_dir + β·L_perc and the edit that owns the step runner, on tiny callables
+# --------------------------------------------------------------------------------------------
+
+class TinyTowers:
+    """Stand-ins for the host's models (float64): ``decode`` X0 [B, 4, 6, 6] → images [B, 3, 3, 3] in [0, 1]
+    (2×2 mean pool, three channels, a sigmoid), ``encode_images`` a fixed projection to unit vectors,
+    ``encode_texts`` a fixed unit vector per prompt, ``perceptual`` the mean squared pixel difference."""
+
+    def __init__(self, seed=7, dim=5):
+        g = torch.Generator().manual_seed(seed)
+        self.projection = torch.randn(27, dim, generator=g, dtype=torch.float64)
+        self.words = {}
+        self.g, self.dim = g, dim
+
+    def decode(self, x0):
+        pooled = torch.nn.functional.avg_pool2d(x0, 2)[:, :3]
+        return torch.sigmoid(pooled).movedim(1, -1)
+
+    def encode_images(self, images):
+        return torch.nn.functional.normalize(images.flatten(1) @ self.projection, dim=-1)
+
+    def encode_texts(self, texts):
+        for t in texts:
+            self.words.setdefault(t, torch.nn.functional.normalize(
+                torch.randn(self.dim, generator=self.g, dtype=torch.float64), dim=0))
+        return torch.stack([self.words[t] for t in texts])
+
+    @staticmethod
+    def perceptual(images, reference):
+        return (images - reference).square().flatten(1).mean(1)
+
+
+def cosine_by_hand(a, b):
+    return (a * b).sum(-1) / ((a * a).sum(-1).sqrt() * (b * b).sum(-1).sqrt())
+
+
+def objective_by_hand(towers, x0, neutral_x0, neutral_texts, styled_texts, beta, perceptual):
+    """L(λ) per item from its definition: 1 − cos(E_I(x0) − E_I(x0_ref), E_T(c1) − E_T(c0)) + β·content, with
+    content = the perceptual distance or 1 − cos(E_I(x0), E_I(x0_ref)); cosines written out."""
+    image, reference = towers.decode(x0), towers.decode(neutral_x0)
+    e, e0 = towers.encode_images(image), towers.encode_images(reference)
+    direction = towers.encode_texts(styled_texts) - towers.encode_texts(neutral_texts)
+    content = towers.perceptual(image, reference) if perceptual else 1 - cosine_by_hand(e, e0)
+    return 1 - cosine_by_hand(e - e0, direction) + beta * content
+
+
+NEUTRAL_TEXTS, STYLED_TEXTS = ["a red cube", "a red ball", "a blue cube"], ["a yellow cube", "a red box", "a blue cone"]
+
+
+@pytest.mark.parametrize("perceptual", [False, True])
+def test_objective_is_the_directional_loss_plus_beta_times_the_content_term(perceptual):
+    towers = TinyTowers()
+    g = torch.Generator().manual_seed(21)
+    neutral_x0, x0 = (torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    objective = lo.LambdaObjective(towers.decode, towers.encode_images, towers.encode_texts, 0.3,
+                                   towers.perceptual if perceptual else None)
+    objective.set_reference(neutral_x0, NEUTRAL_TEXTS, STYLED_TEXTS)
+    expected = objective_by_hand(towers, x0, neutral_x0, NEUTRAL_TEXTS, STYLED_TEXTS, 0.3, perceptual)
+    per_item = objective.loss(x0, per_item=True)
+    assert per_item.shape == (3,) and torch.allclose(per_item, expected, rtol=1e-12, atol=0)
+    assert torch.allclose(objective.loss(x0), expected.mean(), rtol=1e-12, atol=0)
+    assert torch.equal(objective.last_image, towers.decode(x0))
+    # the oracle tells the terms apart: the reversed text direction, and β = 0, give other values
+    reversed_direction = objective_by_hand(towers, x0, neutral_x0, STYLED_TEXTS, NEUTRAL_TEXTS, 0.3, perceptual)
+    assert not torch.allclose(per_item, reversed_direction, rtol=1e-3)
+    assert not torch.allclose(per_item, objective_by_hand(towers, x0, neutral_x0, NEUTRAL_TEXTS, STYLED_TEXTS, 0.0,
+                                                          perceptual), rtol=1e-3)
+
+
+def tiny_edit(towers, start, cfg=2.0, conds=None, **options):
+    net, c0, c1, uncond, sigmas, _ = setup()
+    objective = lo.LambdaObjective(towers.decode, towers.encode_images, towers.encode_texts, 0.3, towers.perceptual)
+    edit = lo.LambdaEdit(objective, net, sigmas, cfg, conds or (c0, c1, uncond), (None, None, None), start, **options)
+    return edit, net, sigmas
+
+
+def test_edit_samples_once_configured_and_its_gradient_is_the_objectives():
+    """The edit's runner samples X0(λ) as sample_mixed does from the same values; set_reference takes X0(0); L(λ)
+    is the objective at X0(λ) and its adjoint λ-gradient matches finite differences of the hand-written L."""
+    towers = TinyTowers()
+    net, c0, c1, uncond, sigmas, x_T = setup()
+    edit, _, _ = tiny_edit(towers, x_T, cuda_graphs=False)
+    assert edit.sigmas == sigmas and edit.steps == 5 and torch.equal(edit.x_T, x_T) and edit.x_T is not x_T
+    neutral = edit.set_reference(NEUTRAL_TEXTS[:1], STYLED_TEXTS[:1])
+    with torch.no_grad():
+        assert torch.equal(neutral, lo.sample_mixed(net, x_T, sigmas, c0, c1, torch.zeros(5, dtype=torch.float64),
+                                                    uncond, 2.0))
+
+    def loss_by_hand(lam):
+        x0 = lo.sample_mixed(net, x_T, sigmas, c0, c1, lam, uncond, 2.0)
+        return objective_by_hand(towers, x0, neutral, NEUTRAL_TEXTS[:1], STYLED_TEXTS[:1], 0.3, True).mean()
+
+    lam = torch.tensor([0.0, 0.2, 0.7, 1.0, 1.1], dtype=torch.float64, requires_grad=True)
+    loss = edit.loss(lam)
+    loss.backward()
+    with torch.no_grad():
+        assert torch.allclose(loss, loss_by_hand(lam), rtol=1e-12, atol=0)
+        fd = five_point_derivative(loss_by_hand, lam.detach(), 1e-3)
+    assert torch.allclose(lam.grad, fd, rtol=1e-5, atol=1e-10), (lam.grad, fd)
+    assert not torch.allclose(lam.grad, -fd, rtol=1e-5, atol=1e-10)
+    # off CUDA the graphed runner falls back to the same eager steps
+    graphed, _, _ = tiny_edit(towers, x_T)
+    with torch.no_grad():
+        assert torch.equal(graphed.sample(lam.detach()), edit.sample(lam.detach()))
+    assert graphed.runner.fallback_reason == "tensors on cpu, not CUDA"
+
+
+def test_edit_of_a_batch_gives_one_loss_per_item():
+    towers = TinyTowers()
+    net, c0, c1, uncond, sigmas, x_T, _, _ = batch_setup()
+    edit, _, _ = tiny_edit(towers, x_T, conds=(c0, c1, uncond), per_item=True, cuda_graphs=False)
+    neutral = edit.set_reference(NEUTRAL_TEXTS, STYLED_TEXTS)
+    lam = torch.rand(5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.no_grad():
+        x0 = lo.sample_mixed(net, x_T, sigmas, c0, c1, lam, uncond, 2.0)
+        expected = objective_by_hand(towers, x0, neutral, NEUTRAL_TEXTS, STYLED_TEXTS, 0.3, True)
+        assert torch.allclose(edit.loss(lam), expected, rtol=1e-12, atol=0)
+
+
+def test_real_image_edit_passes_through_its_trajectory():
+    """A trajectory as start: X0(0) is the image itself, λ = 0 sampling lands on it through the corrections,
+    the last r steps re-diffuse (no correction), and r is checked against the schedule."""
+    towers = TinyTowers()
+    net, c0, _, uncond, sigmas, _ = setup()
+    image = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        inv = ddim.invert_ddim(lambda x, s: lo.guided_denoise(net, x, s, c0, uncond, 3.0), image, list(reversed(sigmas)))
+    edit, _, _ = tiny_edit(towers, inv.trajectory, cfg=3.0, conds=(c0, c0, uncond), rediffusion_steps=0,
+                           cuda_graphs=False)
+    assert edit.x_T is edit.path[0] and edit.path[0] is not inv.trajectory[0]
+    assert torch.equal(edit.set_reference(NEUTRAL_TEXTS[:1], STYLED_TEXTS[:1]), image)
+    with torch.no_grad():
+        assert torch.allclose(edit.sample(torch.zeros(5, dtype=torch.float64)), image, atol=1e-12)
+    free, _, _ = tiny_edit(towers, inv.trajectory, cfg=3.0, conds=(c0, c0, uncond), rediffusion_steps=2)
+    assert free.corrections[-2:] == [None, None] and all(c is not None for c in free.corrections[:-2])
+    with pytest.raises(ValueError, match=r"rediffusion_steps must lie in \[0, 5\], got 6"):
+        tiny_edit(towers, inv.trajectory, cfg=3.0, conds=(c0, c0, uncond), rediffusion_steps=6)

@@ -471,6 +471,17 @@ RAW_CASES = {
                                                     "scene", "size", 1 << 20), "scene", "size must be at most 1024"),
     "λ From List 1000 values": (lambda: {"lam": node("DisentangleLambdaFromList", values=", ".join(["0.5"] * 1000))},
                                 "lam", "at most 999 values"),
+    # the checks that live in core only, their messages naming the input
+    "λ Switch switch_step 12": (lambda: linked({"lam": node("DisentangleLambdaSwitch", steps=10, switch_step=3,
+                                                            value_before=0.0, value_after=1.0)}, "lam", "switch_step", 12),
+                                "lam", "switch_step must lie in [0, steps=10], got 12"),
+    "λ Ramp end_step before start_step": (lambda: {"lam": node("DisentangleLambdaRamp", steps=10, start_value=0.0,
+                                                               end_value=1.0, start_step=7, end_step=3)},
+                                          "lam", "end_step must lie in [start_step, steps − 1] = [7, 9], got 3"),
+    "DDIM Inversion refine_iterations -1": (lambda: linked(inversion_prompt(), "inv", "refine_iterations", -1), "inv",
+                                            "refine_iterations must be ≥ 0, got -1"),
+    "AVI Integrate k 1000": (lambda: linked({**tiny(), **avi_capture_nodes(), "integ": avi_integrate_node()}, "integ",
+                                            "k", 1000), "integ", "k must be between 1 and r = min(H, W) = 4"),
 }
 
 
@@ -478,6 +489,37 @@ RAW_CASES = {
 def test_raw_errors_become_messages_naming_the_input(case):
     make, target, needle = RAW_CASES[case]
     node_error(make(), target, needle)
+
+
+def test_core_errors_are_named_by_one_translation():
+    """core_input_errors: a core message that begins with an input's name is kept, any other is prefixed with
+    the block's input; InputErrors and the exceptions it is not told to catch pass unchanged."""
+    common = harness.pack_module("nodes.common")
+
+    def raised(block, *names, **kw):
+        with pytest.raises(Exception) as info:
+            with common.core_input_errors(*names, **kw):
+                block()
+        return info.value
+
+    def fail(message, kind=ValueError):
+        def block():
+            raise kind(message)
+        return block
+
+    kept = raised(fail("k must be between 1 and 7, got 9"), "avi_model", "x", "k")
+    assert type(kept) is common.InputError and str(kept) == "k must be between 1 and 7, got 9"
+    prefixed = raised(fail("this AVI model (Φ) was trained for 8×8 latents"), "avi_model", "k")
+    assert str(prefixed) == "avi_model: this AVI model (Φ) was trained for 8×8 latents"
+    assert str(raised(fail("steps must be ≥ 1"), "step")) == "step: steps must be ≥ 1"   # a whole name, not a prefix
+    own = common.InputError("cfg must be a finite number")
+
+    def node_check():
+        raise own
+
+    assert raised(node_check, "k") is own
+    other = raised(fail("from the host's model"), "save_name", errors=KeyError)
+    assert type(other) is ValueError
 
 
 def test_from_list_takes_999_values_and_the_ramp_its_last_step():
