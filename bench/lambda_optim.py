@@ -69,7 +69,6 @@ class Case:
     def __init__(self, pack, model, vae, loss_model, perceptual, size, steps, cfg, pooled=0, ctx=768):
         import torch
         import comfy.model_management as mm
-        import comfy.samplers
         self.node = pack.nodes.lambda_optim
         self.model, self.vae, self.loss_model, self.perceptual = model, vae, loss_model, perceptual
         self.steps, self.cfg, self.size = steps, cfg, size
@@ -80,12 +79,10 @@ class Case:
         self.latent = torch.zeros(1, 4, side, side)
         self.noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
         mm.load_models_gpu([model])
-        sampling = model.get_model_object("model_sampling")
-        self.sigmas = comfy.samplers.calculate_sigmas(sampling, "ddim_uniform", steps).tolist()
+        self.sigmas = pack.nodes.comfy_boundary.sampling_sigmas(model, steps, "ddim", "ddim_uniform").tolist()
         pooled_of = [c[0][1].get("pooled_output") for c in (self.pos, self.styled, self.neg)]
         self.adms = self.node.adm_inputs(model, pooled_of, size, size) if pooled else [None] * 3
-        with torch.inference_mode(False):
-            self.objective = self.node.LambdaObjective(model, vae, loss_model, 0.05, perceptual)
+        self.objective = self.objective_with()
 
     def stock(self):
         import comfy.sample
@@ -95,7 +92,7 @@ class Case:
                                        self.neg, self.latent, disable_pbar=True, seed=0)
 
     def objective_with(self, **options):
-        """Another LambdaObjective on the same models, e.g. with other memory options."""
+        """A LambdaObjective on these models: the node's memory options, or ``options`` instead."""
         import torch
         with torch.inference_mode(False):
             return self.node.LambdaObjective(self.model, self.vae, self.loss_model, 0.05, self.perceptual, **options)
