@@ -122,7 +122,7 @@ class Bench:
     # ---- AVI --------------------------------------------------------------------------------
 
     def capture(self, e: Edits, z_source, t_x, delta_tau, t_early=None, early_weight=None):
-        early_weight = self.avi_nodes.EARLY_SCALE if early_weight is None else early_weight
+        early_weight = self.avi_nodes.DEFAULT_EARLY_WEIGHT if early_weight is None else early_weight
         key = (e.factor, z_source, t_x, delta_tau, t_early, early_weight, self.avi_nodes.EARLY_THRESHOLD)
         if key not in self.captures:
             extra = {} if t_early is None else {"t_early": t_early, "early_weight": early_weight}
@@ -153,7 +153,7 @@ class Bench:
     def avi(self, factor, rho, z_source, t_x, delta_tau, integration, singular_values="x's own (no Φ)", phi=None,
             gain=1.0, k=0, label="", t_early=None, early_weight=None):
         import torch
-        weight = self.avi_nodes.EARLY_SCALE if early_weight is None else early_weight
+        weight = self.avi_nodes.DEFAULT_EARLY_WEIGHT if early_weight is None else early_weight
         early = "" if t_early is None else (f", T_early {t_early}, early scale {weight:g}, "
                                             f"gate {self.avi_nodes.EARLY_THRESHOLD:g}")
         key = (f"AVI {label}: z {z_source}{early}, T_x {t_x}, Δτ {delta_tau}, {integration}, S {singular_values}, "

@@ -62,7 +62,7 @@ DEFAULT_T_EARLY = 0.9
 EARLY_THRESHOLD = 0.5
 # the default of AVI Capture's early_weight: floor/wall edits get strength γ·0.8 = 1.8 at ρ 1 (seed 3: the smallest of
 # the grid reaching 60% for both; 3 overshoots), while γ alone (2.25) serves the object's colour
-EARLY_SCALE = 0.8
+DEFAULT_EARLY_WEIGHT = 0.8
 
 
 @dataclass
@@ -217,7 +217,7 @@ def target_x0_change(model, probe: dict, step: int, target, negative, cfg: float
 
 def repredicted_z(model, x: torch.Tensor, probes: dict, target, negative, cfg: float, sampler_name: str,
                   sigmas: torch.Tensor, s_x: int, seed: int, noise_mask=None,
-                  early_weight: float = EARLY_SCALE) -> torch.Tensor:
+                  early_weight: float = DEFAULT_EARLY_WEIGHT) -> torch.Tensor:
     """z for 'target's x̂0 at x' (``probes`` = {s_x − 1: …}) and 'target's x̂0 at x and at t_early' (also
     {s_early: …}): x with its clean estimate moved by Σ_probes (x̂0_T − x̂0_O), each predicted at a sampler state of
     the original trajectory (x̂0_O is the sampler's own prediction there, x̂0_T costs one UNet evaluation per probe).
@@ -293,13 +293,13 @@ class AVICapture:
             "optional": {
                 "t_early": ("FLOAT", {"default": DEFAULT_T_EARLY, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": T_EARLY_TOOLTIP}),
-                "early_weight": ("FLOAT", {"default": EARLY_SCALE, "min": 0.0, "max": MAX_EARLY_WEIGHT, "step": 0.05,
+                "early_weight": ("FLOAT", {"default": DEFAULT_EARLY_WEIGHT, "min": 0.0, "max": MAX_EARLY_WEIGHT, "step": 0.05,
                                            "tooltip": EARLY_WEIGHT_TOOLTIP}),
             },
         }
 
     def capture(self, model, positive, target, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                t_x, delta_tau, z_source, t_early=DEFAULT_T_EARLY, early_weight=EARLY_SCALE):
+                t_x, delta_tau, z_source, t_early=DEFAULT_T_EARLY, early_weight=DEFAULT_EARLY_WEIGHT):
         steps = check_int("steps", steps, 2, 10000)  # x needs a step strictly between the first and the last
         cfg = check_finite("cfg", cfg, 0.0, 100.0)
         t_x, delta_tau = check_finite("t_x", t_x, 0.0, 1.0), check_finite("delta_tau", delta_tau, -1.0, 0.0)

@@ -128,7 +128,7 @@ def test_two_probe_z_against_stock_ksampler_advanced(nodes_avi, kind, sampler, m
         assert s_e < start - 1 and z["avi_capture"]["step"] == start
         late, early = change(start - 1), change(s_e)
         want = numpy_committed_change(late.double().numpy(), early.double().numpy(), 4.0, threshold,
-                                      nodes_avi.EARLY_SCALE)
+                                      nodes_avi.DEFAULT_EARLY_WEIGHT)
         expected = x["samples"] + torch.from_numpy(want).float()
         assert (z["samples"] - expected).abs().max() < 2e-3 * expected.abs().max()
     # wide open, the early change is really there: z differs from the one-probe z
@@ -176,11 +176,11 @@ def test_two_probe_option_defaults_cost_and_checks(nodes_avi, monkeypatch):
     for bad in (float("nan"), float("inf"), -0.1, 1.5, 0.2):    # 0.2 < t_x 0.3: the probe must come before x
         with pytest.raises(InputError, match="t_early"):
             node.capture(**args, t_early=bad)
-    # early_weight: optional, default EARLY_SCALE; z − x is affine in it (0: the one-probe z); a prompt without it
+    # early_weight: optional, default DEFAULT_EARLY_WEIGHT; z − x is affine in it (0: the one-probe z); a prompt without it
     # gets the default
     weight = inputs["optional"]["early_weight"][1]
-    assert weight["default"] == nodes_avi.EARLY_SCALE and weight["tooltip"]
-    torch.testing.assert_close(node.capture(**args, early_weight=nodes_avi.EARLY_SCALE)["result"][1]["samples"],
+    assert weight["default"] == nodes_avi.DEFAULT_EARLY_WEIGHT and weight["tooltip"]
+    torch.testing.assert_close(node.capture(**args, early_weight=nodes_avi.DEFAULT_EARLY_WEIGHT)["result"][1]["samples"],
                                out["result"][1]["samples"])
     monkeypatch.setattr(nodes_avi, "EARLY_THRESHOLD", 1e6)    # the gate wide open: the weight shows in z
     zs = {w: node.capture(**args, early_weight=w)["result"][1]["samples"] for w in (0.0, 0.5, 1.0)}
