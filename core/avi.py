@@ -194,6 +194,21 @@ def difference_directions(x: Tensor, z: Tensor, k: int) -> Tensor:
     return compose(a[..., :k], d[..., :k], bh[..., :k, :])
 
 
+def support_weights(d: Tensor, threshold: float) -> Tensor:
+    """Where a change d [..., C, H, W] lives, per item: m = clamp(‖d_{:,i,j}‖ / (threshold·max_{i,j} ‖d_{:,i,j}‖), 0, 1),
+    the norm over channels at each position (shape [..., 1, H, W]; 0 where d is zero). m = 1 where the change is at
+    least ``threshold`` of its largest, falling linearly to 0 where there is none: multiplying a low-rank
+    approximation of d by m takes back what the approximation spreads to positions that d does not change."""
+    if not isinstance(d, Tensor) or d.ndim < 3:
+        raise ValueError(f"d must be a tensor [..., C, H, W], got {tuple(getattr(d, 'shape', ()))}")
+    threshold = float(threshold)
+    if not (math.isfinite(threshold) and 0 < threshold <= 1):
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    n = d.to(_work_dtype(d)).norm(dim=-3, keepdim=True)
+    peak = n.amax(dim=(-2, -1), keepdim=True)
+    return (n / (threshold * peak).clamp_min(torch.finfo(n.dtype).tiny)).clamp(0, 1)
+
+
 def committed_change(late: Tensor, early: Tensor, guidance: float, threshold: float = 0.5, scale: float = 1.0) -> Tensor:
     """The change of the clean-image estimate for the two-probe z ("target's x̂0 at x and at t_early"; our
     option, not the paper's), per batch item (dimension 0)::
@@ -245,23 +260,35 @@ def check_gain(gain: float) -> float:
     return gain
 
 
+def check_support(support: float) -> float:
+    support = float(support)
+    if not (math.isfinite(support) and 0 <= support <= 1):
+        raise ValueError(f"support must be a number in [0, 1] (0: everywhere), got {support}")
+    return support
+
+
 def integrate(x: Tensor, z: Tensor, k: int, rho: float, singular_values: Tensor | str = "x",
-              integration: str = "paper", gain: float = 1.0) -> Tensor:
+              integration: str = "paper", gain: float = 1.0, support: float = 0.0) -> Tensor:
     """The edited latent in x's dtype: ŷ_γ = x + γ·(ŷ − x) with
 
     * ``"paper"``: ŷ = Û·diag(S)·V̂ of Algorithm 1 (z's weakest directions, reversed);
     * ``"strongest"``: ŷ = Û·diag(S)·V̂ with :func:`integrate_strongest_vectors`;
-    * ``"difference"``: ŷ = x + ρ·Σ_{j<k} d_j a_j b_jᵀ, the top k directions of z − x (S unused).
+    * ``"difference"``: ŷ = x + ρ·m ⊙ Σ_{j<k} d_j a_j b_jᵀ, the top k directions of z − x (S unused), with
+      m = :func:`support_weights` (z − x, ``support``) for ``support`` > 0 and m = 1 for 0.
 
     ``singular_values`` (paper, strongest): a tensor [..., r] (e.g. Φ's S), or ``"x"`` / ``"z"`` for the
     latents' own singular values (no Φ). γ = 1 is the integration itself (the paper has no γ)."""
     check_pair(x, z)
     if integration not in INTEGRATIONS:
         raise ValueError(f"integration must be one of {INTEGRATIONS}, got {integration!r}")
-    gain = check_gain(gain)
+    gain, support = check_gain(gain), check_support(support)
     if integration == "difference":
         rho = check_rho(rho)
-        y = x.to(_work_dtype(x)) + rho * difference_directions(x, z, k)
+        change = difference_directions(x, z, k)
+        if support > 0:
+            work = _work_dtype(x)
+            change = change * support_weights(z.to(work) - x.to(work), support)
+        y = x.to(_work_dtype(x)) + rho * change
     else:
         ux, sx, vhx = channel_svd(x)
         uz, sz, vhz = channel_svd(z)

@@ -54,6 +54,9 @@ DEFAULT_INTEGRATION = "x + top-k directions of z − x"
 DIFFERENCE_K = 1      # k = 0 with the difference integration (measured: bench/avi_quality.py)
 DEFAULT_GAIN = 2.25   # γ (measured: bench/avi_quality.py; chosen on seed 3: the smallest reaching 70% object hue)
 MAX_GAIN = 10.0
+# AVI Integrate's support (core_avi.support_weights): the difference integration's change is taken only where z − x
+# itself changes the latent (0 = everywhere, the plain rank-k approximation; measured: bench/avi_quality.py)
+DEFAULT_SUPPORT = 0.5
 DEFAULT_T_X = 0.2     # T_x (measured: bench/avi_premises.py, bench/avi_quality.py; the paper: 0.8)
 # 'target's x̂0 at x and at t_early' (core_avi.committed_change): the early probe's time, the gate threshold on
 # r = ‖Δ_late‖/‖Δ_early/cfg‖ (toy world, seed 3: r ≈ 1.2 for object hue, ≈ 0.05 for floor/wall hue) and the weight of
@@ -469,6 +472,14 @@ GAIN_TOOLTIP = (
 )
 
 
+SUPPORT_TOOLTIP = (
+    "Difference integration only: where the change is applied. The rank-k approximation of z − x spreads it over whole "
+    "rows and columns of the latent, also onto positions z − x leaves alone (an object in front of a recoloured wall). "
+    "support s > 0 weights it by m = clamp(‖z − x‖ / (s·max ‖z − x‖), 0, 1) per position (norm over channels): the full "
+    "change where z − x is at least s of its largest, none where z − x is zero. 0 = everywhere."
+)
+
+
 class AVIIntegrate:
     DESCRIPTION = (
         "AVI step 3: builds ŷ from AVI Capture's x and z per latent channel (integration: by default x plus the top-k "
@@ -506,13 +517,15 @@ class AVIIntegrate:
                                                      "Algorithm 1)."}),
                 "integration": (list(INTEGRATIONS), {"default": DEFAULT_INTEGRATION, "tooltip": INTEGRATION_TOOLTIP}),
                 "gain": ("FLOAT", {"default": DEFAULT_GAIN, "min": 0.0, "max": MAX_GAIN, "step": 0.05, "tooltip": GAIN_TOOLTIP}),
+                "support": ("FLOAT", {"default": DEFAULT_SUPPORT, "min": 0.0, "max": 1.0, "step": 0.05,
+                                      "tooltip": SUPPORT_TOOLTIP}),
             },
         }
 
     def integrate(self, x, z, rho, k, singular_values, avi_model=None, integration=DEFAULT_INTEGRATION,
-                  gain=DEFAULT_GAIN):
+                  gain=DEFAULT_GAIN, support=DEFAULT_SUPPORT):
         rho, k = check_finite("rho", rho), check_int("k", k, 0, 1024)   # ρ ∈ [0, 1], γ ≥ 0, k ≤ r: core.avi's checks
-        gain = check_finite("gain", gain, high=MAX_GAIN)
+        gain, support = check_finite("gain", gain, high=MAX_GAIN), check_finite("support", support)
         if integration not in INTEGRATIONS:
             raise InputError(f"integration must be one of {INTEGRATIONS}, got {short(integration)}")
         if singular_values not in SINGULAR_VALUES:
@@ -530,11 +543,13 @@ class AVIIntegrate:
             k = resolve_k(k, core_avi.rank_of(*xp.shape[-2:]), avi_model.net if uses_phi else None)
         device = mm.get_torch_device()
         xd, zd = xp.to(device), zp.to(device)
-        with core_input_errors("avi_model", "x", "z", "k", "rho", "gain"):   # Φ's size is checked there too
+        with core_input_errors("avi_model", "x", "z", "k", "rho", "gain", "support"):   # Φ's size is checked there too
+            support = core_avi.check_support(support)
             if uses_phi:
                 y = core_avi.integrate_with_net(avi_model.on(device), xd, zd, rho, k, which, mode, gain)
             else:
-                y = core_avi.integrate(xd, zd, k, rho, which if mode != "difference" else "x", mode, gain)
+                y = core_avi.integrate(xd, zd, k, rho, which if mode != "difference" else "x", mode, gain,
+                                       support if mode == "difference" else 0.0)
         y = y.to(mm.intermediate_device(), torch.float32)
         out = {"samples": (y - meta["b"]) / meta["a"]}
         if "batch_index" in x:

@@ -261,8 +261,11 @@ def test_integration_options_map_labels_to_the_core_and_keep_old_labels():
         for gain in (1.0, 2.5):
             y = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.6, k=2, singular_values="z's own (no Φ)",
                      integration=label, gain=gain)[0]["samples"] * a + b
-            # on the device the node computes on (cuSOLVER and LAPACK round the SVDs differently)
-            ref = core.integrate(xp.to(device), zp.to(device), 2, 0.6, "z", integration=key, gain=gain).cpu()
+            # on the device the node computes on (cuSOLVER and LAPACK round the SVDs differently); the default
+            # support weights the difference integration only
+            support = avi_nodes.DEFAULT_SUPPORT if key == "difference" else 0.0
+            ref = core.integrate(xp.to(device), zp.to(device), 2, 0.6, "z", integration=key, gain=gain,
+                                 support=support).cpu()
             torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
     # a prompt from before these inputs existed (HTTP API) gets the defaults; the default needs no Φ
     old = call("DisentangleAVIIntegrate", x=x, z=z, rho=0.6, k=0, singular_values="Φ: S (paper)")[0]["samples"]
@@ -277,3 +280,24 @@ def test_integration_options_map_labels_to_the_core_and_keep_old_labels():
         spectral = torch.linalg.matrix_norm(x["samples"].double(), ord=2).max()
         bound = 8 * min(x["samples"].shape[-2:]) * torch.finfo(torch.float32).eps * float(spectral)
         assert float((y0 - x["samples"]).abs().max()) < max(bound, 1e-4), label
+
+
+def test_support_reaches_the_core_and_only_the_difference_integration():
+    avi_nodes, core = comfy_host.pack_module("nodes.avi"), comfy_host.pack_module("core.avi")
+    model, pos, target, neg = prompts("sd1")
+    x, z, _ = capture(model, pos, target, neg, batch=2)
+    device = avi_nodes.mm.get_torch_device()
+    a, b = x["avi_capture"]["a"], x["avi_capture"]["b"]
+    xp, zp = x["samples"] * a + b, z["samples"] * z["avi_capture"]["a"] + z["avi_capture"]["b"]
+    args = dict(x=x, z=z, rho=0.8, k=1, singular_values="x's own (no Φ)", gain=2.0)
+    plain = call("DisentangleAVIIntegrate", **args, integration=avi_nodes.DEFAULT_INTEGRATION, support=0.0)[0]["samples"]
+    local = call("DisentangleAVIIntegrate", **args, integration=avi_nodes.DEFAULT_INTEGRATION, support=0.5)[0]["samples"]
+    ref = core.integrate(xp.to(device), zp.to(device), 1, 0.8, "x", "difference", 2.0, 0.5).cpu()
+    torch.testing.assert_close(local * a + b, ref, atol=1e-4, rtol=1e-4)
+    assert float((local - plain).abs().max()) > 1e-3      # the weights change the edit
+    # Algorithm 1 ignores it (the paper's method as written)
+    paper = dict(args, integration=PAPER, k=0)
+    torch.testing.assert_close(call("DisentangleAVIIntegrate", **paper, support=0.5)[0]["samples"],
+                               call("DisentangleAVIIntegrate", **paper, support=0.0)[0]["samples"])
+    with pytest.raises(comfy_host.pack_module("nodes.common").InputError, match="support"):
+        call("DisentangleAVIIntegrate", **args, support=1.5)

@@ -190,3 +190,60 @@ def test_two_probe_option_defaults_cost_and_checks(nodes_avi, monkeypatch):
     for bad in (float("nan"), -0.1, nodes_avi.MAX_EARLY_WEIGHT + 1):
         with pytest.raises(InputError, match="early_weight"):
             node.capture(**args, early_weight=bad)
+
+
+# --------------------------------------------------------------------------------------------
+# AVI Integrate's support: the difference integration's change only where z − x changes the latent
+# --------------------------------------------------------------------------------------------
+
+def numpy_support_weights(d, threshold):
+    """clamp(‖d[:, i, j]‖ / (threshold·max ‖d[:, i, j]‖), 0, 1) per item, literally (0 where d is zero)."""
+    out = np.zeros((d.shape[0], 1) + d.shape[2:])
+    for b in range(d.shape[0]):
+        n = np.sqrt((d[b].astype(np.float64) ** 2).sum(axis=0))
+        peak = n.max()
+        if peak > 0:
+            out[b, 0] = np.clip(n / (threshold * peak), 0, 1)
+    return out
+
+
+def test_support_weights_against_numpy():
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(3, 4, 6, 5, generator=g, dtype=torch.float64)
+    d[1, :, 2:, :] = 0                               # a change confined to the first rows
+    d[2] = 0                                         # no change at all
+    for threshold in (0.25, 0.5, 1.0):
+        got = avi.support_weights(d, threshold)
+        np.testing.assert_allclose(got.numpy(), numpy_support_weights(d.numpy(), threshold), rtol=1e-12, atol=1e-12)
+    m = avi.support_weights(d, 0.5)
+    assert m.shape == (3, 1, 6, 5) and float(m[1, :, 2:].abs().max()) == 0 and float(m[2].abs().max()) == 0
+    assert float(m[0].max()) == 1.0
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="threshold"):
+            avi.support_weights(d, bad)
+
+
+def test_difference_integration_with_support_against_numpy():
+    """ŷ = x + γρ·m ⊙ rank-k(z − x): what the rank-k approximation spreads outside z − x's support is taken back."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    d = torch.zeros_like(x)
+    d[:, :, :3, :] = torch.randn(2, 3, 3, 8, generator=g, dtype=torch.float64)   # a "wall": the top rows only
+    d[:, :, 1:3, 3:5] = 0                                                         # occluded by an "object"
+    z = x + d
+    rho, gain, k, support = 0.75, 2.0, 1, 0.5
+    got = avi.integrate(x, z, k, rho, integration="difference", gain=gain, support=support)
+    a, s, bh = np.linalg.svd(d.numpy(), full_matrices=False)
+    rank_k = (a[..., :k] * s[..., None, :k]) @ bh[..., :k, :]
+    want = x.numpy() + gain * rho * numpy_support_weights(d.numpy(), support) * rank_k
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-10)
+    plain = avi.integrate(x, z, k, rho, integration="difference", gain=gain)
+    # the plain rank-1 change reaches the occluded positions; with support it does not
+    assert float((plain - x)[:, :, 1:3, 3:5].abs().max()) > 1e-3
+    assert float((got - x)[:, :, 1:3, 3:5].abs().max()) == 0 and float((got - x)[:, :, 3:].abs().max()) == 0
+    # support 0 is the plain integration, ρ 0 returns x, bad values are refused
+    torch.testing.assert_close(avi.integrate(x, z, k, rho, integration="difference", gain=gain, support=0.0), plain)
+    torch.testing.assert_close(avi.integrate(x, z, k, 0.0, integration="difference", gain=gain, support=support), x)
+    for bad in (-0.5, 1.5, float("inf")):
+        with pytest.raises(ValueError, match="support"):
+            avi.integrate(x, z, k, rho, integration="difference", support=bad)

@@ -411,6 +411,8 @@ NAN_CASES = {
                            "train", "lambda_3"),
     "AVI Integrate rho": (lambda v: {**tiny(), **avi_capture_nodes(), "int": avi_integrate_node(rho=v)}, "int", "rho"),
     "AVI Integrate gain": (lambda v: {**tiny(), **avi_capture_nodes(), "int": avi_integrate_node(gain=v)}, "int", "gain"),
+    "AVI Integrate support": (lambda v: {**tiny(), **avi_capture_nodes(), "int": avi_integrate_node(support=v)}, "int",
+                              "support"),
     "Optimize λ cfg": (lambda v: optimize_prompt(cfg=v), "opt", "cfg"),
     "Optimize λ beta": (lambda v: optimize_prompt(beta=v), "opt", "beta"),
     "Optimize λ styled_weight": (lambda v: optimize_prompt(styled_weight=v), "opt", "styled_weight"),
