@@ -151,13 +151,14 @@ class Bench:
         return phis
 
     def avi(self, factor, rho, z_source, t_x, delta_tau, integration, singular_values="x's own (no Φ)", phi=None,
-            gain=1.0, k=0, label="", t_early=None, early_weight=None):
+            gain=1.0, k=0, label="", t_early=None, early_weight=None, support=None):
         import torch
         weight = self.avi_nodes.DEFAULT_EARLY_WEIGHT if early_weight is None else early_weight
         early = "" if t_early is None else (f", T_early {t_early}, early scale {weight:g}, "
                                             f"gate {self.avi_nodes.EARLY_THRESHOLD:g}")
         key = (f"AVI {label}: z {z_source}{early}, T_x {t_x}, Δτ {delta_tau}, {integration}, S {singular_values}, "
-               f"Φ {phi}, k {k}, γ {gain}, ρ {rho}")
+               f"Φ {phi}, k {k}, γ {gain}, ρ {rho}" + ("" if support is None else f", support {support:g}"))
+        extra = {} if support is None else {"support": support}
         def make(e):
             x, z, start = self.capture(e, z_source, t_x, delta_tau, t_early, early_weight)
             phis, pkey = None, (factor, z_source, t_x, delta_tau, phi)
@@ -168,7 +169,7 @@ class Bench:
                 phis = self.phis[pkey]
             if phis is None:
                 y = call("DisentangleAVIIntegrate", x=x, z=z, rho=rho, k=k, singular_values=singular_values,
-                         integration=integration, gain=gain)[0]
+                         integration=integration, gain=gain, **extra)[0]
             else:
                 parts = [call("DisentangleAVIIntegrate", x=dict(x, samples=x["samples"][i:i + 1]),
                               z=dict(z, samples=z["samples"][i:i + 1]), rho=rho, k=k, singular_values=singular_values,
@@ -179,7 +180,7 @@ class Bench:
 
 
 ROW_GROUPS = ("paper", "paper-own-S", "pairs", "options", "commit", "defaults")
-EXTRA_GROUPS = ("sweep", "previous-default")   # not run by default: the grid the defaults are chosen from (run it on
+EXTRA_GROUPS = ("sweep", "previous-default", "support")   # not run by default: the grid the defaults are chosen from (run it on
 # seed 3), and the previous default (early weight 1, γ 3)
 TWO_PROBE = "target's x̂0 at x and at t_early (fast)"
 
@@ -232,7 +233,13 @@ def avi_rows(b: Bench, factor: str, rhos, pairs: int, groups=ROW_GROUPS, commit_
         d = b.avi_defaults()
         for rho in rhos:
             rows.append((f"AVI defaults (z: {d['z_source']}, early weight {d.get('early_weight', 1):g}, {d['integration']}, "
-                         f"k {d['k'] or 'default'}, γ {d['gain']:g}, T_x {d['t_x']}), ρ {rho}", b.avi(factor, rho, **d)[1]))
+                         f"k {d['k'] or 'default'}, γ {d['gain']:g}, support {d.get('support', 0):g}, T_x {d['t_x']}), "
+                         f"ρ {rho}", b.avi(factor, rho, **d)[1]))
+    if "support" in groups:   # experiment: the default's change taken only where z − x changes the latent
+        d = b.avi_defaults()
+        for k, support, gain in itertools.product(sweep["ks"], sweep["supports"], sweep["gains"]):
+            rows += [(f"AVI support {support:g}: the defaults but top-{k} of z − x, γ {gain:g}, ρ {rho}",
+                      b.avi(factor, rho, **dict(d, k=k, gain=gain, support=support))[1]) for rho in sweep["rhos"]]
     if "previous-default" in groups:   # the previous default: early weight 1, γ 3
         d = dict(b.avi_defaults(), early_weight=1.0, gain=3.0)
         rows += [(f"AVI previous default (early weight 1, γ 3), ρ {rho}", b.avi(factor, rho, **d)[1])
@@ -256,7 +263,8 @@ def defaults(avi):
             "delta_tau": capture["delta_tau"][1]["default"],
             **({name: early[name][1]["default"] for name in ("t_early", "early_weight") if name in early}),
             "integration": integrate["optional"]["integration"][1]["default"],
-            "gain": integrate["optional"]["gain"][1]["default"], "k": integrate["required"]["k"][1]["default"]}
+            "gain": integrate["optional"]["gain"][1]["default"], "k": integrate["required"]["k"][1]["default"],
+            **({"support": integrate["optional"]["support"][1]["default"]} if "support" in integrate["optional"] else {})}
 
 
 Bench.avi_defaults = lambda self: defaults(self.avi_nodes)
@@ -287,9 +295,11 @@ def main():
     parser.add_argument("--sweep-rhos", type=float, nargs="*", default=[0.75, 1.0])
     parser.add_argument("--sweep-ks", type=int, nargs="*", default=[1])
     parser.add_argument("--sweep-scales", type=float, nargs="*", default=[1.0])
+    parser.add_argument("--sweep-supports", type=float, nargs="*", default=[0.25, 0.5, 1.0],
+                        help="AVI Integrate's support in group 'support' (with --sweep-ks, --sweep-gains, --sweep-rhos)")
     args = parser.parse_args()
     sweep = {"t_early": args.sweep_t_early, "t_x": args.sweep_t_x, "gains": args.sweep_gains, "rhos": args.sweep_rhos,
-             "ks": args.sweep_ks, "scales": args.sweep_scales}
+             "ks": args.sweep_ks, "scales": args.sweep_scales, "supports": args.sweep_supports}
     if not comfy_host.host_available():
         sys.exit(comfy_host.SKIP_REASON)
     comfy_host.start_host()
