@@ -163,12 +163,17 @@ def train_phi_per_seed(x, z):
             for i in range(x["samples"].shape[0])]
 
 
+PAPER_INTEGRATION = "Algorithm 1 (paper): x's top k + z's weakest k, reversed"
+
+
 def integrate_per_seed(x, z, phis, rho):
-    """ŷ of every batch item with its own Φ (S from Φ, the paper), as one LATENT."""
+    """ŷ of every batch item with its own Φ (S from Φ, the paper's Algorithm 1, γ 1), as one LATENT. The integration
+    and γ are named: AVI Integrate's defaults are another method (x + the top direction of z − x, γ 2.25)."""
     import torch
     parts = [call("DisentangleAVIIntegrate", x=dict(x, samples=x["samples"][i:i + 1]),
                   z=dict(z, samples=z["samples"][i:i + 1]), rho=rho, k=0, singular_values="Φ: S (paper)",
-                  avi_model=phi)[0]["samples"] for i, phi in enumerate(phis)]
+                  avi_model=phi, integration=PAPER_INTEGRATION, gain=1.0)[0]["samples"]
+             for i, phi in enumerate(phis)]
     return {"samples": torch.cat(parts)}
 
 
