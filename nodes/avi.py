@@ -476,7 +476,9 @@ SUPPORT_TOOLTIP = (
     "Difference integration only: where the change is applied. The rank-k approximation of z − x spreads it over whole "
     "rows and columns of the latent, also onto positions z − x leaves alone (an object in front of a recoloured wall). "
     "support s > 0 weights it by m = clamp(‖z − x‖ / (s·max ‖z − x‖), 0, 1) per position (norm over channels): the full "
-    "change where z − x is at least s of its largest, none where z − x is zero. 0 = everywhere."
+    "change where z − x is at least s of its largest, none where z − x is zero. 0 = everywhere. The default 0.5 kept the "
+    "other factors of wall-colour edits more often on the toy world at the same target rate (bench/avi_quality.py "
+    "--groups support; README, AVI finding 7)."
 )
 
 
