@@ -283,12 +283,11 @@ def integrate(x: Tensor, z: Tensor, k: int, rho: float, singular_values: Tensor 
         raise ValueError(f"integration must be one of {INTEGRATIONS}, got {integration!r}")
     gain, support = check_gain(gain), check_support(support)
     if integration == "difference":
-        rho = check_rho(rho)
+        rho, work = check_rho(rho), _work_dtype(x)
         change = difference_directions(x, z, k)
         if support > 0:
-            work = _work_dtype(x)
             change = change * support_weights(z.to(work) - x.to(work), support)
-        y = x.to(_work_dtype(x)) + rho * change
+        y = x.to(work) + rho * change
     else:
         ux, sx, vhx = channel_svd(x)
         uz, sz, vhz = channel_svd(z)
@@ -489,9 +488,9 @@ def train_avi(x: Tensor, z: Tensor, *, k: Optional[int] = None, hidden: Optional
 
 @torch.no_grad()
 def integrate_with_net(net: AVINet, x: Tensor, z: Tensor, rho: float, k: Optional[int] = None,
-                       use: str = "S", integration: str = "paper", gain: float = 1.0) -> Tensor:
+                       use: str = "S", integration: str = "paper", gain: float = 1.0, support: float = 0.0) -> Tensor:
     """ŷ with Φ's singular values: ``use="S"`` (the paper's ŷ = Û·S·V̂) or ``"S+ds"`` (Û·(S+Δs)·V̂);
-    ``integration`` and ``gain`` as in :func:`integrate`."""
+    ``integration``, ``gain`` and ``support`` as in :func:`integrate`."""
     check_pair(x, z)
     net.check_size(*x.shape[-2:])
     param = next(net.parameters())
@@ -499,4 +498,4 @@ def integrate_with_net(net: AVINet, x: Tensor, z: Tensor, rho: float, k: Optiona
     if use not in ("S", "S+ds"):
         raise ValueError(f"use must be 'S' or 'S+ds', got {use!r}")
     values = s if use == "S" else s + ds
-    return integrate(x, z, net.k if k is None else k, rho, values.to(x.device), integration, gain)
+    return integrate(x, z, net.k if k is None else k, rho, values.to(x.device), integration, gain, support)

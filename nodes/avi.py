@@ -546,12 +546,10 @@ class AVIIntegrate:
         device = mm.get_torch_device()
         xd, zd = xp.to(device), zp.to(device)
         with core_input_errors("avi_model", "x", "z", "k", "rho", "gain", "support"):   # Φ's size is checked there too
-            support = core_avi.check_support(support)
             if uses_phi:
-                y = core_avi.integrate_with_net(avi_model.on(device), xd, zd, rho, k, which, mode, gain)
+                y = core_avi.integrate_with_net(avi_model.on(device), xd, zd, rho, k, which, mode, gain, support)
             else:
-                y = core_avi.integrate(xd, zd, k, rho, which if mode != "difference" else "x", mode, gain,
-                                       support if mode == "difference" else 0.0)
+                y = core_avi.integrate(xd, zd, k, rho, which if mode != "difference" else "x", mode, gain, support)
         y = y.to(mm.intermediate_device(), torch.float32)
         out = {"samples": (y - meta["b"]) / meta["a"]}
         if "batch_index" in x:
