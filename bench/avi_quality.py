@@ -15,7 +15,11 @@ is quality.py's) are edited by text from the same noise (50 steps ddim / ddim_un
 * the defaults of AVI Capture and AVI Integrate (every input at its widget default), ρ from 0 to 1;
 * ``--groups sweep`` (not run by default; run it on seed 3, where the defaults are chosen): the two-probe z
   ("target's x̂0 at x and at t_early") over ``--sweep-scales`` (AVI Capture's early_weight) × ``--sweep-t-early`` ×
-  ``--sweep-t-x`` × ``--sweep-ks`` × ``--sweep-gains`` × ``--sweep-rhos``.
+  ``--sweep-t-x`` × ``--sweep-ks`` × ``--sweep-gains`` × ``--sweep-rhos``;
+* ``--groups support`` (not run by default): the defaults at AVI Integrate's ``--sweep-supports`` × ``--sweep-ks`` ×
+  ``--sweep-gains`` × ``--sweep-rhos``; ``--groups object-mask``: a diagnostic, the default edit with its change
+  zeroed on the scene's true object region. The defaults' rows (and 'previous-default') take AVI Integrate's default
+  support; every other AVI row passes support 0, as it was measured before support existed.
 
 Everything goes through the nodes (AVI Capture, Train, Integrate, stock KSamplerAdvanced, VAE Decode), judged by
 the shipped factor classifiers: target value reached, each other factor kept, all five others kept (against the
@@ -39,7 +43,8 @@ import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/a
 from avi_premises import Edits, World  # noqa: E402
 from comfyui_disentangle import harness as comfy_host  # noqa: E402
 from comfyui_disentangle.harness import call  # noqa: E402
-from quality import learn_per_seed_schedules, lam_images, print_table, train_phi_per_seed  # noqa: E402
+from quality import (PAPER_INTEGRATION, learn_per_seed_schedules, lam_images, print_table,  # noqa: E402
+                     train_phi_per_seed)
 
 HUE_FACTORS = ("object_hue", "floor_hue", "wall_hue")
 # T_x where the toy model commits each factor (bench/avi_premises.py, "commit"): the floor and wall hue from about
@@ -47,7 +52,7 @@ HUE_FACTORS = ("object_hue", "floor_hue", "wall_hue")
 # floor 0.28–0.84 of the time between steps 12 and 20 and the fast z can no longer move it after ~step 15); the object
 # hue only from step ~39 (0.2T; before it the original prompt recolours even the target's own latent).
 COMMIT_T_X = {"floor_hue": 0.76, "wall_hue": 0.76, "object_hue": 0.2}
-PAPER = dict(z_source="seed (paper)", t_x=0.8, delta_tau=-0.3, integration="Algorithm 1 (paper): x's top k + z's weakest k, reversed",
+PAPER = dict(z_source="seed (paper)", t_x=0.8, delta_tau=-0.3, integration=PAPER_INTEGRATION,
              singular_values="Φ: S (paper)", phi="per seed", gain=1.0, k=0)
 DIFFERENCE = "x + top-k directions of z − x"
 STRONGEST = "z's strongest k in place of x's"
@@ -151,14 +156,13 @@ class Bench:
         return phis
 
     def avi(self, factor, rho, z_source, t_x, delta_tau, integration, singular_values="x's own (no Φ)", phi=None,
-            gain=1.0, k=0, label="", t_early=None, early_weight=None, support=None):
+            gain=1.0, k=0, label="", t_early=None, early_weight=None, support=0.0):
         import torch
         weight = self.avi_nodes.DEFAULT_EARLY_WEIGHT if early_weight is None else early_weight
         early = "" if t_early is None else (f", T_early {t_early}, early scale {weight:g}, "
                                             f"gate {self.avi_nodes.EARLY_THRESHOLD:g}")
         key = (f"AVI {label}: z {z_source}{early}, T_x {t_x}, Δτ {delta_tau}, {integration}, S {singular_values}, "
-               f"Φ {phi}, k {k}, γ {gain}, ρ {rho}" + ("" if support is None else f", support {support:g}"))
-        extra = {} if support is None else {"support": support}
+               f"Φ {phi}, k {k}, γ {gain}, ρ {rho}" + (f", support {support:g}" if support else ""))
         def make(e):
             x, z, start = self.capture(e, z_source, t_x, delta_tau, t_early, early_weight)
             phis, pkey = None, (factor, z_source, t_x, delta_tau, phi)
@@ -169,40 +173,35 @@ class Bench:
                 phis = self.phis[pkey]
             if phis is None:
                 y = call("DisentangleAVIIntegrate", x=x, z=z, rho=rho, k=k, singular_values=singular_values,
-                         integration=integration, gain=gain, **extra)[0]
+                         integration=integration, gain=gain, support=support)[0]
             else:
                 parts = [call("DisentangleAVIIntegrate", x=dict(x, samples=x["samples"][i:i + 1]),
                               z=dict(z, samples=z["samples"][i:i + 1]), rho=rho, k=k, singular_values=singular_values,
-                              avi_model=p, integration=integration, gain=gain)[0]["samples"] for i, p in enumerate(phis)]
+                              avi_model=p, integration=integration, gain=gain, support=support)[0]["samples"]
+                         for i, p in enumerate(phis)]
                 y = {"samples": torch.cat(parts)}
             return self.world.finish(self.world.to_paper(y["samples"], start), start, e.positive, e.negative)
         return key, self.judged(factor, key, make)
-
 
     def avi_without_object(self, factor, rho, dilate: int):
         """Diagnostic, not a method: the default edit with its change zeroed on the scene's true object region (the
         factor world's object mask, max-pooled to the latent and dilated by ``dilate`` latent pixels). How much of
         what a floor or wall edit loses comes from the change it writes onto the object, an upper bound for any
         weighting by region."""
-        import torch
         import torch.nn.functional as F
-        from comfyui_disentangle.core import avi as core_avi
         from comfyui_disentangle.toy_world import factor_world as fw
         d = self.avi_defaults()
         key = f"AVI defaults with the change zeroed on the true object (dilated {dilate}), ρ {rho}"
 
         def make(e):
             x, z, start = self.capture(e, d["z_source"], d["t_x"], d["delta_tau"], d.get("t_early"), d.get("early_weight"))
-            xp, zp, _ = self.avi_nodes.paired(x, z)
-            xp, zp = xp.float(), zp.float()
-            y = core_avi.integrate(xp, zp, d["k"] or self.avi_nodes.DIFFERENCE_K, rho, "x", "difference", d["gain"],
-                                   d.get("support", 0.0))
-            mask = fw.object_mask(e.factors).float()[:, None]
-            mask = F.adaptive_max_pool2d(mask, xp.shape[-2:])
+            y = call("DisentangleAVIIntegrate", x=x, z=z, rho=rho, k=d["k"], singular_values="x's own (no Φ)",
+                     integration=d["integration"], gain=d["gain"], support=d["support"])[0]
+            xp, yp = self.world.to_paper(x["samples"], start), self.world.to_paper(y["samples"], start)
+            mask = F.adaptive_max_pool2d(fw.object_mask(e.factors).float()[:, None], xp.shape[-2:])
             if dilate:
                 mask = F.max_pool2d(mask, 2 * dilate + 1, stride=1, padding=dilate)
-            y = xp + (y - xp) * (1 - mask)
-            return self.world.finish(y, start, e.positive, e.negative)
+            return self.world.finish(xp + (yp - xp) * (1 - mask), start, e.positive, e.negative)
         return key, self.judged(factor, key, make)
 
 
@@ -260,7 +259,7 @@ def avi_rows(b: Bench, factor: str, rhos, pairs: int, groups=ROW_GROUPS, commit_
         d = b.avi_defaults()
         for rho in rhos:
             rows.append((f"AVI defaults (z: {d['z_source']}, early weight {d.get('early_weight', 1):g}, {d['integration']}, "
-                         f"k {d['k'] or 'default'}, γ {d['gain']:g}, support {d.get('support', 0):g}, T_x {d['t_x']}), "
+                         f"k {d['k'] or 'default'}, γ {d['gain']:g}, support {d['support']:g}, T_x {d['t_x']}), "
                          f"ρ {rho}", b.avi(factor, rho, **d)[1]))
     if "support" in groups:   # experiment: the default's change taken only where z − x changes the latent
         d = b.avi_defaults()
@@ -294,7 +293,7 @@ def defaults(avi):
             **({name: early[name][1]["default"] for name in ("t_early", "early_weight") if name in early}),
             "integration": integrate["optional"]["integration"][1]["default"],
             "gain": integrate["optional"]["gain"][1]["default"], "k": integrate["required"]["k"][1]["default"],
-            **({"support": integrate["optional"]["support"][1]["default"]} if "support" in integrate["optional"] else {})}
+            "support": integrate["optional"]["support"][1]["default"]}
 
 
 Bench.avi_defaults = lambda self: defaults(self.avi_nodes)
