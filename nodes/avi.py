@@ -159,14 +159,17 @@ CAPTURE_COST = (
     "update x̂0 of the target prompt re-noised to σ(s_z)), so the edit costs steps + 1 evaluations (51 = 1.02×); "
     "a coarser z than the paper's, for speed. 'target's x̂0 at x (fast)': z is x with its clean-image "
     "estimate x̂0 moved from the original prompt's to the target prompt's, both predicted at x's last sampler state "
-    "(the original's is the sampler's own, the target's costs one evaluation), so z has x's noise, layout and step "
-    "(Δτ unused) and differs from x only where the target prompt would change the image: steps + 1 evaluations "
+    "(the original's is the sampler's own, the target's rides in the same batch), so z has x's noise, layout and step "
+    "(Δτ unused) and differs from x only where the target prompt would change the image "
     "(measured on the toy world: it keeps x's layout, where the paper's z from the seed brings its own; "
     "bench/avi_quality.py). 'target's x̂0 at x and at t_early (fast)' (the default): the same, plus a second "
     "prediction of the target prompt at the original trajectory's state nearest t_early (0.9T): where the late "
     "prediction no longer shows the change (an attribute the model committed before T_x, e.g. a floor or wall "
     "colour on the toy world) the early, unguided change Δx̂0/cfg is added to z (core/avi.committed_change); where "
-    "it still shows it (an object's colour) z is the one-probe z. steps + 2 evaluations (52 = 1.04×). Capture once per seed: "
+    "it still shows it (an object's colour) z is the one-probe z. Both re-predicted z_sources predict the target "
+    "prompt in the same UNet batch as the sampler's own evaluation at the probe steps (one prompt more in 1–2 of the "
+    "steps' batches), so the edit costs steps evaluations (50 = 1.00×); with a noise mask on the latent the probes run "
+    "as sampler steps of their own (steps + 1 or + 2). Capture once per seed: "
     "every further ρ or Φ costs the resume alone (steps − s_x). Multistep samplers (dpmpp_2m, ...) restart their "
     "history at the resume step, as at any KSamplerAdvanced split; one-step samplers (ddim, euler) resume exactly."
 )
@@ -201,8 +204,9 @@ def one_step(model, x: torch.Tensor, target, negative, cfg: float, sampler_name:
 def target_x0_change(model, probe: dict, step: int, target, negative, cfg: float, sampler_name: str,
                      sigmas: torch.Tensor, seed: int, dtype, noise_mask=None) -> torch.Tensor:
     """x̂0_T − x̂0_O at the original trajectory's sampler state of ``step`` (``probe``: that state and the sampler's
-    own x̂0_O there, recorded by the sampling callback), in the sampler's state space; x̂0_T costs one UNet evaluation
-    (one sampler step with the target prompt from that state, of which only the prediction is kept)."""
+    own x̂0_O there, recorded by the sampling callback), in the sampler's state space, the probe run as a sampler
+    step of its own (AVI Capture's path with a noise mask; without one ProbingGuider batches it): x̂0_T costs one
+    UNet evaluation (one sampler step with the target prompt from that state, of which only the prediction is kept)."""
     sampling = model.get_model_object("model_sampling")
     sig = float(sigmas[step])
     channels = probe["state"].shape[1]
@@ -218,12 +222,69 @@ def target_x0_change(model, probe: dict, step: int, target, negative, cfg: float
     return got["x0"] - probe["x0"]
 
 
+PROBE_KEY = "avi_target"   # the target prompt's key among ProbingGuider's conds
+
+
+class ProbingGuider(comfy.samplers.CFGGuider):
+    """ComfyUI's CFG guidance with the original prompt that, at the σs of ``probe_sigmas``, also predicts the target
+    prompt's x̂0_T in the same calc_cond_batch as the sampler's own evaluation there (ComfyUI batches
+    [positive, negative, target] into one UNet call as memory allows), so a probe costs one more prompt in a batch
+    instead of a sampler step of its own. x̂0_T is formed as sampling_function forms the sampler's x̂0
+    (pre-CFG functions, then cfg_function with the same negative). ``latest`` holds the last probe:
+    (σ, x̂0_O, x̂0_T) before any inpainting blend."""
+
+    def __init__(self, model_patcher, probe_sigmas):
+        super().__init__(model_patcher)
+        self.probe_sigmas = [float(s) for s in probe_sigmas]
+        self.latest = None
+
+    def set_conds(self, positive, negative, target):
+        self.inner_set_conds({"positive": positive, "negative": negative, PROBE_KEY: target})
+
+    def probe_sigma(self, timestep) -> float | None:
+        """The probe σ equal to this evaluation's σ (the sampler passes its σs unchanged), or None."""
+        s = float(timestep.flatten()[0])
+        return next((p for p in self.probe_sigmas if abs(s - p) <= 1e-6 * max(p, 1e-12)), None)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        sigma = self.probe_sigma(timestep)
+        if sigma is None:
+            return super().predict_noise(x, timestep, model_options, seed)
+        target = self.conds[PROBE_KEY]
+        previous = model_options.get("sampler_calc_cond_batch_function")
+        seen = {}
+
+        def with_target(args):   # the sampler's [cond, uncond] and the target prompt, in one batch
+            conds = list(args["conds"]) + [target]
+            if previous is None:
+                out = comfy.samplers.calc_cond_batch(args["model"], conds, args["input"], args["sigma"],
+                                                     args["model_options"])
+            else:                # someone else's batching: theirs for both, the target as its own pair
+                out = list(previous(args)) + list(previous(dict(args, conds=[target, conds[1]])))[:1]
+            seen.update(uncond=conds[1], target_out=out[2], uncond_out=out[1])
+            return out[:2]
+
+        options = dict(model_options, sampler_calc_cond_batch_function=with_target)
+        denoised = comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
+                                                    self.conds.get("positive"), self.cfg, model_options=options,
+                                                    seed=seed)
+        out = [seen["target_out"], seen["uncond_out"]]
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            out = fn({"conds": [target, seen["uncond"]], "conds_out": out, "cond_scale": self.cfg, "timestep": timestep,
+                      "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
+        target_x0 = comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
+                                                model_options=model_options, cond=target, uncond=seen["uncond"])
+        self.latest = (sigma, denoised.detach().float(), target_x0.detach().float())
+        return denoised
+
+
 def repredicted_z(model, x: torch.Tensor, probes: dict, target, negative, cfg: float, sampler_name: str,
                   sigmas: torch.Tensor, s_x: int, seed: int, noise_mask=None,
                   early_weight: float = DEFAULT_EARLY_WEIGHT) -> torch.Tensor:
     """z for 'target's x̂0 at x' (``probes`` = {s_x − 1: …}) and 'target's x̂0 at x and at t_early' (also
     {s_early: …}): x with its clean estimate moved by Σ_probes (x̂0_T − x̂0_O), each predicted at a sampler state of
-    the original trajectory (x̂0_O is the sampler's own prediction there, x̂0_T costs one UNet evaluation per probe).
+    the original trajectory (x̂0_O is the sampler's own prediction there; x̂0_T rides in the same batch, ProbingGuider,
+    and the probe carries it as ``change``, or costs one UNet evaluation, target_x0_change).
     In the sampler's state space z = x + noise_scaling(σ_x, 0, Σ Δx̂0), i.e. for ε/v models
     z_t = x_t + √ᾱ_t·Σ(x̂0_T − x̂0_O) in the paper's latent: x's noise, the target's content. The late probe
     (s_x − 1) sees what the target prompt still changes at x (an object's colour on the toy world); an early probe
@@ -231,7 +292,8 @@ def repredicted_z(model, x: torch.Tensor, probes: dict, target, negative, cfg: f
     longer shows although the change, once added, is no longer pulled back (bench/avi_quality.py). ``early_weight``
     scales the early change."""
     sampling = model.get_model_object("model_sampling")
-    changes = [target_x0_change(model, probe, step, target, negative, cfg, sampler_name, sigmas, seed, x.dtype, noise_mask)
+    changes = [probe["change"] if "change" in probe else   # batched with the sampler's step (ProbingGuider)
+               target_x0_change(model, probe, step, target, negative, cfg, sampler_name, sigmas, seed, x.dtype, noise_mask)
                for step, probe in sorted(probes.items(), reverse=True)]     # the late probe (s_x − 1) first
     if len(changes) == 1:
         delta = changes[0]
@@ -332,14 +394,32 @@ class AVICapture:
         probes = {}
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
 
+        # the target prompt's x̂0 in the batch of the sampler's own steps (ProbingGuider); with a noise mask the
+        # probes run as steps of their own (target_x0_change), which blend x̂0 as the sampler does
+        batched = source in REPREDICTED and latent_image.get("noise_mask") is None
+
         def run(cond, latent, start, last, add_noise, record=False):
+            assert not record or (start == 0 and add_noise)   # only x's run records the probes
             preview = latent_preview.prepare_callback(model, steps)
+            guider = ProbingGuider(model, [sigmas[s] for s in probe_steps]) if record and batched else None
 
             def callback(step, x0, state, total):
                 if record and step in probe_steps:  # sampler states of the original trajectory and x̂0_O there
                     probes[step] = dict(state=state.detach().clone().cpu(), x0=x0.detach().float().cpu())
+                    # the step's own evaluation is the last one before its callback (k-diffusion samplers)
+                    if guider is not None and guider.latest is not None and guider.latest[0] == float(sigmas[step]):
+                        _, own, predicted = guider.latest
+                        probes[step]["change"] = (predicted - own).cpu()
+                if guider is not None:
+                    guider.latest = None
                 preview(step, x0, state, total)
 
+            if guider is not None:   # comfy.sample.sample from step 0 to `last` (KSampler.sample), with the probes
+                guider.set_conds(cond, negative, target)
+                guider.set_cfg(cfg)
+                out = guider.sample(noise, latent, comfy.samplers.sampler_object(sampler_name), sigmas[:last + 1],
+                                    callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+                return out.to(mm.intermediate_device())
             out = comfy.sample.sample(model, noise if add_noise else torch.zeros_like(noise), steps, cfg, sampler_name,
                                       scheduler, cond, negative, latent, denoise=1.0, disable_noise=not add_noise,
                                       start_step=start, last_step=last, force_full_denoise=False,
@@ -370,12 +450,16 @@ class AVICapture:
             if "batch_index" in latent_image:
                 d["batch_index"] = latent_image["batch_index"]
             out.append(d)
-        evaluations = steps + {"seed": s_z, "continue": s_z - s_x, "one_step": int(s_z > s_x)}.get(source, len(probes))
+        riding = sum("change" in probe for probe in probes.values())   # probes batched with the sampler's steps
+        evaluations = steps + {"seed": s_z, "continue": s_z - s_x,
+                               "one_step": int(s_z > s_x)}.get(source, len(probes) - riding)
         probed = (f" (target's x̂0 at step{'s' if len(probes) > 1 else ''} {', '.join(map(str, sorted(probes)))})"
                   if source in REPREDICTED else "")
+        batch_note = (f"; {riding} of them also predict the target prompt in their batch" if riding else "")
         text = (f"x at step {s_x}/{steps} (σ {float(sigmas[s_x]):.3f}), z at step {s_z} (σ {float(sigmas[s_z]):.3f})"
                 f"{probed}; "
-                f"resume at {s_x}; the edit costs {evaluations} UNet evaluations ({evaluations / steps:.2f}× one sampling)")
+                f"resume at {s_x}; the edit costs {evaluations} UNet evaluations ({evaluations / steps:.2f}× one sampling"
+                f"{batch_note})")
         return {"ui": {"text": [text]}, "result": (out[0], out[1], s_x)}
 
 

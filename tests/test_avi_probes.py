@@ -163,14 +163,15 @@ def test_two_probe_option_defaults_cost_and_checks(nodes_avi, monkeypatch):
                 cfg=4.0, sampler_name="ddim", scheduler="normal", t_x=0.3, delta_tau=-0.3, z_source=TWO_PROBE)
     out = node.capture(**args)
     text = out["ui"]["text"][0]
-    assert f"costs {STEPS + 2} UNet evaluations" in text, text            # two probes: steps + 2
+    # two probes, each in the batch of the sampler's own step there: steps evaluations
+    assert f"costs {STEPS} UNet evaluations" in text and "2 of them also predict the target prompt" in text, text
     same = node.capture(**args, t_early=nodes_avi.DEFAULT_T_EARLY)
     torch.testing.assert_close(out["result"][1]["samples"], same["result"][1]["samples"])
     one = node.capture(**dict(args, z_source="target's x̂0 at x (fast)"))
-    assert f"costs {STEPS + 1} UNet evaluations" in one["ui"]["text"][0]
+    assert f"costs {STEPS} UNet evaluations" in one["ui"]["text"][0] and "1 of them" in one["ui"]["text"][0]
     # t_early at x's own step: a single probe (steps + 1), the one-probe z
     at_x = node.capture(**args, t_early=0.3)
-    assert f"costs {STEPS + 1} UNet evaluations" in at_x["ui"]["text"][0]
+    assert "1 of them" in at_x["ui"]["text"][0]
     torch.testing.assert_close(at_x["result"][1]["samples"], one["result"][1]["samples"])
     # the node boundary (an HTTP prompt bypasses widget limits)
     for bad in (float("nan"), float("inf"), -0.1, 1.5, 0.2):    # 0.2 < t_x 0.3: the probe must come before x
@@ -190,6 +191,68 @@ def test_two_probe_option_defaults_cost_and_checks(nodes_avi, monkeypatch):
     for bad in (float("nan"), -0.1, nodes_avi.MAX_EARLY_WEIGHT + 1):
         with pytest.raises(InputError, match="early_weight"):
             node.capture(**args, early_weight=bad)
+
+
+def _capture_counting(nodes_avi, model, pos, target, neg, sampler, cfg=4.0, mask=False, batch=1):
+    """AVI Capture with the default z_source, as the executor runs it, counting the UNet calls and the prompts in each
+    (a unet function wrapper on a clone of the model)."""
+    from comfyui_disentangle.harness import call
+    calls = []
+
+    def counting(apply_model, args):
+        calls.append(len(args["cond_or_uncond"]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    counted = model.clone()
+    counted.set_model_unet_function_wrapper(counting)
+    latent = call("EmptyLatentImage", width=64, height=64, batch_size=batch)[0]
+    if mask:   # a noise mask of ones changes no sample, but sends the probes down their own sampler steps
+        latent = dict(latent, noise_mask=torch.ones(1, 1, 64, 64))
+    with torch.inference_mode():
+        out = nodes_avi.AVICapture().capture(counted, pos, target, neg, latent, 5, STEPS, cfg, sampler, "normal", 0.3,
+                                             -0.3, TWO_PROBE, 0.9)
+    return out, calls
+
+
+@pytest.mark.parametrize("sampler,cfg", [("ddim", 4.0), ("ddim", 1.0), ("heun", 4.0), ("dpmpp_2m", 4.0),
+                                         ("euler_ancestral", 4.0)])
+def test_batched_probes_match_probes_run_as_their_own_steps(nodes_avi, sampler, cfg):
+    """The default z_source predicts the target prompt's x̂0 in the batch of the sampler's own evaluation at each probe
+    step (ProbingGuider): the capture makes x's s_x UNet calls and no more, the two at the probe steps with the target
+    as one prompt more. With a noise mask the probes run as sampler steps of their own (target_x0_change): s_x + 2
+    calls. A mask of ones changes nothing else, so x and z must agree: the batched probe takes the step's own
+    evaluation (heun evaluates the step before a second time at the same σ, and that prediction must not be the one
+    kept), and forms x̂0_T with the sampler's CFG (cfg 1:
+    no negative in the batch)."""
+    model, pos, target, neg = _prompts("sd1")
+    batched, calls = _capture_counting(nodes_avi, model, pos, target, neg, sampler, cfg)
+    own, own_calls = _capture_counting(nodes_avi, model, pos, target, neg, sampler, cfg, mask=True)
+    s_x = batched["result"][2]
+    # heun evaluates twice a step, its second evaluation at the next step's σ: it takes the target too at a probe σ,
+    # and a probe run as its own heun step costs two evaluations
+    per_step = 2 if sampler == "heun" else 1
+    prompts = 1 if cfg == 1.0 else 2
+    assert len(calls) == per_step * s_x and len(own_calls) == len(calls) + 2 * per_step, (calls, own_calls)
+    assert calls.count(prompts + 1) == 2 * per_step and set(calls) == {prompts, prompts + 1}, calls
+    assert set(own_calls) == {prompts}, own_calls
+    assert "2 of them also predict the target prompt" in batched["ui"]["text"][0]
+    assert f"costs {STEPS + 2} UNet evaluations" in own["ui"]["text"][0]
+    (xb, zb, _), (xo, zo, _) = batched["result"], own["result"]
+    torch.testing.assert_close(xb["samples"], xo["samples"], rtol=1e-5, atol=1e-5)
+    change = (zo["samples"] - xo["samples"]).abs().max()
+    assert change > 1e-3 * xo["samples"].abs().max()            # the probes change x at all
+    assert (zb["samples"] - zo["samples"]).abs().max() < 1e-4 * change + 1e-6
+
+
+def test_batched_probes_batch_size_two(nodes_avi):
+    """A batch of two latents: each latent's target prediction rides with its own evaluation (3 prompts × 2 latents)."""
+    model, pos, target, neg = _prompts("sd1")
+    batched, calls = _capture_counting(nodes_avi, model, pos, target, neg, "ddim", batch=2)
+    own, _ = _capture_counting(nodes_avi, model, pos, target, neg, "ddim", mask=True, batch=2)
+    assert sorted(calls).count(3) == 2, calls
+    (xb, zb, _), (xo, zo, _) = batched["result"], own["result"]
+    assert not torch.allclose(zo["samples"][0] - xo["samples"][0], zo["samples"][1] - xo["samples"][1])
+    assert (zb["samples"] - zo["samples"]).abs().max() < 1e-4 * (zo["samples"] - xo["samples"]).abs().max() + 1e-6
 
 
 # --------------------------------------------------------------------------------------------
