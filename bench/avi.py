@@ -37,12 +37,16 @@ one stock KSampler run):
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
 import _pack_alias  # noqa: E402,F401  (registers comfyui_disentangle: harness/alias.py)
 from common import median_ratio, print_table, timed_rounds  # noqa: E402
 from comfyui_disentangle.harness import conditioning, device_name, random_sd15, start_comfy  # noqa: E402
+
+
+PATHS = ("seed", "continue", "fast", "default", "default_own_steps", "captured", "split", "split_default")
 
 
 def main():
@@ -57,6 +61,8 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=0, help="Φ width (0 = H·W, at most 4096, as the paper)")
     parser.add_argument("--cpu", action="store_true", help="smoke-run on the CPU")
+    parser.add_argument("--paths", nargs="*", default=None, choices=PATHS,
+                        help="time only these paths (stock is always timed): more rounds of the ones a question is about")
     args = parser.parse_args()
 
     start_comfy(cpu=args.cpu)
@@ -145,7 +151,7 @@ def main():
             integrate_default(x, z)
             sync()
 
-        t = timed_rounds({
+        paths = {
             "stock": stock,
             "seed": lambda: path(avi_nodes.Z_SOURCES[0]),
             "continue": lambda: path(avi_nodes.Z_SOURCES[1]),
@@ -155,12 +161,16 @@ def main():
             "captured": x_only,
             "split": lambda: split(s_x),
             "split_default": lambda: split(s_default),
-        }, args.repeats)
+        }
+        chosen = set(args.paths or PATHS) | {"stock"}
+        t = timed_rounds({name: fn for name, fn in paths.items() if name in chosen}, args.repeats)
         t_ints = timed_rounds({"integrate": integrate_only, "default": integrate_default_only}, max(args.repeats, 5))
         t_int, t_int_default = t_ints["integrate"], t_ints["default"]
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
     med = {k: statistics.median(v) for k, v in t.items()}
+    med.update({name: float("nan") for name in PATHS if name not in t})
+    ratio = {name: (median_ratio(t[name], t["stock"]) if name in t else float("nan")) for name in PATHS}
     net = avi_model.net
     rows = [
         [f"Φ training: 1 pair, {info['samples_per_pair']} samples × {info['epochs']} epochs, batch {info['batch_size']} "
@@ -168,26 +178,27 @@ def main():
          f"{info['final_loss']:.4g})", "", t_train, "", "≤ 60 s"],
         [f"stock KSampler, {steps} steps, cfg {cfg}", steps, med["stock"], 1.0, ""],
         [f"AVI, z from the seed (paper): x {s_x} + z {s_z} steps, Integrate, resume {steps - s_x}", steps + s_z,
-         med["seed"], median_ratio(t["seed"], t["stock"]), "≤ 1.05"],
+         med["seed"], ratio["seed"], "≤ 1.05"],
         [f"AVI, z continued from x: x {s_x} + z {s_z - s_x} steps, Integrate, resume {steps - s_x}", steps + s_z - s_x,
-         med["continue"], median_ratio(t["continue"], t["stock"]), "≤ 1.05"],
+         med["continue"], ratio["continue"], "≤ 1.05"],
         [f"AVI, z one step from x (fast): x {s_x} steps + 1 step for z, Integrate, resume {steps - s_x}", steps + 1,
-         med["fast"], median_ratio(t["fast"], t["stock"]), "≤ 1.05"],
+         med["fast"], ratio["fast"], "≤ 1.05"],
         [f"**AVI defaults** (z_source '{defaults['z_source']}', T_x {defaults['t_x']}: x {s_default} steps, 2 of them "
          f"with the target prompt in their batch (at x and at t_early), Integrate with its defaults, resume "
-         f"{steps - s_default})", steps, med["default"], median_ratio(t["default"], t["stock"]), "≤ 1.05"],
+         f"{steps - s_default})", steps, med["default"], ratio["default"], "≤ 1.05"],
         ["AVI defaults, the 2 target-prompt predictions as sampler steps of their own (a noise mask of ones: the path "
          "before they rode in the batch)", steps + 2, med["default_own_steps"],
-         median_ratio(t["default_own_steps"], t["stock"]), ""],
+         ratio["default_own_steps"], ""],
         [f"stock split, no AVI: KSamplerAdvanced 0→{s_x} (leftover noise), {s_x}→{steps}", steps, med["split"],
-         median_ratio(t["split"], t["stock"]), ""],
+         ratio["split"], ""],
         [f"stock split at the defaults' step: KSamplerAdvanced 0→{s_default}, {s_default}→{steps}", steps,
-         med["split_default"], median_ratio(t["split_default"], t["stock"]), ""],
+         med["split_default"], ratio["split_default"], ""],
         [f"AVI, pair already captured: x {s_x} steps, Integrate, resume {steps - s_x}", steps, med["captured"],
-         median_ratio(t["captured"], t["stock"]), "paper 1.08"],
+         ratio["captured"], "paper 1.08"],
         ["AVI Integrate alone (channel SVDs + Φ), ms", "", statistics.median(t_int) * 1000, "", ""],
         ["AVI Integrate alone, defaults (SVD of z − x per channel), ms", "", statistics.median(t_int_default) * 1000, "", ""],
     ]
+    rows = [row for row in rows if not (isinstance(row[2], float) and math.isnan(row[2]))]   # paths not timed
     spread = max((max(v) - min(v)) / statistics.median(v) for v in t.values())
     print_table(
         f"AVI benchmark: SD1.5 architecture (random weights), {args.size}², {args.dtype}, {steps} steps, ddim/ddim_uniform, "

@@ -156,13 +156,14 @@ class Bench:
         return phis
 
     def avi(self, factor, rho, z_source, t_x, delta_tau, integration, singular_values="x's own (no Φ)", phi=None,
-            gain=1.0, k=0, label="", t_early=None, early_weight=None, support=0.0):
+            gain=1.0, k=0, label="", t_early=None, early_weight=None, support=0.0, resume_prompt="original"):
         import torch
         weight = self.avi_nodes.DEFAULT_EARLY_WEIGHT if early_weight is None else early_weight
         early = "" if t_early is None else (f", T_early {t_early}, early scale {weight:g}, "
                                             f"gate {self.avi_nodes.EARLY_THRESHOLD:g}")
         key = (f"AVI {label}: z {z_source}{early}, T_x {t_x}, Δτ {delta_tau}, {integration}, S {singular_values}, "
-               f"Φ {phi}, k {k}, γ {gain}, ρ {rho}" + (f", support {support:g}" if support else ""))
+               f"Φ {phi}, k {k}, γ {gain}, ρ {rho}" + (f", support {support:g}" if support else "")
+               + (f", resumed with the {resume_prompt} prompt" if resume_prompt != "original" else ""))
         def make(e):
             x, z, start = self.capture(e, z_source, t_x, delta_tau, t_early, early_weight)
             phis, pkey = None, (factor, z_source, t_x, delta_tau, phi)
@@ -180,7 +181,8 @@ class Bench:
                               avi_model=p, integration=integration, gain=gain, support=support)[0]["samples"]
                          for i, p in enumerate(phis)]
                 y = {"samples": torch.cat(parts)}
-            return self.world.finish(self.world.to_paper(y["samples"], start), start, e.positive, e.negative)
+            resume = {"original": e.positive, "target": e.styled}[resume_prompt]
+            return self.world.finish(self.world.to_paper(y["samples"], start), start, resume, e.negative)
         return key, self.judged(factor, key, make)
 
     def avi_without_object(self, factor, rho, dilate: int):
@@ -206,7 +208,7 @@ class Bench:
 
 
 ROW_GROUPS = ("paper", "paper-own-S", "pairs", "options", "commit", "defaults")
-EXTRA_GROUPS = ("sweep", "previous-default", "support", "object-mask")   # not run by default: the grid the defaults are chosen from (run it on
+EXTRA_GROUPS = ("sweep", "previous-default", "support", "object-mask", "resume-target", "t-x")   # not run by default: the grid the defaults are chosen from (run it on
 # seed 3), and the previous default (early weight 1, γ 3)
 TWO_PROBE = "target's x̂0 at x and at t_early (fast)"
 
@@ -266,6 +268,12 @@ def avi_rows(b: Bench, factor: str, rhos, pairs: int, groups=ROW_GROUPS, commit_
         for k, support, gain in itertools.product(sweep["ks"], sweep["supports"], sweep["gains"]):
             rows += [(f"AVI support {support:g}: the defaults but top-{k} of z − x, γ {gain:g}, ρ {rho}",
                       b.avi(factor, rho, **dict(d, k=k, gain=gain, support=support))[1]) for rho in sweep["rhos"]]
+    if "resume-target" in groups:   # diagnostic: the default edit resumed with the target prompt instead of the original
+        rows += [(f"AVI defaults, resumed with the target prompt, ρ {rho}",
+                  b.avi(factor, rho, **dict(b.avi_defaults(), resume_prompt="target"))[1]) for rho in (0.0, 1.0)]
+    if "t-x" in groups:   # experiment: the defaults with x (and the change) later or earlier, T_x from --sweep-t-x
+        rows += [(f"AVI defaults at T_x {t_x}, ρ {rho}", b.avi(factor, rho, **dict(b.avi_defaults(), t_x=t_x))[1])
+                 for t_x in sweep["t_x"] for rho in sweep["rhos"]]
     if "object-mask" in groups:   # diagnostic: the default edit kept off the scene's true object region
         rows += [(f"AVI defaults, change zeroed on the true object (dilated {dilate}), ρ 1",
                   b.avi_without_object(factor, 1.0, dilate)[1]) for dilate in (0, 1)]

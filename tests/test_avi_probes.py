@@ -238,10 +238,14 @@ def test_batched_probes_match_probes_run_as_their_own_steps(nodes_avi, sampler, 
     assert "2 of them also predict the target prompt" in batched["ui"]["text"][0]
     assert f"costs {STEPS + 2} UNet evaluations" in own["ui"]["text"][0]
     (xb, zb, _), (xo, zo, _) = batched["result"], own["result"]
-    torch.testing.assert_close(xb["samples"], xo["samples"], rtol=1e-5, atol=1e-5)
+    # the same computation but for how the prompts are batched: float32 agrees to rounding; in half precision (the
+    # tiny models on a GPU) a batch of 3 takes other kernels than one of 2, differences that 13 steps carry on
+    x_tol, z_tol = (2e-2, 5e-2) if model.model_dtype() in (torch.float16, torch.bfloat16) else (1e-5, 1e-4)
+    scale = xo["samples"].abs().max()
+    assert (xb["samples"] - xo["samples"]).abs().max() <= x_tol * scale
     change = (zo["samples"] - xo["samples"]).abs().max()
-    assert change > 1e-3 * xo["samples"].abs().max()            # the probes change x at all
-    assert (zb["samples"] - zo["samples"]).abs().max() < 1e-4 * change + 1e-6
+    assert change > 1e-3 * scale                                # the probes change x at all
+    assert (zb["samples"] - zo["samples"]).abs().max() <= z_tol * change + x_tol * scale
 
 
 def test_batched_probes_batch_size_two(nodes_avi):
@@ -252,7 +256,9 @@ def test_batched_probes_batch_size_two(nodes_avi):
     assert sorted(calls).count(3) == 2, calls
     (xb, zb, _), (xo, zo, _) = batched["result"], own["result"]
     assert not torch.allclose(zo["samples"][0] - xo["samples"][0], zo["samples"][1] - xo["samples"][1])
-    assert (zb["samples"] - zo["samples"]).abs().max() < 1e-4 * (zo["samples"] - xo["samples"]).abs().max() + 1e-6
+    x_tol, z_tol = (2e-2, 5e-2) if model.model_dtype() in (torch.float16, torch.bfloat16) else (1e-5, 1e-4)
+    assert ((zb["samples"] - zo["samples"]).abs().max()
+            <= z_tol * (zo["samples"] - xo["samples"]).abs().max() + x_tol * xo["samples"].abs().max())
 
 
 # --------------------------------------------------------------------------------------------
