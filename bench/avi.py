@@ -24,9 +24,10 @@ one stock KSampler run):
 * AVI, z one step from x (fast): steps + 1 evaluations (z is one sampler step σ(s_x) → σ(s_z) with the
   target prompt);
 * AVI with every input at its default (z_source "target's x̂0 at x and at t_early (fast)", T_x 0.2, t_early 0.9,
-  the difference integration, no Φ): steps evaluations, the target prompt's two x̂0 predictions riding in the batch
-  of the sampler's own steps at x and at t_early — the path issue 14's speed bar (≤ 1.05×) is about; and the same
-  with those predictions as sampler steps of their own (steps + 2; a noise mask of ones forces that path);
+  the difference integration, no Φ): steps + 1 evaluations, the target prompt's two x̂0 predictions made within x's
+  sampling at x and at t_early (one call of that prompt alone each, half a cfg step) — the path issue 14's speed bar
+  (≤ 1.05×) is about; and the same with those predictions as sampler steps of their own (steps + 2; a noise mask of
+  ones forces that path);
 * stock split: KSamplerAdvanced to s_x with leftover noise, then from s_x (no AVI): what splitting one
   sampling into two ComfyUI calls costs by itself (at the paper's s_x and at the defaults' step);
 * AVI, pair already captured: x's first s_x steps + Integrate + resume = steps evaluations; this is
@@ -127,7 +128,7 @@ def main():
             return resume(integrate_default(x_, z_), start)
 
         # a noise mask of ones changes no sample but sends AVI Capture's probes down sampler steps of their own (the
-        # path before they rode in the batch of the sampler's own steps)
+        # path before they were made within x's sampling)
         masked = dict(empty, noise_mask=torch.ones(1, 1, args.size, args.size))
 
         s_default = capture(defaults["z_source"], defaults["t_x"], defaults["delta_tau"])[2]
@@ -184,10 +185,10 @@ def main():
         [f"AVI, z one step from x (fast): x {s_x} steps + 1 step for z, Integrate, resume {steps - s_x}", steps + 1,
          med["fast"], ratio["fast"], "≤ 1.05"],
         [f"**AVI defaults** (z_source '{defaults['z_source']}', T_x {defaults['t_x']}: x {s_default} steps, 2 of them "
-         f"with the target prompt in their batch (at x and at t_early), Integrate with its defaults, resume "
-         f"{steps - s_default})", steps, med["default"], ratio["default"], "≤ 1.05"],
+         f"also evaluating the target prompt alone (at x and at t_early), Integrate with its defaults, resume "
+         f"{steps - s_default})", steps + 1, med["default"], ratio["default"], "≤ 1.05"],
         ["AVI defaults, the 2 target-prompt predictions as sampler steps of their own (a noise mask of ones: the path "
-         "before they rode in the batch)", steps + 2, med["default_own_steps"],
+         "before they were made within x's steps)", steps + 2, med["default_own_steps"],
          ratio["default_own_steps"], ""],
         [f"stock split, no AVI: KSamplerAdvanced 0→{s_x} (leftover noise), {s_x}→{steps}", steps, med["split"],
          ratio["split"], ""],

@@ -159,7 +159,7 @@ CAPTURE_COST = (
     "update x̂0 of the target prompt re-noised to σ(s_z)), so the edit costs steps + 1 evaluations (51 = 1.02×); "
     "a coarser z than the paper's, for speed. 'target's x̂0 at x (fast)': z is x with its clean-image "
     "estimate x̂0 moved from the original prompt's to the target prompt's, both predicted at x's last sampler state "
-    "(the original's is the sampler's own, the target's rides in the same batch), so z has x's noise, layout and step "
+    "(the original's is the sampler's own, the target's costs half an evaluation), so z has x's noise, layout and step "
     "(Δτ unused) and differs from x only where the target prompt would change the image "
     "(measured on the toy world: it keeps x's layout, where the paper's z from the seed brings its own; "
     "bench/avi_quality.py). 'target's x̂0 at x and at t_early (fast)' (the default): the same, plus a second "
@@ -167,9 +167,10 @@ CAPTURE_COST = (
     "prediction no longer shows the change (an attribute the model committed before T_x, e.g. a floor or wall "
     "colour on the toy world) the early, unguided change Δx̂0/cfg is added to z (core/avi.committed_change); where "
     "it still shows it (an object's colour) z is the one-probe z. Both re-predicted z_sources predict the target "
-    "prompt in the same UNet batch as the sampler's own evaluation at the probe steps (one prompt more in 1–2 of the "
-    "steps' batches), so the edit costs steps evaluations (50 = 1.00×); with a noise mask on the latent the probes run "
-    "as sampler steps of their own (steps + 1 or + 2). Capture once per seed: "
+    "prompt within x's own sampling, at the probe steps, as one UNet call of that prompt alone on the sampler's "
+    "input (half a cfg step; the sampler's own evaluation stays exactly stock), so the edit costs steps + 1 "
+    "evaluations (51 = 1.02×) with two probes; with a noise mask on the latent the probes run as sampler steps of "
+    "their own (steps + 2). Capture once per seed: "
     "every further ρ or Φ costs the resume alone (steps − s_x). Multistep samplers (dpmpp_2m, ...) restart their "
     "history at the resume step, as at any KSamplerAdvanced split; one-step samplers (ddim, euler) resume exactly."
 )
@@ -205,7 +206,7 @@ def target_x0_change(model, probe: dict, step: int, target, negative, cfg: float
                      sigmas: torch.Tensor, seed: int, dtype, noise_mask=None) -> torch.Tensor:
     """x̂0_T − x̂0_O at the original trajectory's sampler state of ``step`` (``probe``: that state and the sampler's
     own x̂0_O there, recorded by the sampling callback), in the sampler's state space, the probe run as a sampler
-    step of its own (AVI Capture's path with a noise mask; without one ProbingGuider batches it): x̂0_T costs one
+    step of its own (AVI Capture's path with a noise mask; without one ProbingGuider predicts it within x's steps): x̂0_T costs one
     UNet evaluation (one sampler step with the target prompt from that state, of which only the prediction is kept)."""
     sampling = model.get_model_object("model_sampling")
     sig = float(sigmas[step])
@@ -227,11 +228,11 @@ PROBE_KEY = "avi_target"   # the target prompt's key among ProbingGuider's conds
 
 class ProbingGuider(comfy.samplers.CFGGuider):
     """ComfyUI's CFG guidance with the original prompt that, at the σs of ``probe_sigmas``, also predicts the target
-    prompt's x̂0_T in the same calc_cond_batch as the sampler's own evaluation there (ComfyUI batches
-    [positive, negative, target] into one UNet call as memory allows), so a probe costs one more prompt in a batch
-    instead of a sampler step of its own. x̂0_T is formed as sampling_function forms the sampler's x̂0
-    (pre-CFG functions, then cfg_function with the same negative). ``latest`` holds the last probe:
-    (σ, x̂0_O, x̂0_T) before any inpainting blend."""
+    prompt's x̂0_T on the same sampler input: the sampler's own evaluation runs exactly as stock (so x is bit for bit
+    the stock sampling's), the target prompt as one UNet call of its own, and x̂0_T is formed from it and that
+    evaluation's negative prediction as sampling_function forms the sampler's x̂0 (pre-CFG functions, then
+    cfg_function). A probe thus costs one prompt's evaluation instead of a sampler run of its own. ``latest`` holds
+    the last probe: (σ, x̂0_O, x̂0_T), before any inpainting blend."""
 
     def __init__(self, model_patcher, probe_sigmas):
         super().__init__(model_patcher)
@@ -254,21 +255,23 @@ class ProbingGuider(comfy.samplers.CFGGuider):
         previous = model_options.get("sampler_calc_cond_batch_function")
         seen = {}
 
-        def with_target(args):   # the sampler's [cond, uncond] and the target prompt, in one batch
-            conds = list(args["conds"]) + [target]
-            if previous is None:
-                out = comfy.samplers.calc_cond_batch(args["model"], conds, args["input"], args["sigma"],
-                                                     args["model_options"])
-            else:                # someone else's batching: theirs for both, the target as its own pair
-                out = list(previous(args)) + list(previous(dict(args, conds=[target, conds[1]])))[:1]
-            seen.update(uncond=conds[1], target_out=out[2], uncond_out=out[1])
-            return out[:2]
+        def batch(args):   # the sampler's own [cond, uncond] batch, unchanged; its uncond prediction kept
+            out = (previous(args) if previous is not None else
+                   comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
+                                                  args["model_options"]))
+            seen.update(uncond=args["conds"][1], uncond_out=out[1])
+            return out
 
-        options = dict(model_options, sampler_calc_cond_batch_function=with_target)
+        options = dict(model_options, sampler_calc_cond_batch_function=batch)
         denoised = comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
                                                     self.conds.get("positive"), self.cfg, model_options=options,
                                                     seed=seed)
-        out = [seen["target_out"], seen["uncond_out"]]
+        if previous is not None:   # someone else's batching: theirs, with the target in the cond's place
+            target_out = previous({"conds": [target, seen["uncond"]], "input": x, "sigma": timestep,
+                                   "model": self.inner_model, "model_options": model_options})[0]
+        else:
+            target_out = comfy.samplers.calc_cond_batch(self.inner_model, [target], x, timestep, model_options)[0]
+        out = [target_out, seen["uncond_out"]]
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out = fn({"conds": [target, seen["uncond"]], "conds_out": out, "cond_scale": self.cfg, "timestep": timestep,
                       "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
@@ -283,8 +286,8 @@ def repredicted_z(model, x: torch.Tensor, probes: dict, target, negative, cfg: f
                   early_weight: float = DEFAULT_EARLY_WEIGHT) -> torch.Tensor:
     """z for 'target's x̂0 at x' (``probes`` = {s_x − 1: …}) and 'target's x̂0 at x and at t_early' (also
     {s_early: …}): x with its clean estimate moved by Σ_probes (x̂0_T − x̂0_O), each predicted at a sampler state of
-    the original trajectory (x̂0_O is the sampler's own prediction there; x̂0_T rides in the same batch, ProbingGuider,
-    and the probe carries it as ``change``, or costs one UNet evaluation, target_x0_change).
+    the original trajectory (x̂0_O is the sampler's own prediction there; x̂0_T is predicted within that sampler step,
+    ProbingGuider, and the probe carries the change as ``change``, or by a sampler step of its own, target_x0_change).
     In the sampler's state space z = x + noise_scaling(σ_x, 0, Σ Δx̂0), i.e. for ε/v models
     z_t = x_t + √ᾱ_t·Σ(x̂0_T − x̂0_O) in the paper's latent: x's noise, the target's content. The late probe
     (s_x − 1) sees what the target prompt still changes at x (an object's colour on the toy world); an early probe
@@ -292,7 +295,7 @@ def repredicted_z(model, x: torch.Tensor, probes: dict, target, negative, cfg: f
     longer shows although the change, once added, is no longer pulled back (bench/avi_quality.py). ``early_weight``
     scales the early change."""
     sampling = model.get_model_object("model_sampling")
-    changes = [probe["change"] if "change" in probe else   # batched with the sampler's step (ProbingGuider)
+    changes = [probe["change"] if "change" in probe else   # predicted within the sampler's step (ProbingGuider)
                target_x0_change(model, probe, step, target, negative, cfg, sampler_name, sigmas, seed, x.dtype, noise_mask)
                for step, probe in sorted(probes.items(), reverse=True)]     # the late probe (s_x − 1) first
     if len(changes) == 1:
@@ -394,14 +397,14 @@ class AVICapture:
         probes = {}
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
 
-        # the target prompt's x̂0 in the batch of the sampler's own steps (ProbingGuider); with a noise mask the
-        # probes run as steps of their own (target_x0_change), which blend x̂0 as the sampler does
-        batched = source in REPREDICTED and latent_image.get("noise_mask") is None
+        # the target prompt's x̂0 predicted within the sampler's own steps (ProbingGuider); with a noise mask the
+        # probes run as sampler steps of their own (target_x0_change), which blend x̂0 as the sampler does
+        within = source in REPREDICTED and latent_image.get("noise_mask") is None
 
         def run(cond, latent, start, last, add_noise, record=False):
             assert not record or (start == 0 and add_noise)   # only x's run records the probes
             preview = latent_preview.prepare_callback(model, steps)
-            guider = ProbingGuider(model, [sigmas[s] for s in probe_steps]) if record and batched else None
+            guider = ProbingGuider(model, [sigmas[s] for s in probe_steps]) if record and within else None
 
             def callback(step, x0, state, total):
                 if record and step in probe_steps:  # sampler states of the original trajectory and x̂0_O there
@@ -450,15 +453,17 @@ class AVICapture:
             if "batch_index" in latent_image:
                 d["batch_index"] = latent_image["batch_index"]
             out.append(d)
-        riding = sum("change" in probe for probe in probes.values())   # probes batched with the sampler's steps
+        riding = sum("change" in probe for probe in probes.values())   # probes within the sampler's own steps
+        # such a probe costs the target prompt's evaluation alone (half a cfg step), one of its own a whole step
         evaluations = steps + {"seed": s_z, "continue": s_z - s_x,
-                               "one_step": int(s_z > s_x)}.get(source, len(probes) - riding)
+                               "one_step": int(s_z > s_x)}.get(source, len(probes) - riding + 0.5 * riding)
         probed = (f" (target's x̂0 at step{'s' if len(probes) > 1 else ''} {', '.join(map(str, sorted(probes)))})"
                   if source in REPREDICTED else "")
-        batch_note = (f"; {riding} of them also predict the target prompt in their batch" if riding else "")
+        batch_note = (f"; {riding} of the sampler's steps also predict the target prompt, alone: half an "
+                      f"evaluation each" if riding else "")
         text = (f"x at step {s_x}/{steps} (σ {float(sigmas[s_x]):.3f}), z at step {s_z} (σ {float(sigmas[s_z]):.3f})"
                 f"{probed}; "
-                f"resume at {s_x}; the edit costs {evaluations} UNet evaluations ({evaluations / steps:.2f}× one sampling"
+                f"resume at {s_x}; the edit costs {evaluations:g} UNet evaluations ({evaluations / steps:.2f}× one sampling"
                 f"{batch_note})")
         return {"ui": {"text": [text]}, "result": (out[0], out[1], s_x)}
 

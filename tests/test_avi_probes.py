@@ -163,15 +163,15 @@ def test_two_probe_option_defaults_cost_and_checks(nodes_avi, monkeypatch):
                 cfg=4.0, sampler_name="ddim", scheduler="normal", t_x=0.3, delta_tau=-0.3, z_source=TWO_PROBE)
     out = node.capture(**args)
     text = out["ui"]["text"][0]
-    # two probes, each in the batch of the sampler's own step there: steps evaluations
-    assert f"costs {STEPS} UNet evaluations" in text and "2 of them also predict the target prompt" in text, text
+    # two probes within the sampler's own steps, the target prompt alone: half an evaluation each
+    assert f"costs {STEPS + 1:g} UNet evaluations" in text and "2 of the sampler's steps" in text, text
     same = node.capture(**args, t_early=nodes_avi.DEFAULT_T_EARLY)
     torch.testing.assert_close(out["result"][1]["samples"], same["result"][1]["samples"])
     one = node.capture(**dict(args, z_source="target's x̂0 at x (fast)"))
-    assert f"costs {STEPS} UNet evaluations" in one["ui"]["text"][0] and "1 of them" in one["ui"]["text"][0]
+    assert f"costs {STEPS + 0.5:g} UNet evaluations" in one["ui"]["text"][0] and "1 of the" in one["ui"]["text"][0]
     # t_early at x's own step: a single probe (steps + 1), the one-probe z
     at_x = node.capture(**args, t_early=0.3)
-    assert "1 of them" in at_x["ui"]["text"][0]
+    assert "1 of the sampler's steps" in at_x["ui"]["text"][0]
     torch.testing.assert_close(at_x["result"][1]["samples"], one["result"][1]["samples"])
     # the node boundary (an HTTP prompt bypasses widget limits)
     for bad in (float("nan"), float("inf"), -0.1, 1.5, 0.2):    # 0.2 < t_x 0.3: the probe must come before x
@@ -195,7 +195,7 @@ def test_two_probe_option_defaults_cost_and_checks(nodes_avi, monkeypatch):
 
 def _capture_counting(nodes_avi, model, pos, target, neg, sampler, cfg=4.0, mask=False, batch=1):
     """AVI Capture with the default z_source, as the executor runs it, counting the UNet calls and the prompts in each
-    (a unet function wrapper on a clone of the model)."""
+    (a unet function wrapper on a clone of the model; a batch of latents counts once per prompt)."""
     from comfyui_disentangle.harness import call
     calls = []
 
@@ -216,49 +216,49 @@ def _capture_counting(nodes_avi, model, pos, target, neg, sampler, cfg=4.0, mask
 
 @pytest.mark.parametrize("sampler,cfg", [("ddim", 4.0), ("ddim", 1.0), ("heun", 4.0), ("dpmpp_2m", 4.0),
                                          ("euler_ancestral", 4.0)])
-def test_batched_probes_match_probes_run_as_their_own_steps(nodes_avi, sampler, cfg):
-    """The default z_source predicts the target prompt's x̂0 in the batch of the sampler's own evaluation at each probe
-    step (ProbingGuider): the capture makes x's s_x UNet calls and no more, the two at the probe steps with the target
-    as one prompt more. With a noise mask the probes run as sampler steps of their own (target_x0_change): s_x + 2
-    calls. A mask of ones changes nothing else, so x and z must agree: the batched probe takes the step's own
-    evaluation (heun evaluates the step before a second time at the same σ, and that prediction must not be the one
-    kept), and forms x̂0_T with the sampler's CFG (cfg 1:
-    no negative in the batch)."""
+def test_probes_within_the_sampling_match_probes_run_as_their_own_steps(nodes_avi, sampler, cfg):
+    """The default z_source predicts the target prompt's x̂0 within x's own sampling (ProbingGuider): at each probe
+    step one UNet call of the target prompt alone, on the sampler's input, next to the sampler's own evaluation, which
+    stays exactly stock. With a noise mask the probes run as sampler steps of their own (target_x0_change), a cfg
+    step each. A mask of ones changes nothing else, so x must be the same to rounding and z agree: the probe takes
+    the step's own input (heun evaluates the step before a second time at the same σ, and that prediction must not
+    be the one kept), and forms x̂0_T with the sampler's CFG (cfg 1: no negative in the batch)."""
     model, pos, target, neg = _prompts("sd1")
-    batched, calls = _capture_counting(nodes_avi, model, pos, target, neg, sampler, cfg)
+    within, calls = _capture_counting(nodes_avi, model, pos, target, neg, sampler, cfg)
     own, own_calls = _capture_counting(nodes_avi, model, pos, target, neg, sampler, cfg, mask=True)
-    s_x = batched["result"][2]
-    # heun evaluates twice a step, its second evaluation at the next step's σ: it takes the target too at a probe σ,
-    # and a probe run as its own heun step costs two evaluations
+    s_x = within["result"][2]
+    # heun evaluates twice a step, its second evaluation at the next step's σ: it predicts the target there too, and
+    # a probe run as its own heun step costs two evaluations
     per_step = 2 if sampler == "heun" else 1
     prompts = 1 if cfg == 1.0 else 2
-    assert len(calls) == per_step * s_x and len(own_calls) == len(calls) + 2 * per_step, (calls, own_calls)
-    assert calls.count(prompts + 1) == 2 * per_step and set(calls) == {prompts, prompts + 1}, calls
-    assert set(own_calls) == {prompts}, own_calls
-    assert "2 of them also predict the target prompt" in batched["ui"]["text"][0]
+    own_step_calls = [c for c in calls if c == prompts]
+    assert len(calls) == per_step * s_x + 2 * per_step and len(own_calls) == len(calls), (calls, own_calls)
+    assert calls.count(1) == 2 * per_step + (len(calls) - 2 * per_step if cfg == 1.0 else 0), calls
+    assert set(own_calls) == {prompts} and len(own_step_calls) >= per_step * s_x, (calls, own_calls)
+    text = within["ui"]["text"][0]
+    assert f"costs {STEPS + 1:g} UNet evaluations" in text and "2 of the sampler's steps" in text, text
     assert f"costs {STEPS + 2} UNet evaluations" in own["ui"]["text"][0]
-    (xb, zb, _), (xo, zo, _) = batched["result"], own["result"]
-    # the same computation but for how the prompts are batched: float32 agrees to rounding; in half precision (the
-    # tiny models on a GPU) a batch of 3 takes other kernels than one of 2, differences that 13 steps carry on
-    x_tol, z_tol = (2e-2, 5e-2) if model.model_dtype() in (torch.float16, torch.bfloat16) else (1e-5, 1e-4)
-    scale = xo["samples"].abs().max()
-    assert (xb["samples"] - xo["samples"]).abs().max() <= x_tol * scale
+    (xb, zb, _), (xo, zo, _) = within["result"], own["result"]
+    # the sampler's own evaluations are stock's: x is the same whatever the precision
+    torch.testing.assert_close(xb["samples"], xo["samples"])
+    # z: the target prompt alone vs in a [target, negative] batch; float32 agrees to rounding, half precision (the tiny
+    # models on a GPU) takes other kernels for a batch of 1 than for one of 2
+    z_tol = 5e-2 if model.model_dtype() in (torch.float16, torch.bfloat16) else 1e-4
     change = (zo["samples"] - xo["samples"]).abs().max()
-    assert change > 1e-3 * scale                                # the probes change x at all
-    assert (zb["samples"] - zo["samples"]).abs().max() <= z_tol * change + x_tol * scale
+    assert change > 1e-3 * xo["samples"].abs().max()            # the probes change x at all
+    assert (zb["samples"] - zo["samples"]).abs().max() <= z_tol * change
 
 
-def test_batched_probes_batch_size_two(nodes_avi):
-    """A batch of two latents: each latent's target prediction rides with its own evaluation (3 prompts × 2 latents)."""
+def test_probes_within_the_sampling_batch_size_two(nodes_avi):
+    """A batch of two latents: each latent gets its own target prediction (one call of the target for both)."""
     model, pos, target, neg = _prompts("sd1")
-    batched, calls = _capture_counting(nodes_avi, model, pos, target, neg, "ddim", batch=2)
+    within, calls = _capture_counting(nodes_avi, model, pos, target, neg, "ddim", batch=2)
     own, _ = _capture_counting(nodes_avi, model, pos, target, neg, "ddim", mask=True, batch=2)
-    assert sorted(calls).count(3) == 2, calls
-    (xb, zb, _), (xo, zo, _) = batched["result"], own["result"]
+    assert calls.count(1) == 2, calls
+    (xb, zb, _), (xo, zo, _) = within["result"], own["result"]
     assert not torch.allclose(zo["samples"][0] - xo["samples"][0], zo["samples"][1] - xo["samples"][1])
-    x_tol, z_tol = (2e-2, 5e-2) if model.model_dtype() in (torch.float16, torch.bfloat16) else (1e-5, 1e-4)
-    assert ((zb["samples"] - zo["samples"]).abs().max()
-            <= z_tol * (zo["samples"] - xo["samples"]).abs().max() + x_tol * xo["samples"].abs().max())
+    z_tol = 5e-2 if model.model_dtype() in (torch.float16, torch.bfloat16) else 1e-4
+    assert (zb["samples"] - zo["samples"]).abs().max() <= z_tol * (zo["samples"] - xo["samples"]).abs().max()
 
 
 # --------------------------------------------------------------------------------------------
