@@ -239,14 +239,23 @@ def test_probes_within_the_sampling_match_probes_run_as_their_own_steps(nodes_av
     assert f"costs {STEPS + 1:g} UNet evaluations" in text and "2 of the sampler's steps" in text, text
     assert f"costs {STEPS + 2} UNet evaluations" in own["ui"]["text"][0]
     (xb, zb, _), (xo, zo, _) = within["result"], own["result"]
-    # the sampler's own evaluations are stock's: x is the same whatever the precision
-    torch.testing.assert_close(xb["samples"], xo["samples"])
+    # the sampler's own evaluations are stock's: x is stock KSamplerAdvanced's leftover-noise latent whatever the
+    # precision (so ρ 0 gives the original); the masked path's x agrees to rounding in float32, while in half
+    # precision it was seen to differ from stock by ~1% for dpmpp_2m on an H200
+    from comfyui_disentangle.harness import call
+    empty = call("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
+    stock = call("KSamplerAdvanced", model=model, add_noise="enable", noise_seed=5, steps=STEPS, cfg=cfg,
+                 sampler_name=sampler, scheduler="normal", positive=pos, negative=neg, latent_image=empty,
+                 start_at_step=0, end_at_step=s_x, return_with_leftover_noise="enable")[0]["samples"]
+    torch.testing.assert_close(xb["samples"], stock)
+    half = model.model_dtype() in (torch.float16, torch.bfloat16)
+    assert (xo["samples"] - xb["samples"]).abs().max() <= (2e-2 if half else 1e-5) * stock.abs().max()
     # z: the target prompt alone vs in a [target, negative] batch; float32 agrees to rounding, half precision (the tiny
     # models on a GPU) takes other kernels for a batch of 1 than for one of 2
-    z_tol = 5e-2 if model.model_dtype() in (torch.float16, torch.bfloat16) else 1e-4
     change = (zo["samples"] - xo["samples"]).abs().max()
     assert change > 1e-3 * xo["samples"].abs().max()            # the probes change x at all
-    assert (zb["samples"] - zo["samples"]).abs().max() <= z_tol * change
+    z_tol = 5e-2 if half else 1e-4
+    assert ((zb["samples"] - xb["samples"]) - (zo["samples"] - xo["samples"])).abs().max() <= z_tol * change
 
 
 def test_probes_within_the_sampling_batch_size_two(nodes_avi):
