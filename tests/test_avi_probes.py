@@ -240,15 +240,16 @@ def test_probes_within_the_sampling_match_probes_run_as_their_own_steps(nodes_av
     assert f"costs {STEPS + 2} UNet evaluations" in own["ui"]["text"][0]
     (xb, zb, _), (xo, zo, _) = within["result"], own["result"]
     # the sampler's own evaluations are stock's: x is stock KSamplerAdvanced's leftover-noise latent whatever the
-    # precision (so ρ 0 gives the original); the masked path's x agrees to rounding in float32, while in half
-    # precision it was seen to differ from stock by ~1% for dpmpp_2m on an H200
+    # precision (so ρ 0 gives the original); the masked path's x agrees to rounding
     from comfyui_disentangle.harness import call
     empty = call("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
     stock = call("KSamplerAdvanced", model=model, add_noise="enable", noise_seed=5, steps=STEPS, cfg=cfg,
                  sampler_name=sampler, scheduler="normal", positive=pos, negative=neg, latent_image=empty,
                  start_at_step=0, end_at_step=s_x, return_with_leftover_noise="enable")[0]["samples"]
     half = model.model_dtype() in (torch.float16, torch.bfloat16)
-    if half and sampler == "dpmpp_2m":   # seen on an H200: x off stock by ≤ 1% (bench/avi_probe_exactness.py)
+    # on an H200, dpmpp_2m's x here (the model a clone with a counting unet wrapper) was off stock by ~1%, while
+    # bench/avi_probe_exactness.py (the plain model) finds it exact there for every sampler: cause not found yet
+    if half and sampler == "dpmpp_2m":
         assert (xb["samples"] - stock).abs().max() <= 2e-2 * stock.abs().max()
     else:
         torch.testing.assert_close(xb["samples"], stock)
