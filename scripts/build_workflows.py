@@ -597,8 +597,9 @@ def avi_attribute_edit(node_classes) -> dict:
     # "target's x̂0 at x and at t_early (fast)", at x's own step (Δτ unused); every input at its default
     w.stage("3 · Capture x and z",
             note="x: the red cube prompt at T_x = 0.2T. z (the default z_source): x with the yellow cube prompt's "
-                 "clean-image change, predicted at x and at t_early 0.9T in the same UNet batch as the sampling's own "
-                 "steps there, so the whole edit costs about one sampling. The late prediction carries what is still open at T_x (the cube's colour); "
+                 "clean-image change, predicted at x and at t_early 0.9T within x's own sampling (the yellow prompt "
+                 "alone, half a step each), so the whole edit costs one sampling + 1 step. The late prediction "
+                 "carries what is still open at T_x (the cube's colour); "
                  "the early one what the model commits before (a floor or wall colour: edit the prompts' floor or "
                  "wall colour instead and the same settings work, README).")
     cap = w.add("DisentangleAVICapture", node_size=(340, 0), model=(toy, 0), positive=(pos, 0),
