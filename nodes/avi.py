@@ -453,14 +453,14 @@ class AVICapture:
             if "batch_index" in latent_image:
                 d["batch_index"] = latent_image["batch_index"]
             out.append(d)
-        riding = sum("change" in probe for probe in probes.values())   # probes within the sampler's own steps
+        within_steps = sum("change" in probe for probe in probes.values())   # probes within the sampler's own steps
         # such a probe costs the target prompt's evaluation alone (half a cfg step), one of its own a whole step
         evaluations = steps + {"seed": s_z, "continue": s_z - s_x,
-                               "one_step": int(s_z > s_x)}.get(source, len(probes) - riding + 0.5 * riding)
+                               "one_step": int(s_z > s_x)}.get(source, len(probes) - within_steps + 0.5 * within_steps)
         probed = (f" (target's x̂0 at step{'s' if len(probes) > 1 else ''} {', '.join(map(str, sorted(probes)))})"
                   if source in REPREDICTED else "")
-        batch_note = (f"; {riding} of the sampler's steps also predict the target prompt, alone: half an "
-                      f"evaluation each" if riding else "")
+        batch_note = (f"; {within_steps} of the sampler's steps also predict the target prompt, alone: half an "
+                      f"evaluation each" if within_steps else "")
         text = (f"x at step {s_x}/{steps} (σ {float(sigmas[s_x]):.3f}), z at step {s_z} (σ {float(sigmas[s_z]):.3f})"
                 f"{probed}; "
                 f"resume at {s_x}; the edit costs {evaluations:g} UNet evaluations ({evaluations / steps:.2f}× one sampling"
