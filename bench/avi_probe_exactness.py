@@ -6,7 +6,9 @@ x is AVI Capture's latent at the resume step; stock is KSamplerAdvanced (0 → r
 same seed. The default z_source predicts the target prompt within x's sampling (nodes/avi.py ProbingGuider), so x
 should be stock's to rounding: these rows take that path apart on a tiny random-weight SD1 model (fp16 on a GPU):
 ComfyUI's own CFGGuider driven as AVI Capture drives it (no probes), ProbingGuider without probe steps, AVI Capture's
-default, and AVI Capture with a noise mask of ones (the probes as sampler steps of their own).
+default (with the plain model, and with a clone carrying a unet function wrapper, as the tests count calls: on an
+H200 the test saw dpmpp_2m's x off by ~1% there), and AVI Capture with a noise mask of ones (the probes as sampler
+steps of their own).
 """
 from __future__ import annotations
 
@@ -41,9 +43,12 @@ def main():
     rows = []
     with torch.inference_mode():
         for sampler in args.samplers:
-            def capture(latent):
-                return avi.AVICapture().capture(model, pos, target, neg, latent, SEED, STEPS, CFG, sampler, "normal",
+            def capture(latent, patcher=model):
+                return avi.AVICapture().capture(patcher, pos, target, neg, latent, SEED, STEPS, CFG, sampler, "normal",
                                                 0.3, -0.3, avi.DEFAULT_Z_SOURCE, 0.9)["result"]
+
+            wrapped = model.clone()   # as tests/test_avi_probes.py counts UNet calls
+            wrapped.set_model_unet_function_wrapper(lambda apply, a: apply(a["input"], a["timestep"], **a["c"]))
 
             x, _, s_x = capture(empty)
             stock = call("KSamplerAdvanced", model=model, add_noise="enable", noise_seed=SEED, steps=STEPS, cfg=CFG,
@@ -69,11 +74,12 @@ def main():
                 return f"{float((t - stock).abs().max()) / scale:.2e}"
 
             rows.append([sampler, s_x, off(guided(plain)), off(guided(probing)), off(x["samples"]),
-                         off(masked["samples"])])
+                         off(capture(empty, wrapped)[0]["samples"]), off(masked["samples"])])
     print_table(f"AVI Capture's x against stock KSamplerAdvanced (max |Δ| / max |stock|), tiny SD1 "
                 f"({model.model_dtype()}), {STEPS} steps, cfg {CFG}, {device_name()}",
                 ["sampler", "resume step", "CFGGuider as Capture drives it", "ProbingGuider, no probes",
-                 "AVI Capture default (probes within)", "AVI Capture, noise mask of ones (probes as own steps)"], rows)
+                 "AVI Capture default (probes within)", "the same, model a clone with a unet wrapper",
+                 "AVI Capture, noise mask of ones (probes as own steps)"], rows)
 
 
 if __name__ == "__main__":
