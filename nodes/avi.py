@@ -228,7 +228,7 @@ PROBE_KEY = "avi_target"   # the target prompt's key among ProbingGuider's conds
 
 class ProbingGuider(comfy.samplers.CFGGuider):
     """ComfyUI's CFG guidance with the original prompt that, at the σs of ``probe_sigmas``, also predicts the target
-    prompt's x̂0_T on the same sampler input: the sampler's own evaluation runs exactly as stock (so x is bit for bit
+    prompt's x̂0_T on the same sampler input: the sampler's own evaluation runs exactly as stock (so x is
     the stock sampling's), the target prompt as one UNet call of its own, and x̂0_T is formed from it and that
     evaluation's negative prediction as sampling_function forms the sampler's x̂0 (pre-CFG functions, then
     cfg_function). A probe thus costs one prompt's evaluation instead of a sampler run of its own. ``latest`` holds
