@@ -283,11 +283,11 @@ def integrate(x: Tensor, z: Tensor, k: int, rho: float, singular_values: Tensor 
         raise ValueError(f"integration must be one of {INTEGRATIONS}, got {integration!r}")
     gain, support = check_gain(gain), check_support(support)
     if integration == "difference":
-        rho, work = check_rho(rho), _work_dtype(x)
+        rho, xw = check_rho(rho), x.to(_work_dtype(x))
         change = difference_directions(x, z, k)
         if support > 0:
-            change = change * support_weights(z.to(work) - x.to(work), support)
-        y = x.to(work) + rho * change
+            change = change * support_weights(z.to(xw.dtype) - xw, support)
+        y = xw + rho * change
     else:
         ux, sx, vhx = channel_svd(x)
         uz, sz, vhz = channel_svd(z)
