@@ -407,12 +407,13 @@ class AVICapture:
             guider = ProbingGuider(model, [sigmas[s] for s in probe_steps]) if record and within else None
 
             def callback(step, x0, state, total):
-                if record and step in probe_steps:  # sampler states of the original trajectory and x̂0_O there
-                    probes[step] = dict(state=state.detach().clone().cpu(), x0=x0.detach().float().cpu())
+                if record and step in probe_steps:
                     # the step's own evaluation is the last one before its callback (k-diffusion samplers)
                     if guider is not None and guider.latest is not None and guider.latest[0] == float(sigmas[step]):
                         _, own, predicted = guider.latest
-                        probes[step]["change"] = (predicted - own).cpu()
+                        probes[step] = dict(change=(predicted - own).cpu())
+                    else:   # for target_x0_change: the original trajectory's sampler state and x̂0_O there
+                        probes[step] = dict(state=state.detach().clone().cpu(), x0=x0.detach().float().cpu())
                 if guider is not None:
                     guider.latest = None
                 preview(step, x0, state, total)
@@ -456,7 +457,7 @@ class AVICapture:
         within_steps = sum("change" in probe for probe in probes.values())   # probes within the sampler's own steps
         # such a probe costs the target prompt's evaluation alone (half a cfg step), one of its own a whole step
         evaluations = steps + {"seed": s_z, "continue": s_z - s_x,
-                               "one_step": int(s_z > s_x)}.get(source, len(probes) - within_steps + 0.5 * within_steps)
+                               "one_step": int(s_z > s_x)}.get(source, len(probes) - 0.5 * within_steps)
         probed = (f" (target's x̂0 at step{'s' if len(probes) > 1 else ''} {', '.join(map(str, sorted(probes)))})"
                   if source in REPREDICTED else "")
         batch_note = (f"; {within_steps} of the sampler's steps also predict the target prompt, alone: half an "
