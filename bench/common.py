@@ -9,16 +9,21 @@ from __future__ import annotations
 import statistics
 import time
 
-def timed_rounds(fns: dict, repeats: int = 7, warmup: int = 1) -> dict[str, list[float]]:
+def timed_rounds(fns: dict, repeats: int = 7, warmup: int = 1, rotate: bool = False) -> dict[str, list[float]]:
     """Wall times of several functions measured in interleaved rounds (A B C, A B C, ...), so that
-    clock and host drift hit all of them alike. Returns {name: [seconds per round]}."""
+    clock and host drift hit all of them alike; with ``rotate`` each round starts one later (A B C, B C A,
+    C A B, ...), so that no function always runs first or right after the same one. Returns
+    {name: [seconds per round]}."""
     import torch
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        shift = r % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
