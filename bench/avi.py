@@ -15,7 +15,7 @@ speed bar is the "**AVI defaults**" row (≤ 1.05× one stock sampling) and the 
 includes the SVDs of the pair and moving Φ to the GPU.
 
 The AVI rows with a named z_source use the paper's T_x 0.8, Δτ −0.3 and Algorithm 1 with Φ; the defaults row uses
-AVI Capture's and AVI Integrate's widget defaults. Paths timed (interleaved rounds, medians of per-round ratios against
+AVI Capture's and AVI Integrate's widget defaults. Paths timed (interleaved rounds, each starting one path later, medians of per-round ratios against
 one stock KSampler run):
 * stock: KSampler, 50 steps;
 * AVI, z from the seed (the paper's definition): Capture (x: s_x steps, z: s_z steps) → Integrate
@@ -30,6 +30,7 @@ one stock KSampler run):
   ones forces that path);
 * stock split: KSamplerAdvanced to s_x with leftover noise, then from s_x (no AVI): what splitting one
   sampling into two ComfyUI calls costs by itself (at the paper's s_x and at the defaults' step);
+* stock again: the same stock KSampler timed a second time as a path: its ratio is the run's own noise (ideally 1);
 * AVI, pair already captured: x's first s_x steps + Integrate + resume = steps evaluations; this is
   what each further ρ / Φ / seed in a sweep costs once z exists, and what the paper's 6.7 s vs 6.2 s
   (1.08×) can only be (its z must come from somewhere; the paper does not count it);
